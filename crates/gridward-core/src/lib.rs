@@ -1,0 +1,30 @@
+//! # gridward-core
+//!
+//! The sans-IO heart of Gridward: what a meter says, how it is signed, and whether it is fresh.
+//! Nothing in this crate opens a socket, a file or reads the clock: bytes and `now` go in,
+//! typed results come out, so every attack can be replayed in memory, deterministically.
+//!
+//! ```text
+//!   meter bytes ──► envelope::decode ──► envelope::verify(key, topic) ──► VerifiedEnvelope
+//!                                                                             │
+//!                         replay::ReplayGuard::check(counter, timestamp, now) ◄┘
+//!                                                                             │
+//!                                   document::parse (XML or JSON, strict) ◄───┘
+//! ```
+//!
+//! - [`meter_id`]: the validated [`MeterId`] shared by certificates, topics and documents.
+//! - [`document`]: reading and event documents in XML and JSON, strict parsing, XML → JSON.
+//! - [`envelope`]: the COSE_Sign1 (RFC 9052) envelope every meter message travels in;
+//!   only verification produces a [`envelope::VerifiedEnvelope`].
+//! - [`replay`]: the per-meter counter and time-window check.
+//!
+//! The wire format is specified in `docs/wire-format.md` at the repository root.
+
+#![forbid(unsafe_code)]
+
+pub mod document;
+pub mod envelope;
+pub mod meter_id;
+pub mod replay;
+
+pub use meter_id::{MeterId, MeterIdError};
