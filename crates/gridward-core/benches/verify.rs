@@ -14,9 +14,18 @@ const TOPIC: &str = "meters/123456789/readings";
 fn keys() -> [(&'static str, SigningKey); 3] {
     let load = |pem: &str| SigningKey::from_pkcs8_pem(pem).expect("fixture key");
     [
-        ("es256", load(include_str!("../tests/fixtures/es256.key.pem"))),
-        ("eddsa", load(include_str!("../tests/fixtures/eddsa.key.pem"))),
-        ("rs256", load(include_str!("../tests/fixtures/rs256.key.pem"))),
+        (
+            "es256",
+            load(include_str!("../tests/fixtures/es256.key.pem")),
+        ),
+        (
+            "eddsa",
+            load(include_str!("../tests/fixtures/eddsa.key.pem")),
+        ),
+        (
+            "rs256",
+            load(include_str!("../tests/fixtures/rs256.key.pem")),
+        ),
     ]
 }
 
@@ -25,11 +34,19 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("envelope_verify");
     group.throughput(Throughput::Elements(1));
     for (name, key) in keys() {
-        let params = EnvelopeParams { meter_id: &meter, counter: 1, timestamp: 1_707_220_800, content_type: Format::Xml, topic: TOPIC };
+        let params = EnvelopeParams {
+            meter_id: &meter,
+            counter: 1,
+            timestamp: 1_707_220_800,
+            content_type: Format::Xml,
+            topic: TOPIC,
+        };
         let env = envelope::sign(&key, &params, XML.as_bytes()).expect("sign");
         let vk = key.verifying_key().expect("verifying key");
         group.bench_function(name, |b| {
-            b.iter(|| envelope::verify(std::hint::black_box(&env), &vk, &meter, TOPIC).expect("verifies"))
+            b.iter(|| {
+                envelope::verify(std::hint::black_box(&env), &vk, &meter, TOPIC).expect("verifies")
+            })
         });
     }
     group.finish();
@@ -46,8 +63,16 @@ fn bench(c: &mut Criterion) {
             counter: 1,
             timestamp: 1_707_220_800,
         };
-        let tbs = UnsignedEnvelope::new(header, XML.as_bytes().to_vec(), TOPIC).expect("header").to_be_signed();
-        let params = EnvelopeParams { meter_id: &meter, counter: 1, timestamp: 1_707_220_800, content_type: Format::Xml, topic: TOPIC };
+        let tbs = UnsignedEnvelope::new(header, XML.as_bytes().to_vec(), TOPIC)
+            .expect("header")
+            .to_be_signed();
+        let params = EnvelopeParams {
+            meter_id: &meter,
+            counter: 1,
+            timestamp: 1_707_220_800,
+            content_type: Format::Xml,
+            topic: TOPIC,
+        };
         let env = envelope::sign(&key, &params, XML.as_bytes()).expect("sign");
         // The signature is the last field of the array: the envelope's trailing bytes.
         let sig_len = match name {
@@ -60,9 +85,15 @@ fn bench(c: &mut Criterion) {
             "eddsa" => &aws_lc_rs::signature::ED25519,
             _ => &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
         };
-        let pk = aws_lc_rs::signature::ParsedPublicKey::new(alg, key.public_key_spki()).expect("public key");
+        let pk = aws_lc_rs::signature::ParsedPublicKey::new(alg, key.public_key_spki())
+            .expect("public key");
         pk.verify_sig(&tbs, &sig).expect("primitive verifies");
-        group.bench_function(name, |b| b.iter(|| pk.verify_sig(std::hint::black_box(&tbs), &sig).expect("verifies")));
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                pk.verify_sig(std::hint::black_box(&tbs), &sig)
+                    .expect("verifies")
+            })
+        });
     }
     group.finish();
 }

@@ -20,7 +20,9 @@ use std::fmt;
 
 use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, ParsedPublicKey, RsaKeyPair};
+use aws_lc_rs::signature::{
+    self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, ParsedPublicKey, RsaKeyPair,
+};
 use ciborium::Value;
 use coset::{
     CborSerializable, CoseSign1, CoseSign1Builder, HeaderBuilder, Label, ProtectedHeader,
@@ -356,7 +358,11 @@ impl VerifyingKey {
                 if der.as_ref() != spki {
                     continue;
                 }
-                return Ok(Self { alg, key, kid: key_id(spki) });
+                return Ok(Self {
+                    alg,
+                    key,
+                    kid: key_id(spki),
+                });
             }
         }
         Err(KeyError::Unsupported)
@@ -404,7 +410,11 @@ pub struct EnvelopeParams<'a> {
 }
 
 /// Signs `payload` into a tagged COSE_Sign1 envelope.
-pub fn sign(key: &SigningKey, params: &EnvelopeParams<'_>, payload: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+pub fn sign(
+    key: &SigningKey,
+    params: &EnvelopeParams<'_>,
+    payload: &[u8],
+) -> Result<Vec<u8>, EnvelopeError> {
     let header = EnvelopeHeader {
         alg: key.algorithm(),
         kid: key.kid.clone(),
@@ -430,12 +440,19 @@ pub struct UnsignedEnvelope {
 
 impl UnsignedEnvelope {
     /// Prepares the protected header for `header`, `payload` and `topic`.
-    pub fn new(header: EnvelopeHeader, payload: Vec<u8>, topic: &str) -> Result<Self, EnvelopeError> {
+    pub fn new(
+        header: EnvelopeHeader,
+        payload: Vec<u8>,
+        topic: &str,
+    ) -> Result<Self, EnvelopeError> {
         let built = HeaderBuilder::new()
             .algorithm(header.alg.iana())
             .key_id(header.kid)
             .content_type(header.content_type.content_type().to_owned())
-            .value(LABEL_METER_ID, Value::Text(header.meter_id.as_str().to_owned()))
+            .value(
+                LABEL_METER_ID,
+                Value::Text(header.meter_id.as_str().to_owned()),
+            )
             .value(LABEL_COUNTER, Value::Integer(header.counter.into()))
             .value(LABEL_TIMESTAMP, Value::Integer(header.timestamp.into()));
         let built = UNDERSTOOD_CRITICAL.iter().fold(built, |b, label| {
@@ -447,7 +464,10 @@ impl UnsignedEnvelope {
             .to_vec()
             .map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
         Ok(Self {
-            protected: ProtectedHeader { original_data: Some(bytes), header },
+            protected: ProtectedHeader {
+                original_data: Some(bytes),
+                header,
+            },
             payload,
             topic: topic.to_owned(),
         })
@@ -522,10 +542,18 @@ impl Envelope {
     /// Checks, in order: the algorithm matches the key, the key id matches the key, the
     /// header's meter id is `sender`, and the signature verifies over the protected header,
     /// the topic and the payload.
-    pub fn verify(self, key: &VerifyingKey, sender: &MeterId, topic: &str) -> Result<VerifiedEnvelope, EnvelopeError> {
+    pub fn verify(
+        self,
+        key: &VerifyingKey,
+        sender: &MeterId,
+        topic: &str,
+    ) -> Result<VerifiedEnvelope, EnvelopeError> {
         let header = self.header;
         if header.alg != key.alg {
-            return Err(EnvelopeError::AlgorithmMismatch { envelope: header.alg, key: key.alg });
+            return Err(EnvelopeError::AlgorithmMismatch {
+                envelope: header.alg,
+                key: key.alg,
+            });
         }
         if header.kid != key.kid {
             return Err(EnvelopeError::KeyIdMismatch {
@@ -544,12 +572,21 @@ impl Envelope {
             .verify_sig(&tbs, &self.sign1.signature)
             .map_err(|_| EnvelopeError::BadSignature)?;
         let payload = self.sign1.payload.unwrap_or_default();
-        Ok(VerifiedEnvelope { header, payload, topic: topic.to_owned() })
+        Ok(VerifiedEnvelope {
+            header,
+            payload,
+            topic: topic.to_owned(),
+        })
     }
 }
 
 /// Decodes and verifies in one step; see [`Envelope::verify`].
-pub fn verify(bytes: &[u8], key: &VerifyingKey, sender: &MeterId, topic: &str) -> Result<VerifiedEnvelope, EnvelopeError> {
+pub fn verify(
+    bytes: &[u8],
+    key: &VerifyingKey,
+    sender: &MeterId,
+    topic: &str,
+) -> Result<VerifiedEnvelope, EnvelopeError> {
     Envelope::decode(bytes)?.verify(key, sender, topic)
 }
 
@@ -594,7 +631,10 @@ impl VerifiedEnvelope {
                 envelope: self.header.timestamp,
             });
         }
-        Ok(VerifiedDocument { envelope: self, document })
+        Ok(VerifiedDocument {
+            envelope: self,
+            document,
+        })
     }
 }
 
@@ -674,15 +714,19 @@ fn parse_protected(h: &coset::Header) -> Result<EnvelopeHeader, EnvelopeError> {
         return Err(EnvelopeError::UnexpectedHeader("IV (5/6)".to_owned()));
     }
     if !h.counter_signatures.is_empty() {
-        return Err(EnvelopeError::UnexpectedHeader("counter signature (7)".to_owned()));
+        return Err(EnvelopeError::UnexpectedHeader(
+            "counter signature (7)".to_owned(),
+        ));
     }
     let content_type = match &h.content_type {
         None => return Err(EnvelopeError::MissingHeader("content type (3)")),
-        Some(RegisteredLabel::Text(t)) => {
-            Format::from_content_type(t).ok_or_else(|| EnvelopeError::UnsupportedContentType(t.clone()))?
-        }
+        Some(RegisteredLabel::Text(t)) => Format::from_content_type(t)
+            .ok_or_else(|| EnvelopeError::UnsupportedContentType(t.clone()))?,
         Some(RegisteredLabel::Assigned(a)) => {
-            return Err(EnvelopeError::UnsupportedContentType(format!("CoAP content format {}", *a as i64)));
+            return Err(EnvelopeError::UnsupportedContentType(format!(
+                "CoAP content format {}",
+                *a as i64
+            )));
         }
     };
     if h.key_id.is_empty() {
@@ -795,9 +839,17 @@ mod tests {
     }
 
     /// Signs a hand-made COSE_Sign1 with `key`, for headers `sign` would never produce.
-    fn craft(key: &SigningKey, protected: coset::Header, unprotected: coset::Header, payload: Option<&[u8]>) -> Vec<u8> {
+    fn craft(
+        key: &SigningKey,
+        protected: coset::Header,
+        unprotected: coset::Header,
+        payload: Option<&[u8]>,
+    ) -> Vec<u8> {
         let mut sign1 = CoseSign1 {
-            protected: ProtectedHeader { original_data: None, header: protected },
+            protected: ProtectedHeader {
+                original_data: None,
+                header: protected,
+            },
             unprotected,
             payload: payload.map(<[u8]>::to_vec),
             signature: vec![],
@@ -839,7 +891,12 @@ mod tests {
     #[test]
     fn crafted_good_header_verifies() {
         let k = key("es256");
-        let env = craft(&k, good_header(&k).build(), coset::Header::default(), Some(XML.as_bytes()));
+        let env = craft(
+            &k,
+            good_header(&k).build(),
+            coset::Header::default(),
+            Some(XML.as_bytes()),
+        );
         assert_eq!(verify_crafted(&env, &k).unwrap().header().counter, 7);
     }
 
@@ -854,7 +911,13 @@ mod tests {
     fn wrong_topic_fails() {
         let k = key("es256");
         let env = sign(&k, &params(1), XML.as_bytes()).unwrap();
-        let err = verify(&env, &k.verifying_key().unwrap(), &meter(), "meters/123456789/events").unwrap_err();
+        let err = verify(
+            &env,
+            &k.verifying_key().unwrap(),
+            &meter(),
+            "meters/123456789/events",
+        )
+        .unwrap_err();
         assert_eq!(err, EnvelopeError::BadSignature);
     }
 
@@ -870,8 +933,14 @@ mod tests {
             .as_ref(),
         )
         .unwrap();
-        assert!(matches!(verify_crafted(&env, &other), Err(EnvelopeError::KeyIdMismatch { .. })));
-        assert!(matches!(verify_crafted(&env, &key("eddsa")), Err(EnvelopeError::AlgorithmMismatch { .. })));
+        assert!(matches!(
+            verify_crafted(&env, &other),
+            Err(EnvelopeError::KeyIdMismatch { .. })
+        ));
+        assert!(matches!(
+            verify_crafted(&env, &key("eddsa")),
+            Err(EnvelopeError::AlgorithmMismatch { .. })
+        ));
     }
 
     #[test]
@@ -887,37 +956,82 @@ mod tests {
             .as_ref(),
         )
         .unwrap();
-        let env = craft(&attacker, good_header(&victim).build(), coset::Header::default(), Some(XML.as_bytes()));
-        assert_eq!(verify_crafted(&env, &victim).unwrap_err(), EnvelopeError::BadSignature);
+        let env = craft(
+            &attacker,
+            good_header(&victim).build(),
+            coset::Header::default(),
+            Some(XML.as_bytes()),
+        );
+        assert_eq!(
+            verify_crafted(&env, &victim).unwrap_err(),
+            EnvelopeError::BadSignature
+        );
     }
 
     #[test]
     fn other_meter_claim_fails() {
         let k = key("es256");
         let other = MeterId::new("987654321").unwrap();
-        let env = sign(&k, &EnvelopeParams { meter_id: &other, ..params(1) }, XML.as_bytes()).unwrap();
-        assert!(matches!(verify_crafted(&env, &k), Err(EnvelopeError::MeterMismatch { .. })));
+        let env = sign(
+            &k,
+            &EnvelopeParams {
+                meter_id: &other,
+                ..params(1)
+            },
+            XML.as_bytes(),
+        )
+        .unwrap();
+        assert!(matches!(
+            verify_crafted(&env, &k),
+            Err(EnvelopeError::MeterMismatch { .. })
+        ));
     }
 
     #[test]
     fn alg_in_unprotected_header_is_refused() {
         let k = key("es256");
-        let protected = coset::Header { alg: None, ..good_header(&k).build() };
-        let unprotected = HeaderBuilder::new().algorithm(iana::Algorithm::ES256).build();
+        let protected = coset::Header {
+            alg: None,
+            ..good_header(&k).build()
+        };
+        let unprotected = HeaderBuilder::new()
+            .algorithm(iana::Algorithm::ES256)
+            .build();
         let env = craft(&k, protected, unprotected, Some(XML.as_bytes()));
-        assert_eq!(verify_crafted(&env, &k).unwrap_err(), EnvelopeError::AlgorithmInUnprotectedHeader);
+        assert_eq!(
+            verify_crafted(&env, &k).unwrap_err(),
+            EnvelopeError::AlgorithmInUnprotectedHeader
+        );
         // Even next to a protected alg.
-        let unprotected = HeaderBuilder::new().algorithm(iana::Algorithm::ES256).build();
-        let env = craft(&k, good_header(&k).build(), unprotected, Some(XML.as_bytes()));
-        assert_eq!(verify_crafted(&env, &k).unwrap_err(), EnvelopeError::AlgorithmInUnprotectedHeader);
+        let unprotected = HeaderBuilder::new()
+            .algorithm(iana::Algorithm::ES256)
+            .build();
+        let env = craft(
+            &k,
+            good_header(&k).build(),
+            unprotected,
+            Some(XML.as_bytes()),
+        );
+        assert_eq!(
+            verify_crafted(&env, &k).unwrap_err(),
+            EnvelopeError::AlgorithmInUnprotectedHeader
+        );
     }
 
     #[test]
     fn anything_in_unprotected_header_is_refused() {
         let k = key("es256");
         let unprotected = HeaderBuilder::new().key_id(b"x".to_vec()).build();
-        let env = craft(&k, good_header(&k).build(), unprotected, Some(XML.as_bytes()));
-        assert!(matches!(verify_crafted(&env, &k), Err(EnvelopeError::UnprotectedHeaderNotEmpty(_))));
+        let env = craft(
+            &k,
+            good_header(&k).build(),
+            unprotected,
+            Some(XML.as_bytes()),
+        );
+        assert!(matches!(
+            verify_crafted(&env, &k),
+            Err(EnvelopeError::UnprotectedHeaderNotEmpty(_))
+        ));
     }
 
     #[test]
@@ -928,10 +1042,18 @@ mod tests {
             .value(-70000, Value::Bool(true))
             .build();
         let env = craft(&k, h, coset::Header::default(), Some(XML.as_bytes()));
-        assert_eq!(verify_crafted(&env, &k).unwrap_err(), EnvelopeError::UnknownCriticalHeader("-70000".to_owned()));
-        let h = good_header(&k).add_critical(iana::HeaderParameter::Iv).build();
+        assert_eq!(
+            verify_crafted(&env, &k).unwrap_err(),
+            EnvelopeError::UnknownCriticalHeader("-70000".to_owned())
+        );
+        let h = good_header(&k)
+            .add_critical(iana::HeaderParameter::Iv)
+            .build();
         let env = craft(&k, h, coset::Header::default(), Some(XML.as_bytes()));
-        assert_eq!(verify_crafted(&env, &k).unwrap_err(), EnvelopeError::UnknownCriticalHeader("5".to_owned()));
+        assert_eq!(
+            verify_crafted(&env, &k).unwrap_err(),
+            EnvelopeError::UnknownCriticalHeader("5".to_owned())
+        );
     }
 
     #[test]
@@ -939,20 +1061,38 @@ mod tests {
         let k = key("es256");
         let h = good_header(&k).value(-70001, Value::Null).build();
         let env = craft(&k, h, coset::Header::default(), Some(XML.as_bytes()));
-        assert_eq!(verify_crafted(&env, &k).unwrap_err(), EnvelopeError::UnexpectedHeader("-70001".to_owned()));
+        assert_eq!(
+            verify_crafted(&env, &k).unwrap_err(),
+            EnvelopeError::UnexpectedHeader("-70001".to_owned())
+        );
 
         let mut h = good_header(&k).build();
         h.alg = None;
         let env = craft(&k, h, coset::Header::default(), Some(XML.as_bytes()));
-        assert_eq!(verify_crafted(&env, &k).unwrap_err(), EnvelopeError::MissingAlgorithm);
+        assert_eq!(
+            verify_crafted(&env, &k).unwrap_err(),
+            EnvelopeError::MissingAlgorithm
+        );
 
-        let h = coset::Header { content_type: None, ..good_header(&k).build() };
+        let h = coset::Header {
+            content_type: None,
+            ..good_header(&k).build()
+        };
         let env = craft(&k, h, coset::Header::default(), Some(XML.as_bytes()));
-        assert_eq!(verify_crafted(&env, &k).unwrap_err(), EnvelopeError::MissingHeader("content type (3)"));
+        assert_eq!(
+            verify_crafted(&env, &k).unwrap_err(),
+            EnvelopeError::MissingHeader("content type (3)")
+        );
 
-        let h = coset::Header { key_id: vec![], ..good_header(&k).build() };
+        let h = coset::Header {
+            key_id: vec![],
+            ..good_header(&k).build()
+        };
         let env = craft(&k, h, coset::Header::default(), Some(XML.as_bytes()));
-        assert_eq!(verify_crafted(&env, &k).unwrap_err(), EnvelopeError::MissingHeader("kid (4)"));
+        assert_eq!(
+            verify_crafted(&env, &k).unwrap_err(),
+            EnvelopeError::MissingHeader("kid (4)")
+        );
 
         for (label, name) in [
             (LABEL_METER_ID, "meter id (-65537)"),
@@ -962,7 +1102,10 @@ mod tests {
             let mut h = good_header(&k).build();
             h.rest.retain(|(l, _)| l != &Label::Int(label));
             let env = craft(&k, h, coset::Header::default(), Some(XML.as_bytes()));
-            assert_eq!(verify_crafted(&env, &k).unwrap_err(), EnvelopeError::MissingHeader(name));
+            assert_eq!(
+                verify_crafted(&env, &k).unwrap_err(),
+                EnvelopeError::MissingHeader(name)
+            );
         }
     }
 
@@ -970,9 +1113,17 @@ mod tests {
     fn invalid_header_values_are_refused() {
         let k = key("es256");
         let cases: [(i64, Value, &str); 4] = [
-            (LABEL_COUNTER, Value::Integer((-1).into()), "counter (-65538)"),
+            (
+                LABEL_COUNTER,
+                Value::Integer((-1).into()),
+                "counter (-65538)",
+            ),
             (LABEL_COUNTER, Value::Text("1".into()), "counter (-65538)"),
-            (LABEL_METER_ID, Value::Text("a/b".into()), "meter id (-65537)"),
+            (
+                LABEL_METER_ID,
+                Value::Text("a/b".into()),
+                "meter id (-65537)",
+            ),
             (LABEL_TIMESTAMP, Value::Float(1.5), "timestamp (-65539)"),
         ];
         for (label, value, field) in cases {
@@ -988,40 +1139,78 @@ mod tests {
                 other => panic!("{field}: {other:?}"),
             }
         }
-        let h = coset::Header { key_id: vec![1; 8], ..good_header(&k).build() };
+        let h = coset::Header {
+            key_id: vec![1; 8],
+            ..good_header(&k).build()
+        };
         let env = craft(&k, h, coset::Header::default(), Some(XML.as_bytes()));
-        assert!(matches!(verify_crafted(&env, &k), Err(EnvelopeError::InvalidHeader { field: "kid (4)", .. })));
+        assert!(matches!(
+            verify_crafted(&env, &k),
+            Err(EnvelopeError::InvalidHeader {
+                field: "kid (4)",
+                ..
+            })
+        ));
     }
 
     #[test]
     fn unsupported_algorithm_and_content_type_are_refused() {
         let k = key("es256");
         let h = coset::Header {
-            alg: Some(RegisteredLabelWithPrivate::Assigned(iana::Algorithm::HMAC_256_256)),
+            alg: Some(RegisteredLabelWithPrivate::Assigned(
+                iana::Algorithm::HMAC_256_256,
+            )),
             ..good_header(&k).build()
         };
         let env = craft(&k, h, coset::Header::default(), Some(XML.as_bytes()));
-        assert!(matches!(verify_crafted(&env, &k), Err(EnvelopeError::UnsupportedAlgorithm(_))));
-        let h = coset::Header { content_type: Some(RegisteredLabel::Text("text/plain".into())), ..good_header(&k).build() };
+        assert!(matches!(
+            verify_crafted(&env, &k),
+            Err(EnvelopeError::UnsupportedAlgorithm(_))
+        ));
+        let h = coset::Header {
+            content_type: Some(RegisteredLabel::Text("text/plain".into())),
+            ..good_header(&k).build()
+        };
         let env = craft(&k, h, coset::Header::default(), Some(XML.as_bytes()));
-        assert_eq!(verify_crafted(&env, &k).unwrap_err(), EnvelopeError::UnsupportedContentType("text/plain".into()));
+        assert_eq!(
+            verify_crafted(&env, &k).unwrap_err(),
+            EnvelopeError::UnsupportedContentType("text/plain".into())
+        );
     }
 
     #[test]
     fn structural_errors() {
         let k = key("es256");
         let env = craft(&k, good_header(&k).build(), coset::Header::default(), None);
-        assert_eq!(verify_crafted(&env, &k).unwrap_err(), EnvelopeError::MissingPayload);
-        assert!(matches!(verify_crafted(&[], &k), Err(EnvelopeError::Malformed(_))));
-        assert!(matches!(verify_crafted(&[0x84, 0x40], &k), Err(EnvelopeError::Malformed(_))));
+        assert_eq!(
+            verify_crafted(&env, &k).unwrap_err(),
+            EnvelopeError::MissingPayload
+        );
+        assert!(matches!(
+            verify_crafted(&[], &k),
+            Err(EnvelopeError::Malformed(_))
+        ));
+        assert!(matches!(
+            verify_crafted(&[0x84, 0x40], &k),
+            Err(EnvelopeError::Malformed(_))
+        ));
         // COSE_Sign (tag 98) instead of COSE_Sign1.
-        assert_eq!(verify_crafted(&[0xd8, 0x62, 0x80], &k).unwrap_err(), EnvelopeError::WrongTag);
+        assert_eq!(
+            verify_crafted(&[0xd8, 0x62, 0x80], &k).unwrap_err(),
+            EnvelopeError::WrongTag
+        );
         let big = vec![0u8; MAX_ENVELOPE_BYTES + 1];
-        assert_eq!(verify_crafted(&big, &k).unwrap_err(), EnvelopeError::TooLarge(MAX_ENVELOPE_BYTES + 1));
+        assert_eq!(
+            verify_crafted(&big, &k).unwrap_err(),
+            EnvelopeError::TooLarge(MAX_ENVELOPE_BYTES + 1)
+        );
         // Trailing bytes after the structure.
         let mut env = sign(&k, &params(1), XML.as_bytes()).unwrap();
         env.push(0);
-        assert!(matches!(verify_crafted(&env, &k), Err(EnvelopeError::Malformed(_))));
+        assert!(matches!(
+            verify_crafted(&env, &k),
+            Err(EnvelopeError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -1035,7 +1224,10 @@ mod tests {
                     let mut bad = env.clone();
                     bad[i] ^= bit;
                     let result = verify(&bad, &vk, &meter(), TOPIC);
-                    assert!(result.is_err(), "{name}: flipping bit {bit:#x} of byte {i} went unnoticed");
+                    assert!(
+                        result.is_err(),
+                        "{name}: flipping bit {bit:#x} of byte {i} went unnoticed"
+                    );
                 }
             }
         }
@@ -1047,32 +1239,70 @@ mod tests {
         let other = XML.replace("123456789", "111");
         let env = sign(&k, &params(1), other.as_bytes()).unwrap();
         let v = verify_crafted(&env, &k).unwrap();
-        assert!(matches!(v.into_document(&Limits::default()), Err(EnvelopeError::DocumentMeterMismatch { .. })));
+        assert!(matches!(
+            v.into_document(&Limits::default()),
+            Err(EnvelopeError::DocumentMeterMismatch { .. })
+        ));
 
-        let env = sign(&k, &EnvelopeParams { timestamp: NOW_TS + 1, ..params(1) }, XML.as_bytes()).unwrap();
+        let env = sign(
+            &k,
+            &EnvelopeParams {
+                timestamp: NOW_TS + 1,
+                ..params(1)
+            },
+            XML.as_bytes(),
+        )
+        .unwrap();
         let v = verify_crafted(&env, &k).unwrap();
         assert_eq!(
             v.into_document(&Limits::default()).unwrap_err(),
-            EnvelopeError::DocumentTimeMismatch { document: NOW_TS, envelope: NOW_TS + 1 }
+            EnvelopeError::DocumentTimeMismatch {
+                document: NOW_TS,
+                envelope: NOW_TS + 1
+            }
         );
 
         let env = sign(&k, &params(1), b"<EnergyUsageReport>").unwrap();
         let v = verify_crafted(&env, &k).unwrap();
-        assert!(matches!(v.into_document(&Limits::default()), Err(EnvelopeError::Document(_))));
+        assert!(matches!(
+            v.into_document(&Limits::default()),
+            Err(EnvelopeError::Document(_))
+        ));
 
         // The content type decides the parser: XML bytes labelled JSON are refused.
-        let env = sign(&k, &EnvelopeParams { content_type: Format::Json, ..params(1) }, XML.as_bytes()).unwrap();
+        let env = sign(
+            &k,
+            &EnvelopeParams {
+                content_type: Format::Json,
+                ..params(1)
+            },
+            XML.as_bytes(),
+        )
+        .unwrap();
         let v = verify_crafted(&env, &k).unwrap();
-        assert!(matches!(v.into_document(&Limits::default()), Err(EnvelopeError::Document(_))));
+        assert!(matches!(
+            v.into_document(&Limits::default()),
+            Err(EnvelopeError::Document(_))
+        ));
     }
 
     #[test]
     fn keys_load_from_pem_and_reject_junk() {
-        let vk = VerifyingKey::from_spki_pem(include_str!("../tests/fixtures/rs256.pub.pem")).unwrap();
+        let vk =
+            VerifyingKey::from_spki_pem(include_str!("../tests/fixtures/rs256.pub.pem")).unwrap();
         assert_eq!(vk.algorithm(), Algorithm::Rs256);
         assert_eq!(vk.kid(), key("rs256").kid());
-        assert!(matches!(VerifyingKey::from_spki_pem("junk"), Err(KeyError::Pem(_))));
-        assert_eq!(VerifyingKey::from_spki_der(b"\x30\x00").unwrap_err(), KeyError::Unsupported);
-        assert_eq!(SigningKey::from_pkcs8_der(b"\x30\x00").unwrap_err(), KeyError::Unsupported);
+        assert!(matches!(
+            VerifyingKey::from_spki_pem("junk"),
+            Err(KeyError::Pem(_))
+        ));
+        assert_eq!(
+            VerifyingKey::from_spki_der(b"\x30\x00").unwrap_err(),
+            KeyError::Unsupported
+        );
+        assert_eq!(
+            SigningKey::from_pkcs8_der(b"\x30\x00").unwrap_err(),
+            KeyError::Unsupported
+        );
     }
 }

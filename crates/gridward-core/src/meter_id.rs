@@ -121,9 +121,23 @@ mod tests {
     #[test]
     fn rejects_topic_and_uri_metacharacters() {
         assert_eq!(MeterId::new(""), Err(MeterIdError::Empty));
-        assert_eq!(MeterId::new(&"x".repeat(65)), Err(MeterIdError::TooLong(65)));
-        for (bad, c) in [("a/b", '/'), ("a+", '+'), ("#", '#'), ("a b", ' '), ("ä", 'ä'), ("a:b", ':')] {
-            assert_eq!(MeterId::new(bad), Err(MeterIdError::InvalidChar(c)), "{bad}");
+        assert_eq!(
+            MeterId::new(&"x".repeat(65)),
+            Err(MeterIdError::TooLong(65))
+        );
+        for (bad, c) in [
+            ("a/b", '/'),
+            ("a+", '+'),
+            ("#", '#'),
+            ("a b", ' '),
+            ("ä", 'ä'),
+            ("a:b", ':'),
+        ] {
+            assert_eq!(
+                MeterId::new(bad),
+                Err(MeterIdError::InvalidChar(c)),
+                "{bad}"
+            );
         }
         assert_eq!(MeterId::new("-a"), Err(MeterIdError::BadStart));
         assert_eq!(MeterId::new(".."), Err(MeterIdError::BadStart));

@@ -24,7 +24,9 @@ pub struct FreshnessPolicy {
 
 impl Default for FreshnessPolicy {
     fn default() -> Self {
-        Self { max_skew: DEFAULT_MAX_SKEW }
+        Self {
+            max_skew: DEFAULT_MAX_SKEW,
+        }
     }
 }
 
@@ -42,7 +44,9 @@ pub enum FreshnessError {
         last: u64,
     },
     /// The timestamp lies further in the past than the window allows.
-    #[error("stale message: signed at {timestamp}, {age_seconds} s before now (window ±{window_seconds} s)")]
+    #[error(
+        "stale message: signed at {timestamp}, {age_seconds} s before now (window ±{window_seconds} s)"
+    )]
     Stale {
         /// Message timestamp, seconds since the epoch.
         timestamp: i64,
@@ -52,7 +56,9 @@ pub enum FreshnessError {
         window_seconds: i64,
     },
     /// The timestamp lies further in the future than the window allows.
-    #[error("message from the future: signed at {timestamp}, {ahead_seconds} s after now (window ±{window_seconds} s)")]
+    #[error(
+        "message from the future: signed at {timestamp}, {ahead_seconds} s after now (window ±{window_seconds} s)"
+    )]
     Future {
         /// Message timestamp, seconds since the epoch.
         timestamp: i64,
@@ -88,7 +94,11 @@ pub fn check_freshness(
         });
     }
     if delta > window {
-        return Err(FreshnessError::Future { timestamp, ahead_seconds: delta, window_seconds: window });
+        return Err(FreshnessError::Future {
+            timestamp,
+            ahead_seconds: delta,
+            window_seconds: window,
+        });
     }
     Ok(())
 }
@@ -103,12 +113,21 @@ pub struct ReplayGuard {
 impl ReplayGuard {
     /// An empty guard with `policy`.
     pub fn new(policy: FreshnessPolicy) -> Self {
-        Self { policy, last: HashMap::new() }
+        Self {
+            policy,
+            last: HashMap::new(),
+        }
     }
 
     /// A guard that resumes from known last counters (for example loaded from a store).
-    pub fn with_state(policy: FreshnessPolicy, last: impl IntoIterator<Item = (MeterId, u64)>) -> Self {
-        Self { policy, last: last.into_iter().collect() }
+    pub fn with_state(
+        policy: FreshnessPolicy,
+        last: impl IntoIterator<Item = (MeterId, u64)>,
+    ) -> Self {
+        Self {
+            policy,
+            last: last.into_iter().collect(),
+        }
     }
 
     /// The policy in force.
@@ -122,12 +141,28 @@ impl ReplayGuard {
     }
 
     /// Checks freshness without recording anything.
-    pub fn check(&self, meter: &MeterId, counter: u64, timestamp: i64, now: OffsetDateTime) -> Result<(), FreshnessError> {
-        check_freshness(self.last_counter(meter), counter, timestamp, now, &self.policy)
+    pub fn check(
+        &self,
+        meter: &MeterId,
+        counter: u64,
+        timestamp: i64,
+        now: OffsetDateTime,
+    ) -> Result<(), FreshnessError> {
+        check_freshness(
+            self.last_counter(meter),
+            counter,
+            timestamp,
+            now,
+            &self.policy,
+        )
     }
 
     /// Checks a verified envelope's freshness and, if fresh, records its counter.
-    pub fn accept(&mut self, envelope: &VerifiedEnvelope, now: OffsetDateTime) -> Result<(), FreshnessError> {
+    pub fn accept(
+        &mut self,
+        envelope: &VerifiedEnvelope,
+        now: OffsetDateTime,
+    ) -> Result<(), FreshnessError> {
         let h = envelope.header();
         self.check(&h.meter_id, h.counter, h.timestamp, now)?;
         self.last.insert(h.meter_id.clone(), h.counter);
@@ -153,15 +188,24 @@ mod tests {
         assert_eq!(check_freshness(Some(4), 5, ts(0), NOW, &p), Ok(()));
         assert_eq!(
             check_freshness(Some(5), 5, ts(0), NOW, &p),
-            Err(FreshnessError::Replay { counter: 5, last: 5 })
+            Err(FreshnessError::Replay {
+                counter: 5,
+                last: 5
+            })
         );
         assert_eq!(
             check_freshness(Some(5), 4, ts(0), NOW, &p),
-            Err(FreshnessError::Replay { counter: 4, last: 5 })
+            Err(FreshnessError::Replay {
+                counter: 4,
+                last: 5
+            })
         );
         assert_eq!(
             check_freshness(Some(u64::MAX), u64::MAX, ts(0), NOW, &p),
-            Err(FreshnessError::Replay { counter: u64::MAX, last: u64::MAX })
+            Err(FreshnessError::Replay {
+                counter: u64::MAX,
+                last: u64::MAX
+            })
         );
     }
 
@@ -172,26 +216,48 @@ mod tests {
         assert_eq!(check_freshness(None, 1, ts(300), NOW, &p), Ok(()));
         assert_eq!(
             check_freshness(None, 1, ts(-301), NOW, &p),
-            Err(FreshnessError::Stale { timestamp: ts(-301), age_seconds: 301, window_seconds: 300 })
+            Err(FreshnessError::Stale {
+                timestamp: ts(-301),
+                age_seconds: 301,
+                window_seconds: 300
+            })
         );
         assert_eq!(
             check_freshness(None, 1, ts(301), NOW, &p),
-            Err(FreshnessError::Future { timestamp: ts(301), ahead_seconds: 301, window_seconds: 300 })
+            Err(FreshnessError::Future {
+                timestamp: ts(301),
+                ahead_seconds: 301,
+                window_seconds: 300
+            })
         );
     }
 
     #[test]
     fn configurable_window_and_extreme_timestamps() {
-        let p = FreshnessPolicy { max_skew: Duration::seconds(10) };
-        assert!(matches!(check_freshness(None, 1, ts(-11), NOW, &p), Err(FreshnessError::Stale { .. })));
-        assert!(matches!(check_freshness(None, 1, i64::MIN, NOW, &p), Err(FreshnessError::Stale { .. })));
-        assert!(matches!(check_freshness(None, 1, i64::MAX, NOW, &p), Err(FreshnessError::Future { .. })));
+        let p = FreshnessPolicy {
+            max_skew: Duration::seconds(10),
+        };
+        assert!(matches!(
+            check_freshness(None, 1, ts(-11), NOW, &p),
+            Err(FreshnessError::Stale { .. })
+        ));
+        assert!(matches!(
+            check_freshness(None, 1, i64::MIN, NOW, &p),
+            Err(FreshnessError::Stale { .. })
+        ));
+        assert!(matches!(
+            check_freshness(None, 1, i64::MAX, NOW, &p),
+            Err(FreshnessError::Future { .. })
+        ));
     }
 
     #[test]
     fn replay_is_checked_before_time() {
         let p = FreshnessPolicy::default();
-        assert!(matches!(check_freshness(Some(9), 9, ts(-10_000), NOW, &p), Err(FreshnessError::Replay { .. })));
+        assert!(matches!(
+            check_freshness(Some(9), 9, ts(-10_000), NOW, &p),
+            Err(FreshnessError::Replay { .. })
+        ));
     }
 
     #[test]

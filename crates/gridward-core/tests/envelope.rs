@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use gridward_core::MeterId;
 use gridward_core::document::{Format, Limits, Reading};
-use gridward_core::envelope::{self, EnvelopeHeader, EnvelopeParams, SigningKey, UnsignedEnvelope, VerifyingKey};
+use gridward_core::envelope::{
+    self, EnvelopeHeader, EnvelopeParams, SigningKey, UnsignedEnvelope, VerifyingKey,
+};
 use proptest::prelude::*;
 
 fn repo_root() -> PathBuf {
@@ -18,7 +20,8 @@ fn fixture(name: &str) -> String {
 }
 
 const XML: &str = "<EnergyUsageReport><MeterID>123456789</MeterID><Timestamp>2024-02-06T12:00:00Z</Timestamp><EnergyConsumed>350.5</EnergyConsumed></EnergyUsageReport>";
-const JSON: &str = r#"{"MeterID":"123456789","Timestamp":"2024-02-06T12:00:00Z","EnergyConsumed":350.5}"#;
+const JSON: &str =
+    r#"{"MeterID":"123456789","Timestamp":"2024-02-06T12:00:00Z","EnergyConsumed":350.5}"#;
 
 /// The vectors the spec publishes: (algorithm file stem, content type, topic, counter, payload).
 fn vector_inputs() -> Vec<(&'static str, Format, &'static str, u64, &'static str)> {
@@ -59,7 +62,13 @@ fn print_vectors() {
         let unsigned = UnsignedEnvelope::new(header, payload.as_bytes().to_vec(), topic).unwrap();
         let protected = hex(unsigned.protected_bytes());
         let tbs = hex(&unsigned.to_be_signed());
-        let params = EnvelopeParams { meter_id: &meter, counter, timestamp: 1_707_220_800, content_type: format, topic };
+        let params = EnvelopeParams {
+            meter_id: &meter,
+            counter,
+            timestamp: 1_707_220_800,
+            content_type: format,
+            topic,
+        };
         let env = envelope::sign(&key, &params, payload.as_bytes()).unwrap();
         println!("```vector");
         println!("alg: {}", key.algorithm());
@@ -87,7 +96,9 @@ fn parse_vectors(spec: &str) -> Vec<BTreeMap<String, String>> {
             (None, "```vector") => current = Some(BTreeMap::new()),
             (Some(_), "```") => out.extend(current.take()),
             (Some(map), l) => {
-                let (k, v) = l.split_once(": ").unwrap_or_else(|| panic!("bad vector line {l:?}"));
+                let (k, v) = l
+                    .split_once(": ")
+                    .unwrap_or_else(|| panic!("bad vector line {l:?}"));
                 map.insert(k.to_owned(), v.to_owned());
             }
             (None, _) => {}
@@ -100,7 +111,11 @@ fn parse_vectors(spec: &str) -> Vec<BTreeMap<String, String>> {
 fn spec_vectors_verify_and_reproduce() {
     let spec = fixture("docs/wire-format.md");
     let vectors = parse_vectors(&spec);
-    assert_eq!(vectors.len(), 3, "docs/wire-format.md must carry one vector per algorithm");
+    assert_eq!(
+        vectors.len(),
+        3,
+        "docs/wire-format.md must carry one vector per algorithm"
+    );
     let mut algs = Vec::new();
     for v in vectors {
         let key = SigningKey::from_pkcs8_pem(&fixture(&v["private_key"])).unwrap();
@@ -119,9 +134,20 @@ fn spec_vectors_verify_and_reproduce() {
             counter,
             timestamp,
         };
-        let unsigned = UnsignedEnvelope::new(header, v["payload"].as_bytes().to_vec(), &v["topic"]).unwrap();
-        assert_eq!(hex(unsigned.protected_bytes()), v["protected"], "{}: protected header", v["alg"]);
-        assert_eq!(hex(&unsigned.to_be_signed()), v["to_be_signed"], "{}: Sig_structure", v["alg"]);
+        let unsigned =
+            UnsignedEnvelope::new(header, v["payload"].as_bytes().to_vec(), &v["topic"]).unwrap();
+        assert_eq!(
+            hex(unsigned.protected_bytes()),
+            v["protected"],
+            "{}: protected header",
+            v["alg"]
+        );
+        assert_eq!(
+            hex(&unsigned.to_be_signed()),
+            v["to_be_signed"],
+            "{}: Sig_structure",
+            v["alg"]
+        );
 
         let env = hex::decode(&v["envelope"]).unwrap();
         let verified = envelope::verify(&env, &public, &meter, &v["topic"]).unwrap();
@@ -132,7 +158,13 @@ fn spec_vectors_verify_and_reproduce() {
 
         // EdDSA and RSASSA-PKCS1-v1_5 are deterministic: signing again gives the same bytes.
         if v["alg"] != "ES256" {
-            let params = EnvelopeParams { meter_id: &meter, counter, timestamp, content_type: format, topic: &v["topic"] };
+            let params = EnvelopeParams {
+                meter_id: &meter,
+                counter,
+                timestamp,
+                content_type: format,
+                topic: &v["topic"],
+            };
             let again = envelope::sign(&key, &params, v["payload"].as_bytes()).unwrap();
             assert_eq!(hex(&again), v["envelope"], "{}: envelope", v["alg"]);
         }
@@ -145,12 +177,16 @@ fn spec_vectors_verify_and_reproduce() {
 fn keys() -> Vec<SigningKey> {
     ["es256", "eddsa", "rs256"]
         .iter()
-        .map(|stem| SigningKey::from_pkcs8_pem(&fixture(&key_paths(stem).0)).unwrap())
+        .map(|stem| SigningKey::from_pkcs8_pem(&fixture(&key_paths(stem).0)).expect("fixture key"))
         .collect()
 }
 
 fn reading_strategy() -> impl Strategy<Value = (String, i64, f64)> {
-    ("[0-9A-Za-z][0-9A-Za-z._-]{0,20}", 946_684_800i64..4_102_444_800, 0.0f64..1e9)
+    (
+        "[0-9A-Za-z][0-9A-Za-z._-]{0,20}",
+        946_684_800i64..4_102_444_800,
+        0.0f64..1e9,
+    )
 }
 
 proptest! {
