@@ -46,6 +46,10 @@ const UNDERSTOOD_CRITICAL: [i64; 3] = [LABEL_METER_ID, LABEL_COUNTER, LABEL_TIME
 /// Largest envelope accepted by [`Envelope::decode`], in bytes: a maximal document plus headers.
 pub const MAX_ENVELOPE_BYTES: usize = document::DEFAULT_MAX_DOCUMENT_BYTES + 16 * 1024;
 
+/// How long before its signing time a document may have been taken: 35 days, so a meter can
+/// re-sign readings it buffered through an outage. A document never post-dates its signature.
+pub const MAX_DOCUMENT_AGE_SECONDS: i64 = 35 * 24 * 3600;
+
 /// Length of a key id: the first 16 bytes of SHA-256 over the DER SubjectPublicKeyInfo.
 pub const KEY_ID_LEN: usize = 16;
 
@@ -210,8 +214,11 @@ pub enum EnvelopeError {
         /// Meter id in the envelope header.
         envelope: String,
     },
-    /// The document's time differs from the signed header's.
-    #[error("document time {document} differs from envelope time {envelope}")]
+    /// The document's time is after the signed header's, or more than
+    /// [`MAX_DOCUMENT_AGE_SECONDS`] before it.
+    #[error(
+        "document time {document} does not fit envelope time {envelope} (at most 35 days before, never after)"
+    )]
     DocumentTimeMismatch {
         /// Document timestamp, seconds since the epoch.
         document: i64,
@@ -615,7 +622,8 @@ impl VerifiedEnvelope {
     }
 
     /// Parses the payload as the header's content type and checks that the document's meter id
-    /// and time are the header's.
+    /// is the header's and its time is not after the header's (nor more than
+    /// [`MAX_DOCUMENT_AGE_SECONDS`] before it).
     pub fn into_document(self, limits: &Limits) -> Result<VerifiedDocument, EnvelopeError> {
         let document = document::parse(&self.payload, self.header.content_type, limits)?;
         if document.meter_id() != &self.header.meter_id {
@@ -625,7 +633,8 @@ impl VerifiedEnvelope {
             });
         }
         let document_time = document.timestamp().unix_timestamp();
-        if document_time != self.header.timestamp {
+        let age = self.header.timestamp.saturating_sub(document_time);
+        if !(0..=MAX_DOCUMENT_AGE_SECONDS).contains(&age) {
             return Err(EnvelopeError::DocumentTimeMismatch {
                 document: document_time,
                 envelope: self.header.timestamp,
@@ -1244,23 +1253,34 @@ mod tests {
             Err(EnvelopeError::DocumentMeterMismatch { .. })
         ));
 
-        let env = sign(
-            &k,
-            &EnvelopeParams {
-                timestamp: NOW_TS + 1,
-                ..params(1)
-            },
-            XML.as_bytes(),
-        )
-        .unwrap();
+        // A reading signed later (re-signed after an outage) is fine; one from the future is not.
+        let at = |timestamp| EnvelopeParams {
+            timestamp,
+            ..params(1)
+        };
+        let env = sign(&k, &at(NOW_TS + 3600), XML.as_bytes()).unwrap();
+        let v = verify_crafted(&env, &k).unwrap();
+        assert!(v.into_document(&Limits::default()).is_ok());
+        let env = sign(&k, &at(NOW_TS - 1), XML.as_bytes()).unwrap();
         let v = verify_crafted(&env, &k).unwrap();
         assert_eq!(
             v.into_document(&Limits::default()).unwrap_err(),
             EnvelopeError::DocumentTimeMismatch {
                 document: NOW_TS,
-                envelope: NOW_TS + 1
+                envelope: NOW_TS - 1
             }
         );
+        let env = sign(
+            &k,
+            &at(NOW_TS + MAX_DOCUMENT_AGE_SECONDS + 1),
+            XML.as_bytes(),
+        )
+        .unwrap();
+        let v = verify_crafted(&env, &k).unwrap();
+        assert!(matches!(
+            v.into_document(&Limits::default()),
+            Err(EnvelopeError::DocumentTimeMismatch { .. })
+        ));
 
         let env = sign(&k, &params(1), b"<EnergyUsageReport>").unwrap();
         let v = verify_crafted(&env, &k).unwrap();

@@ -17,6 +17,7 @@
 //! - [`envelope`]: the COSE_Sign1 (RFC 9052) envelope every meter message travels in;
 //!   only verification produces a [`envelope::VerifiedEnvelope`].
 //! - [`replay`]: the per-meter counter and time-window check.
+//! - [`security`]: [`security::SecurityEvent`] and the stable reason codes every refusal carries.
 //!
 //! The wire format is specified in `docs/wire-format.md` at the repository root.
 
@@ -26,5 +27,6 @@ pub mod document;
 pub mod envelope;
 pub mod meter_id;
 pub mod replay;
+pub mod security;
 
 pub use meter_id::{MeterId, MeterIdError};
