@@ -1,0 +1,451 @@
+//! [`identity_of`]: the one function that maps a certificate to the identity it proves.
+//!
+//! Every part of Gridward that authenticates a peer by certificate (the MQTT endpoint, the HTTPS
+//! API, the downstream forwarder) asks this function who the peer is, and nothing else.
+//! It checks the certificate's *content*; the TLS layer has already checked the chain, validity and
+//! revocation.
+
+use std::fmt;
+
+use gridward_core::meter_id::METER_URI_PREFIX;
+use gridward_core::{MeterId, MeterIdError};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+/// The prefix of a client identity URI SAN: `urn:gridward:client:{name}`.
+pub const CLIENT_URI_PREFIX: &str = "urn:gridward:client:";
+
+/// The prefix every Gridward identity URI starts with.
+const GRIDWARD_URI_PREFIX: &str = "urn:gridward:";
+
+/// Who a certificate says its holder is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Identity {
+    /// A meter: URI SAN `urn:gridward:meter:{id}`, CN = id, EKU clientAuth.
+    Meter(MeterId),
+    /// A client (downstream forwarder, API client): URI SAN `urn:gridward:client:{name}`,
+    /// CN = name, EKU clientAuth.
+    Client(String),
+    /// A server: CN = name, EKU serverAuth.
+    Server(String),
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Meter(id) => write!(f, "meter {id}"),
+            Self::Client(name) => write!(f, "client {name}"),
+            Self::Server(name) => write!(f, "server {name}"),
+        }
+    }
+}
+
+/// Why a certificate does not prove an identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The bytes are not a DER X.509 certificate, or one of its extensions is malformed or duplicated.
+    #[error("not a well-formed X.509 certificate: {0}")]
+    Malformed(String),
+    /// The certificate is a CA certificate (basicConstraints CA:true); CAs are not peers.
+    #[error("certificate is a CA certificate (CA:true) and cannot identify a peer")]
+    IsCa,
+    /// The subject has no common name.
+    #[error("certificate subject has no common name")]
+    MissingCommonName,
+    /// The subject has more than one common name.
+    #[error("certificate subject has {0} common names; exactly one is required")]
+    MultipleCommonNames(usize),
+    /// The certificate carries more than one meter URI SAN.
+    #[error("certificate carries {0} urn:gridward:meter: URIs; exactly one is required")]
+    MultipleMeterUris(usize),
+    /// The certificate carries more than one client URI SAN.
+    #[error("certificate carries {0} urn:gridward:client: URIs; exactly one is required")]
+    MultipleClientUris(usize),
+    /// The certificate carries identity URIs of more than one kind.
+    #[error("certificate carries both meter and client identity URIs")]
+    MixedIdentityUris,
+    /// A `urn:gridward:` URI SAN is neither a meter nor a client identity.
+    #[error("certificate carries an unknown Gridward identity URI {0:?}")]
+    UnknownGridwardUri(String),
+    /// The meter id in the URI SAN is not a valid meter id.
+    #[error("meter id in the certificate is invalid: {0}")]
+    InvalidMeterId(#[from] MeterIdError),
+    /// The client name in the URI SAN is empty.
+    #[error("client name in the certificate is empty")]
+    EmptyClientName,
+    /// The common name differs from the identity in the URI SAN.
+    #[error("certificate CN {cn:?} does not match its identity URI {uri:?}")]
+    CommonNameMismatch {
+        /// The subject common name.
+        cn: String,
+        /// The identity URI SAN.
+        uri: String,
+    },
+    /// The certificate has no extended key usage extension.
+    #[error("certificate has no extended key usage; {0} is required")]
+    MissingEku(&'static str),
+    /// The extended key usage does not include the purpose this identity needs.
+    #[error("certificate's extended key usage lacks {0}")]
+    WrongEku(&'static str),
+    /// The certificate carries no Gridward identity URI and is not a server certificate.
+    #[error(
+        "certificate carries no Gridward identity (no urn:gridward: URI SAN, no serverAuth EKU)"
+    )]
+    NoIdentity,
+}
+
+/// Maps a certificate (DER) to the identity it proves.
+///
+/// Rules:
+/// - a CA certificate (basicConstraints CA:true) never identifies a peer;
+/// - exactly one subject common name;
+/// - a meter certificate carries exactly one `urn:gridward:meter:{id}` URI SAN, a valid meter id,
+///   CN equal to the id, and EKU clientAuth;
+/// - a client certificate carries exactly one `urn:gridward:client:{name}` URI SAN, CN equal to
+///   the name, and EKU clientAuth;
+/// - a certificate with no Gridward URI and EKU serverAuth is a server named by its CN;
+/// - anything else is refused with the reason.
+///
+/// This function does not check signatures, validity or revocation: the TLS layer does that
+/// before a peer certificate reaches it.
+pub fn identity_of(cert_der: &[u8]) -> Result<Identity, IdentityError> {
+    let malformed = |e: &dyn fmt::Display| IdentityError::Malformed(e.to_string());
+    let (rest, cert) = X509Certificate::from_der(cert_der).map_err(|e| malformed(&e))?;
+    if !rest.is_empty() {
+        return Err(IdentityError::Malformed(
+            "trailing bytes after the certificate".into(),
+        ));
+    }
+
+    let basic = cert.basic_constraints().map_err(|e| malformed(&e))?;
+    if basic.is_some_and(|b| b.value.ca) {
+        return Err(IdentityError::IsCa);
+    }
+
+    let cn = common_name(&cert)?;
+
+    let san = cert.subject_alternative_name().map_err(|e| malformed(&e))?;
+    let mut meter_uris = Vec::new();
+    let mut client_uris = Vec::new();
+    if let Some(san) = san {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(uri) = name {
+                if let Some(id) = uri.strip_prefix(METER_URI_PREFIX) {
+                    meter_uris.push((*uri, id));
+                } else if let Some(name) = uri.strip_prefix(CLIENT_URI_PREFIX) {
+                    client_uris.push((*uri, name));
+                } else if uri.starts_with(GRIDWARD_URI_PREFIX) {
+                    return Err(IdentityError::UnknownGridwardUri((*uri).to_owned()));
+                }
+            }
+        }
+    }
+
+    let eku = cert
+        .extended_key_usage()
+        .map_err(|e| malformed(&e))?
+        .map(|e| e.value);
+    let require_eku =
+        |purpose: &'static str, has: fn(&x509_parser::extensions::ExtendedKeyUsage) -> bool| {
+            match eku {
+                None => Err(IdentityError::MissingEku(purpose)),
+                Some(e) if !has(e) => Err(IdentityError::WrongEku(purpose)),
+                Some(_) => Ok(()),
+            }
+        };
+
+    match (meter_uris.as_slice(), client_uris.as_slice()) {
+        ([], []) => {
+            // No Gridward identity URI: only a server certificate remains possible.
+            match eku {
+                Some(e) if e.server_auth => Ok(Identity::Server(cn)),
+                _ => Err(IdentityError::NoIdentity),
+            }
+        }
+        (_, [_, ..]) if !meter_uris.is_empty() => Err(IdentityError::MixedIdentityUris),
+        ([(uri, id)], []) => {
+            let id = MeterId::new(id)?;
+            if cn != id.as_str() {
+                return Err(IdentityError::CommonNameMismatch {
+                    cn,
+                    uri: (*uri).to_owned(),
+                });
+            }
+            require_eku("clientAuth", |e| e.client_auth)?;
+            Ok(Identity::Meter(id))
+        }
+        (many, []) => Err(IdentityError::MultipleMeterUris(many.len())),
+        ([], [(uri, name)]) => {
+            if name.is_empty() {
+                return Err(IdentityError::EmptyClientName);
+            }
+            if cn != *name {
+                return Err(IdentityError::CommonNameMismatch {
+                    cn,
+                    uri: (*uri).to_owned(),
+                });
+            }
+            require_eku("clientAuth", |e| e.client_auth)?;
+            Ok(Identity::Client((*name).to_owned()))
+        }
+        ([], many) => Err(IdentityError::MultipleClientUris(many.len())),
+        (_, _) => Err(IdentityError::MixedIdentityUris),
+    }
+}
+
+/// The single subject common name of `cert`.
+fn common_name(cert: &X509Certificate<'_>) -> Result<String, IdentityError> {
+    let cns: Vec<_> = cert.subject().iter_common_name().collect();
+    match cns.as_slice() {
+        [] => Err(IdentityError::MissingCommonName),
+        [one] => one
+            .as_str()
+            .map(str::to_owned)
+            .map_err(|e| IdentityError::Malformed(format!("common name: {e}"))),
+        many => Err(IdentityError::MultipleCommonNames(many.len())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        SanType,
+    };
+
+    use super::*;
+
+    fn cert(cn: &[&str], uris: &[&str], eku: &[ExtendedKeyUsagePurpose], ca: bool) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        for c in cn {
+            p.distinguished_name.push(DnType::CommonName, *c);
+        }
+        p.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        p.extended_key_usages = eku.to_vec();
+        p.is_ca = if ca {
+            IsCa::Ca(BasicConstraints::Unconstrained)
+        } else {
+            IsCa::ExplicitNoCa
+        };
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    use ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+
+    #[test]
+    fn meter_identity() {
+        let der = cert(
+            &["MTR-1"],
+            &["urn:gridward:meter:MTR-1"],
+            &[ClientAuth],
+            false,
+        );
+        assert_eq!(
+            identity_of(&der),
+            Ok(Identity::Meter(MeterId::new("MTR-1").unwrap()))
+        );
+    }
+
+    #[test]
+    fn client_identity() {
+        let der = cert(
+            &["billing"],
+            &["urn:gridward:client:billing"],
+            &[ClientAuth],
+            false,
+        );
+        assert_eq!(identity_of(&der), Ok(Identity::Client("billing".into())));
+    }
+
+    #[test]
+    fn server_identity() {
+        let der = cert(&["hes.example"], &[], &[ServerAuth], false);
+        assert_eq!(
+            identity_of(&der),
+            Ok(Identity::Server("hes.example".into()))
+        );
+    }
+
+    #[test]
+    fn ca_is_refused() {
+        let der = cert(
+            &["MTR-1"],
+            &["urn:gridward:meter:MTR-1"],
+            &[ClientAuth],
+            true,
+        );
+        assert_eq!(identity_of(&der), Err(IdentityError::IsCa));
+    }
+
+    #[test]
+    fn cn_mismatch_is_refused() {
+        let der = cert(
+            &["MTR-2"],
+            &["urn:gridward:meter:MTR-1"],
+            &[ClientAuth],
+            false,
+        );
+        assert_eq!(
+            identity_of(&der),
+            Err(IdentityError::CommonNameMismatch {
+                cn: "MTR-2".into(),
+                uri: "urn:gridward:meter:MTR-1".into()
+            })
+        );
+        let der = cert(
+            &["x"],
+            &["urn:gridward:client:billing"],
+            &[ClientAuth],
+            false,
+        );
+        assert!(matches!(
+            identity_of(&der),
+            Err(IdentityError::CommonNameMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn two_meter_uris_are_refused() {
+        let der = cert(
+            &["MTR-1"],
+            &["urn:gridward:meter:MTR-1", "urn:gridward:meter:MTR-2"],
+            &[ClientAuth],
+            false,
+        );
+        assert_eq!(identity_of(&der), Err(IdentityError::MultipleMeterUris(2)));
+        let der = cert(
+            &["a"],
+            &["urn:gridward:client:a", "urn:gridward:client:b"],
+            &[ClientAuth],
+            false,
+        );
+        assert_eq!(identity_of(&der), Err(IdentityError::MultipleClientUris(2)));
+    }
+
+    #[test]
+    fn mixed_uris_are_refused() {
+        let der = cert(
+            &["MTR-1"],
+            &["urn:gridward:meter:MTR-1", "urn:gridward:client:MTR-1"],
+            &[ClientAuth],
+            false,
+        );
+        assert_eq!(identity_of(&der), Err(IdentityError::MixedIdentityUris));
+        let der = cert(
+            &["MTR-1"],
+            &[
+                "urn:gridward:meter:MTR-1",
+                "urn:gridward:meter:MTR-2",
+                "urn:gridward:client:x",
+            ],
+            &[ClientAuth],
+            false,
+        );
+        assert_eq!(identity_of(&der), Err(IdentityError::MixedIdentityUris));
+    }
+
+    #[test]
+    fn eku_is_required() {
+        let der = cert(&["MTR-1"], &["urn:gridward:meter:MTR-1"], &[], false);
+        assert_eq!(
+            identity_of(&der),
+            Err(IdentityError::MissingEku("clientAuth"))
+        );
+        let der = cert(
+            &["MTR-1"],
+            &["urn:gridward:meter:MTR-1"],
+            &[ServerAuth],
+            false,
+        );
+        assert_eq!(
+            identity_of(&der),
+            Err(IdentityError::WrongEku("clientAuth"))
+        );
+        let der = cert(
+            &["billing"],
+            &["urn:gridward:client:billing"],
+            &[ServerAuth],
+            false,
+        );
+        assert_eq!(
+            identity_of(&der),
+            Err(IdentityError::WrongEku("clientAuth"))
+        );
+    }
+
+    #[test]
+    fn invalid_meter_id_is_refused() {
+        let der = cert(&["a/b"], &["urn:gridward:meter:a/b"], &[ClientAuth], false);
+        assert_eq!(
+            identity_of(&der),
+            Err(IdentityError::InvalidMeterId(MeterIdError::InvalidChar(
+                '/'
+            )))
+        );
+        let der = cert(&[""], &["urn:gridward:meter:"], &[ClientAuth], false);
+        assert_eq!(
+            identity_of(&der),
+            Err(IdentityError::InvalidMeterId(MeterIdError::Empty))
+        );
+    }
+
+    #[test]
+    fn common_name_rules() {
+        let der = cert(&[], &["urn:gridward:meter:M"], &[ClientAuth], false);
+        assert_eq!(identity_of(&der), Err(IdentityError::MissingCommonName));
+        // Two CN attributes: rcgen keys its DN by type, so the second goes in under the raw OID.
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, "M");
+        p.distinguished_name
+            .push(DnType::CustomDnType(vec![2, 5, 4, 3]), "N");
+        p.subject_alt_names = vec![SanType::URI("urn:gridward:meter:M".try_into().unwrap())];
+        p.extended_key_usages = vec![ClientAuth];
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        assert_eq!(
+            identity_of(&der),
+            Err(IdentityError::MultipleCommonNames(2))
+        );
+    }
+
+    #[test]
+    fn empty_client_name_is_refused() {
+        let der = cert(&[""], &["urn:gridward:client:"], &[ClientAuth], false);
+        assert_eq!(identity_of(&der), Err(IdentityError::EmptyClientName));
+    }
+
+    #[test]
+    fn no_identity_and_unknown_uri() {
+        let der = cert(&["x"], &[], &[ClientAuth], false);
+        assert_eq!(identity_of(&der), Err(IdentityError::NoIdentity));
+        let der = cert(&["x"], &["urn:gridward:operator:x"], &[ClientAuth], false);
+        assert_eq!(
+            identity_of(&der),
+            Err(IdentityError::UnknownGridwardUri(
+                "urn:gridward:operator:x".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        assert!(matches!(
+            identity_of(b"not a cert"),
+            Err(IdentityError::Malformed(_))
+        ));
+        let mut der = cert(&["hes"], &[], &[ServerAuth], false);
+        der.push(0);
+        assert!(matches!(
+            identity_of(&der),
+            Err(IdentityError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,421 @@
+//! Certificate profiles: what a meter, server or client certificate contains, and the options
+//! of an issuance.
+//!
+//! Every leaf gets: a random 16-byte positive serial, an explicit validity (not before = now − 5
+//! minutes), basicConstraints CA:false, KeyUsage digitalSignature (critical; plus keyEncipherment
+//! for RSA server keys), one EKU, SKI and AKI.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use gridward_core::MeterId;
+use rand::RngCore;
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
+    SanType, SerialNumber,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::error::PkiError;
+use crate::identity::CLIENT_URI_PREFIX;
+use crate::keys::LeafKeyAlg;
+
+/// How long before `now` a new certificate becomes valid, to absorb clock skew between peers.
+pub const NOT_BEFORE_SKEW: Duration = Duration::minutes(5);
+
+/// The longest validity accepted for any certificate, in days (100 years).
+pub const MAX_VALIDITY_DAYS: u32 = 36_525;
+
+/// Longest server or client name accepted, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// The kind of a leaf certificate, which fixes its profile.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LeafKind {
+    /// A meter: CN = meter id, URI SAN `urn:gridward:meter:{id}`, EKU clientAuth.
+    Meter,
+    /// A server: CN = name, DNS/IP SANs, EKU serverAuth.
+    Server,
+    /// A client: CN = name, URI SAN `urn:gridward:client:{name}`, EKU clientAuth.
+    Client,
+}
+
+impl LeafKind {
+    /// Every leaf kind.
+    pub const ALL: [Self; 3] = [Self::Meter, Self::Server, Self::Client];
+
+    /// The name used on the command line and in the inventory.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Meter => "meter",
+            Self::Server => "server",
+            Self::Client => "client",
+        }
+    }
+
+    /// The directory (under the PKI directory) holding this kind's certificates.
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            Self::Meter => "meters",
+            Self::Server => "servers",
+            Self::Client => "clients",
+        }
+    }
+
+    /// Default validity in days: meters 3650, servers 365, clients 730.
+    pub fn default_validity_days(self) -> u32 {
+        match self {
+            Self::Meter => 3650,
+            Self::Server => 365,
+            Self::Client => 730,
+        }
+    }
+}
+
+impl fmt::Display for LeafKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A leaf kind name that is not `meter`, `server` or `client`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown certificate kind {0:?}: expected meter, server or client")]
+pub struct UnknownLeafKind(pub String);
+
+impl FromStr for LeafKind {
+    type Err = UnknownLeafKind;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| UnknownLeafKind(s.to_owned()))
+    }
+}
+
+/// Options of one issuance (or of each certificate of a bulk issuance).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssueOptions {
+    /// Key algorithm of a generated key (ignored when signing a CSR).
+    pub key_alg: LeafKeyAlg,
+    /// Validity in days; `None` uses the kind's default ([`LeafKind::default_validity_days`]).
+    pub validity_days: Option<u32>,
+    /// Supersede an existing valid certificate of the same identity instead of refusing.
+    pub replace: bool,
+    /// Who asks (recorded in the log and inventory).
+    pub actor: String,
+}
+
+impl IssueOptions {
+    /// Defaults (P-256, the kind's validity, no replacement) for `actor`.
+    pub fn new(actor: impl Into<String>) -> Self {
+        Self {
+            key_alg: LeafKeyAlg::P256,
+            validity_days: None,
+            replace: false,
+            actor: actor.into(),
+        }
+    }
+}
+
+/// A subject alternative name of a server certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SanValue {
+    /// A DNS name.
+    Dns(String),
+    /// An IP address.
+    Ip(IpAddr),
+}
+
+impl SanValue {
+    /// Parses a `--san` value: an IP address if it parses as one, otherwise a DNS name, which must
+    /// be syntactically valid (wildcards are not accepted).
+    pub fn parse(value: &str) -> Result<Self, PkiError> {
+        let value = value.trim();
+        if let Ok(ip) = value.parse::<IpAddr>() {
+            return Ok(Self::Ip(ip));
+        }
+        let invalid = || PkiError::InvalidSan {
+            value: value.to_owned(),
+        };
+        if value.contains('*') {
+            return Err(invalid());
+        }
+        rustls_pki_types::DnsName::try_from(value).map_err(|_| invalid())?;
+        // A DNS name must not be all-numeric in its last label (it would be an IP address typo).
+        if value
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.chars().all(|c| c.is_ascii_digit()))
+        {
+            return Err(invalid());
+        }
+        Ok(Self::Dns(value.to_ascii_lowercase()))
+    }
+
+    fn to_rcgen(&self) -> Result<SanType, PkiError> {
+        Ok(match self {
+            Self::Dns(name) => SanType::DnsName(name.clone().try_into()?),
+            Self::Ip(ip) => SanType::IpAddress(*ip),
+        })
+    }
+}
+
+impl fmt::Display for SanValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Dns(name) => f.write_str(name),
+            Self::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// Checks a leaf identity name: a meter id for meters; for servers and clients, 1 to
+/// [`MAX_NAME_LEN`] characters from `A-Z a-z 0-9 . _ -`, not starting with `.` or `-` (the name is
+/// a directory name and a URI component).
+pub fn validate_name(kind: LeafKind, name: &str) -> Result<(), PkiError> {
+    if kind == LeafKind::Meter {
+        MeterId::new(name)?;
+        return Ok(());
+    }
+    let invalid = |reason| PkiError::InvalidName {
+        kind,
+        name: name.to_owned(),
+        reason,
+    };
+    if name.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(invalid("it is longer than 64 bytes"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err(invalid("only A-Z a-z 0-9 . _ - are allowed"));
+    }
+    if name.starts_with(['.', '-']) {
+        return Err(invalid("it must not start with '.' or '-'"));
+    }
+    Ok(())
+}
+
+/// Checks a validity in days.
+pub(crate) fn check_validity(days: u32) -> Result<u32, PkiError> {
+    if days == 0 || days > MAX_VALIDITY_DAYS {
+        return Err(PkiError::InvalidValidity {
+            days,
+            max: MAX_VALIDITY_DAYS,
+        });
+    }
+    Ok(days)
+}
+
+/// A random serial: 16 bytes, top bit clear (positive), first byte nonzero (so the DER INTEGER is
+/// always exactly 16 bytes and never zero).
+pub(crate) fn random_serial() -> [u8; 16] {
+    let mut serial = [0u8; 16];
+    loop {
+        rand::rngs::OsRng.fill_bytes(&mut serial);
+        serial[0] &= 0x7f;
+        if serial[0] != 0 {
+            return serial;
+        }
+    }
+}
+
+/// Truncates to whole seconds in UTC, the precision a certificate stores.
+pub(crate) fn to_cert_time(t: OffsetDateTime) -> OffsetDateTime {
+    t.to_offset(time::UtcOffset::UTC)
+        .replace_nanosecond(0)
+        .unwrap_or(t)
+}
+
+/// What a leaf certificate is for: its kind, identity name and (servers) SANs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LeafSpec {
+    pub(crate) kind: LeafKind,
+    pub(crate) name: String,
+    pub(crate) sans: Vec<SanValue>,
+}
+
+impl LeafSpec {
+    /// Validates the name (and, for servers, that there is at least one SAN).
+    pub(crate) fn new(kind: LeafKind, name: &str, sans: Vec<SanValue>) -> Result<Self, PkiError> {
+        validate_name(kind, name)?;
+        if kind == LeafKind::Server && sans.is_empty() {
+            return Err(PkiError::NoSans);
+        }
+        let sans = if kind == LeafKind::Server {
+            sans
+        } else {
+            Vec::new()
+        };
+        Ok(Self {
+            kind,
+            name: name.to_owned(),
+            sans,
+        })
+    }
+
+    /// The SANs as the strings kept in the inventory.
+    pub(crate) fn san_strings(&self) -> Vec<String> {
+        self.sans.iter().map(ToString::to_string).collect()
+    }
+
+    /// The certificate parameters of this leaf.
+    pub(crate) fn params(
+        &self,
+        rsa_key: bool,
+        serial: &[u8],
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<CertificateParams, PkiError> {
+        let mut params = CertificateParams::default();
+        params.serial_number = Some(SerialNumber::from_slice(serial));
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, self.name.as_str());
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        match self.kind {
+            LeafKind::Meter => {
+                let id = MeterId::new(&self.name)?;
+                params.subject_alt_names = vec![SanType::URI(id.to_uri().try_into()?)];
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            LeafKind::Client => {
+                let uri = format!("{CLIENT_URI_PREFIX}{}", self.name);
+                params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            LeafKind::Server => {
+                params.subject_alt_names = self
+                    .sans
+                    .iter()
+                    .map(SanValue::to_rcgen)
+                    .collect::<Result<_, _>>()?;
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+                if rsa_key {
+                    params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
+                }
+            }
+        }
+        Ok(params)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn san_parsing() {
+        assert_eq!(
+            SanValue::parse("10.0.0.1").unwrap(),
+            SanValue::Ip("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            SanValue::parse("::1").unwrap(),
+            SanValue::Ip("::1".parse().unwrap())
+        );
+        assert_eq!(
+            SanValue::parse("HES.Example.com").unwrap(),
+            SanValue::Dns("hes.example.com".into())
+        );
+        assert_eq!(
+            SanValue::parse("localhost").unwrap(),
+            SanValue::Dns("localhost".into())
+        );
+        for bad in [
+            "",
+            "*.example.com",
+            "a b",
+            "10.0.0.256",
+            "-bad.example",
+            "exa mple",
+        ] {
+            assert!(
+                matches!(SanValue::parse(bad), Err(PkiError::InvalidSan { .. })),
+                "{bad:?} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name(LeafKind::Server, "hes.example.com").is_ok());
+        assert!(validate_name(LeafKind::Client, "billing_1").is_ok());
+        assert!(matches!(
+            validate_name(LeafKind::Client, ""),
+            Err(PkiError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            validate_name(LeafKind::Client, "../x"),
+            Err(PkiError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            validate_name(LeafKind::Server, "a/b"),
+            Err(PkiError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            validate_name(LeafKind::Server, &"a".repeat(65)),
+            Err(PkiError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            validate_name(LeafKind::Meter, "a b"),
+            Err(PkiError::InvalidMeterId(_))
+        ));
+    }
+
+    #[test]
+    fn serials_are_positive_sixteen_bytes_and_distinct() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let s = random_serial();
+            assert!(s[0] != 0 && s[0] & 0x80 == 0);
+            assert!(seen.insert(s));
+        }
+    }
+
+    #[test]
+    fn validity_bounds() {
+        assert!(matches!(
+            check_validity(0),
+            Err(PkiError::InvalidValidity { days: 0, .. })
+        ));
+        assert!(check_validity(1).is_ok());
+        assert!(matches!(
+            check_validity(MAX_VALIDITY_DAYS + 1),
+            Err(PkiError::InvalidValidity { .. })
+        ));
+    }
+
+    #[test]
+    fn server_needs_sans() {
+        assert!(matches!(
+            LeafSpec::new(LeafKind::Server, "hes", vec![]),
+            Err(PkiError::NoSans)
+        ));
+        assert_eq!(
+            LeafSpec::new(LeafKind::Meter, "M1", vec![SanValue::Dns("x".into())])
+                .unwrap()
+                .sans,
+            vec![]
+        );
+    }
+
+    #[test]
+    fn kinds_parse() {
+        assert_eq!("Meter".parse::<LeafKind>(), Ok(LeafKind::Meter));
+        assert_eq!("x".parse::<LeafKind>(), Err(UnknownLeafKind("x".into())));
+    }
+}
