@@ -171,7 +171,13 @@ pub struct SecurityEvent {
 impl SecurityEvent {
     /// A new event.
     pub fn new(at: OffsetDateTime, reason: Reason, detail: impl Into<String>) -> Self {
-        Self { at, reason, meter_id: None, source: None, detail: detail.into() }
+        Self {
+            at,
+            reason,
+            meter_id: None,
+            source: None,
+            detail: detail.into(),
+        }
     }
 
     /// Sets the meter concerned.
@@ -205,8 +211,20 @@ mod tests {
 
     #[test]
     fn envelope_and_freshness_errors_map_to_reasons() {
-        assert_eq!(Reason::from(&EnvelopeError::BadSignature), Reason::BadSignature);
-        assert_eq!(Reason::from(&EnvelopeError::MissingAlgorithm), Reason::MalformedEnvelope);
-        assert_eq!(Reason::from(&FreshnessError::Replay { counter: 1, last: 1 }), Reason::Replay);
+        assert_eq!(
+            Reason::from(&EnvelopeError::BadSignature),
+            Reason::BadSignature
+        );
+        assert_eq!(
+            Reason::from(&EnvelopeError::MissingAlgorithm),
+            Reason::MalformedEnvelope
+        );
+        assert_eq!(
+            Reason::from(&FreshnessError::Replay {
+                counter: 1,
+                last: 1
+            }),
+            Reason::Replay
+        );
     }
 }
