@@ -1,0 +1,37 @@
+//! # gridward-store
+//!
+//! Durable storage for the head-end, behind the [`Store`] trait: meters and their last counter,
+//! readings and meter events (append-only, with the raw envelope kept for audit), and security
+//! events. The embedded backend is SQLite ([`SqliteStore`]); the trait is shaped so a PostgreSQL
+//! backend can follow without changing callers.
+//!
+//! ```text
+//!   head-end ingest ── Vec<Accepted> ──► Store::commit ──► Vec<Outcome>  (one durable transaction)
+//!                                           │                 Stored / Duplicate → acknowledge
+//!                                           │                 Replay / RegisterWentBackwards → security event
+//!   rejections ──► Store::record_security_events
+//!   CLI / API  ──► readings, meter_events, security_events, meters, counts
+//! ```
+//!
+//! - [`model`]: the values that cross the trait ([`Accepted`], [`Outcome`], query and row types).
+//! - [`store`]: the [`Store`] trait and its contract.
+//! - [`sqlite`]: [`SqliteStore`]: WAL, `synchronous = FULL`, batched transactions, migrations.
+//! - [`error`]: [`StoreError`], why an operation failed.
+//!
+//! This crate knows nothing of the network: it stores what the head-end has already verified.
+
+#![forbid(unsafe_code)]
+
+pub mod error;
+pub mod model;
+pub mod sqlite;
+pub mod store;
+
+pub use error::StoreError;
+pub use model::{
+    Accepted, AcceptedBody, Counts, DEFAULT_QUERY_LIMIT, MeterEventQuery, MeterRow, Outcome,
+    ReadingQuery, SecurityEvent, SecurityEventQuery, StoredMeterEvent, StoredReading,
+    StoredSecurityEvent,
+};
+pub use sqlite::SqliteStore;
+pub use store::Store;

@@ -1,0 +1,84 @@
+//! The [`Store`] trait: what the head-end needs from durable storage, independent of the engine.
+
+use gridward_core::MeterId;
+use time::OffsetDateTime;
+
+use crate::error::StoreError;
+use crate::model::{
+    Accepted, Counts, MeterEventQuery, MeterRow, Outcome, ReadingQuery, SecurityEvent,
+    SecurityEventQuery, StoredMeterEvent, StoredReading, StoredSecurityEvent,
+};
+
+/// Durable storage for the head-end: meters, readings, meter events, security events and the
+/// raw accepted envelopes.
+///
+/// Implementations are shared between threads (`Arc<dyn Store>`); writes are serialised inside
+/// the implementation. Every write method is atomic: on `Err`, nothing of it was stored.
+///
+/// ## Contract of [`commit`](Store::commit)
+///
+/// The batch is stored in **one transaction that is durable when `commit` returns `Ok`**
+/// (it survives a process crash and a power loss), so the caller may acknowledge (MQTT PUBACK)
+/// every item whose outcome is [`Outcome::Stored`] or [`Outcome::Duplicate`] right after.
+/// Items are decided in order; later items see the effects of earlier ones, also for the same
+/// meter. For each item:
+///
+/// 1. counter ≤ the meter's last accepted counter: [`Outcome::Duplicate`] if the message
+///    stored under that meter and counter has a byte-identical envelope (same SHA-256),
+///    otherwise [`Outcome::Replay`];
+/// 2. a reading whose register is lower than the meter's last stored reading:
+///    [`Outcome::RegisterWentBackwards`];
+/// 3. otherwise the message is appended ([`Outcome::Stored`]) and becomes the meter's last
+///    counter, last register (readings only) and last-seen time.
+///
+/// Only [`Outcome::Stored`] writes anything; the other outcomes leave the store unchanged.
+pub trait Store: Send + Sync + 'static {
+    /// Decides and stores a batch of accepted messages in one durable transaction (see the
+    /// trait documentation); returns one outcome per item, in order.
+    fn commit(&self, batch: &[Accepted]) -> Result<Vec<Outcome>, StoreError>;
+
+    /// Records security events in one durable transaction; returns their ids, in order.
+    fn record_security_events(&self, events: &[SecurityEvent]) -> Result<Vec<i64>, StoreError>;
+
+    /// The last accepted counter of every meter that has one (to warm the head-end's
+    /// replay guard at start-up).
+    fn last_counters(&self) -> Result<Vec<(MeterId, u64)>, StoreError>;
+
+    /// One meter's readings (see [`ReadingQuery`]), oldest first.
+    fn readings(&self, query: &ReadingQuery) -> Result<Vec<StoredReading>, StoreError>;
+
+    /// Meter events (tamper, power), see [`MeterEventQuery`], oldest first.
+    fn meter_events(&self, query: &MeterEventQuery) -> Result<Vec<StoredMeterEvent>, StoreError>;
+
+    /// Security events (see [`SecurityEventQuery`]), oldest first.
+    fn security_events(
+        &self,
+        query: &SecurityEventQuery,
+    ) -> Result<Vec<StoredSecurityEvent>, StoreError>;
+
+    /// The raw envelope of a stored message (reading or meter event), for audit.
+    fn envelope(&self, id: i64) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Every known meter (seen in a stored message or a connection), ordered by meter id.
+    fn meters(&self) -> Result<Vec<MeterRow>, StoreError>;
+
+    /// Records that `meter` connected or disconnected at `at`, registering it if unknown.
+    ///
+    /// Connection state is not accounting data: this write is atomic but need not be durable
+    /// (a crash may lose the latest changes; [`disconnect_all`](Store::disconnect_all) at
+    /// start-up resets the state anyway), so a wave of reconnects does not cost one disk flush each.
+    fn set_connected(
+        &self,
+        meter: &MeterId,
+        connected: bool,
+        at: OffsetDateTime,
+    ) -> Result<(), StoreError>;
+
+    /// Marks every connected meter disconnected at `at` (at start-up: no session survives a
+    /// restart); returns how many were connected.
+    fn disconnect_all(&self, at: OffsetDateTime) -> Result<u64, StoreError>;
+
+    /// How many meters, readings, meter events and security events are stored. May scan the
+    /// tables: for reports and tests, not for hot paths.
+    fn counts(&self) -> Result<Counts, StoreError>;
+}
