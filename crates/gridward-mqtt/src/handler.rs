@@ -1,0 +1,153 @@
+//! The endpoint ↔ pipeline contract: what the endpoint hands over for each accepted PUBLISH
+//! ([`InboundPublish`] to a [`PublishHandler`]), what it expects back ([`Verdict`]), and where
+//! security events and connection notifications go ([`EventSink`]).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use gridward_core::MeterId;
+use gridward_core::security::{Reason, SecurityEvent};
+use time::OffsetDateTime;
+
+use crate::codec::Protocol;
+
+/// One PUBLISH that passed the endpoint's checks: the sender's certificate proved `meter_id`,
+/// the ClientID equals it, and the topic is one the meter may publish to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InboundPublish {
+    /// The meter, from the client certificate (`identity_of`), already equal to the ClientID.
+    pub meter_id: MeterId,
+    /// DER SubjectPublicKeyInfo of the client certificate (to build the envelope's `VerifyingKey`).
+    pub cert_spki: Arc<[u8]>,
+    /// Serial of the client certificate: lowercase hex without leading zero bytes
+    /// (the `gridward-pki` inventory form).
+    pub cert_serial: String,
+    /// The topic: `meters/{id}/readings` or `meters/{id}/events`.
+    pub topic: String,
+    /// The application payload (the signed envelope).
+    pub payload: Bytes,
+    /// 0 or 1.
+    pub qos: u8,
+    /// The peer's address.
+    pub source: SocketAddr,
+    /// When the endpoint read the packet (the injected clock).
+    pub received_at: OffsetDateTime,
+}
+
+/// The pipeline's decision on one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Durably stored.
+    Accepted,
+    /// A byte-identical resend of a message already stored: acknowledged, not stored again.
+    Duplicate,
+    /// Refused (the pipeline records the security event itself).
+    Rejected(Reason),
+    /// Not decided: the store failed, nothing was stored. The message gets no PUBACK; the
+    /// connection is closed once the PUBACKs before it are sent (MQTT 5: DISCONNECT 0x89
+    /// server busy), so the meter resends it, and everything after it, on its next connection.
+    Unavailable,
+}
+
+impl Verdict {
+    /// The PUBACK reason code for this verdict under `protocol`.
+    ///
+    /// Accepted / Duplicate → 0x00. Rejected under MQTT 5: 0x87 (not authorized) for signature and
+    /// identity problems, 0x99 (payload format invalid) for envelope and document problems,
+    /// 0x80 (unspecified) otherwise. Under MQTT 3.1.1 a PUBACK has no reason code: always 0x00
+    /// (the message is consumed and dropped).
+    pub fn puback_code(self, protocol: Protocol) -> u8 {
+        match (self, protocol) {
+            // Never sent: the session closes instead (see `Verdict::Unavailable`).
+            (Self::Unavailable, _) => 0x80,
+            (Self::Accepted | Self::Duplicate, _) | (Self::Rejected(_), Protocol::V311) => 0x00,
+            (Self::Rejected(reason), Protocol::V5) => match reason {
+                Reason::BadSignature
+                | Reason::KeyMismatch
+                | Reason::BadIdentity
+                | Reason::ClientIdMismatch
+                | Reason::TopicNotAuthorized
+                | Reason::CertificateRevoked
+                | Reason::CertificateExpired => 0x87,
+                Reason::MalformedEnvelope
+                | Reason::InvalidDocument
+                | Reason::RegisterWentBackwards => 0x99,
+                _ => 0x80,
+            },
+        }
+    }
+}
+
+/// The ingest pipeline, seen from the endpoint.
+///
+/// Ordering and concurrency, per connection:
+/// - `handle` is called on the connection's task, in PUBLISH order. Its synchronous part must not
+///   block (no I/O, no locks held for long); it is the place for work that must happen in order,
+///   e.g. enqueueing the message for the meter's replay guard.
+/// - The returned futures are polled on the connection's task, first in PUBLISH order, then
+///   concurrently: up to `EndpointConfig::max_inflight` of one connection at once. An `async`
+///   block that awaits a FIFO-fair queue (e.g. a bounded tokio `mpsc::Sender::send`) as its first
+///   step therefore also enqueues in order.
+/// - A future is never dropped unfinished: if the connection ends first, the endpoint finishes
+///   it in a task of its own (the message is stored; only its PUBACK is lost, the meter resends,
+///   the pipeline sees a duplicate). Hence the `'static` bound: clone what the future needs.
+pub trait PublishHandler: Send + Sync + 'static {
+    /// Resolves once the message is durably stored ([`Verdict::Accepted`]), recognised as a
+    /// duplicate, or refused. For QoS 1 the PUBACK is sent only then, in PUBLISH order.
+    fn handle(&self, msg: InboundPublish) -> impl Future<Output = Verdict> + Send + 'static;
+}
+
+/// Where the endpoint reports refusals and connection changes. Implementations must not block
+/// (e.g. push into a bounded channel and count what does not fit).
+pub trait EventSink: Send + Sync + 'static {
+    /// One refusal (TLS, identity, ACL, limits, malformed packets, timeouts, revocation).
+    fn security_event(&self, event: SecurityEvent);
+    /// `meter` completed CONNECT (`connected = true`) or its connection ended (`false`).
+    /// A connection taken over by a newer one of the same meter reports no `false`.
+    fn connection(&self, meter: &MeterId, connected: bool, at: OffsetDateTime);
+}
+
+impl<T: EventSink + ?Sized> EventSink for Arc<T> {
+    fn security_event(&self, event: SecurityEvent) {
+        (**self).security_event(event);
+    }
+
+    fn connection(&self, meter: &MeterId, connected: bool, at: OffsetDateTime) {
+        (**self).connection(meter, connected, at);
+    }
+}
+
+impl<T: PublishHandler> PublishHandler for Arc<T> {
+    fn handle(&self, msg: InboundPublish) -> impl Future<Output = Verdict> + Send + 'static {
+        (**self).handle(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn puback_codes() {
+        use Protocol::{V5, V311};
+        assert_eq!(Verdict::Accepted.puback_code(V5), 0);
+        assert_eq!(Verdict::Duplicate.puback_code(V5), 0);
+        assert_eq!(
+            Verdict::Rejected(Reason::BadSignature).puback_code(V5),
+            0x87
+        );
+        assert_eq!(Verdict::Rejected(Reason::KeyMismatch).puback_code(V5), 0x87);
+        assert_eq!(
+            Verdict::Rejected(Reason::InvalidDocument).puback_code(V5),
+            0x99
+        );
+        assert_eq!(
+            Verdict::Rejected(Reason::MalformedEnvelope).puback_code(V5),
+            0x99
+        );
+        assert_eq!(Verdict::Rejected(Reason::Replay).puback_code(V5), 0x80);
+        assert_eq!(Verdict::Rejected(Reason::BadSignature).puback_code(V311), 0);
+    }
+}

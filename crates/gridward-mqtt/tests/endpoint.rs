@@ -1,0 +1,1271 @@
+//! The MQTT endpoint end to end: real sockets on 127.0.0.1, a real Gridward PKI in a temporary
+//! directory, real TLS with the `gridward-pki` profile, the crate's own client, and
+//! `mosquitto_pub` (Debian mosquitto-clients) as a client not written here.
+//!
+//! The recording `PublishHandler` / `EventSink` below is the endpoint's real interface to the
+//! ingest pipeline, not a stand-in for a network peer.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gridward_core::MeterId;
+use gridward_core::security::{Reason, SecurityEvent};
+use gridward_mqtt::client::{
+    Client, ClientError, ClientOptions, ConnAck, Packet, Protocol, QoS, connect_tls, tls_connect,
+};
+use gridward_mqtt::{Endpoint, EndpointConfig, EventSink, InboundPublish, PublishHandler, Verdict};
+use gridward_pki::tls::{TlsMaterial, client_config, server_config};
+use gridward_pki::{
+    CrlIssuer, InitOptions, IssueOptions, LeafKind, Pki, RevocationReason, RevokeTarget,
+};
+use rustls::ClientConfig;
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+const ACTOR: &str = "test";
+
+// ----------------------------------------------------------------------------------------------
+// PKI fixture
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    pki: Pki,
+    now: OffsetDateTime,
+}
+
+impl Fixture {
+    /// Root + issuing CA (created 400 days ago), server "hes" (localhost, 127.0.0.1),
+    /// meters M-1..M-3 and an expired meter EXP-1, fresh CRLs.
+    fn new() -> Self {
+        let now = OffsetDateTime::now_utc();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pki");
+        let pki = Pki::init(
+            &dir,
+            &InitOptions::new(ACTOR, now - time::Duration::days(400)),
+        )
+        .unwrap();
+        let opts = IssueOptions::new(ACTOR);
+        pki.issue_server("hes", &["localhost".into(), "127.0.0.1".into()], &opts, now)
+            .unwrap();
+        for id in ["M-1", "M-2", "M-3"] {
+            pki.issue_meter(&MeterId::new(id).unwrap(), &opts, now)
+                .unwrap();
+        }
+        let mut short = IssueOptions::new(ACTOR);
+        short.validity_days = Some(1);
+        pki.issue_meter(
+            &MeterId::new("EXP-1").unwrap(),
+            &short,
+            now - time::Duration::days(100),
+        )
+        .unwrap();
+        pki.write_crls(now, 30, ACTOR).unwrap();
+        Self {
+            _tmp: tmp,
+            dir,
+            pki,
+            now,
+        }
+    }
+
+    fn server_material(&self) -> TlsMaterial {
+        self.pki.tls_material(LeafKind::Server, "hes").unwrap()
+    }
+
+    fn meter_tls(&self, id: &str) -> Arc<ClientConfig> {
+        client_config(&self.pki.tls_material(LeafKind::Meter, id).unwrap()).unwrap()
+    }
+
+    fn meter_dir(&self, id: &str) -> PathBuf {
+        self.dir.join("meters").join(id)
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Recording pipeline
+
+#[derive(Default)]
+struct Recorder {
+    publishes: Mutex<Vec<InboundPublish>>,
+    events: Mutex<Vec<SecurityEvent>>,
+    conns: Mutex<Vec<(String, bool)>>,
+    verdict: Mutex<Option<Verdict>>,
+    /// When set, each message waits for one permit before its verdict.
+    gate: Option<Arc<Semaphore>>,
+    /// When set, a message whose payload is a number n waits (100 - n) ms: later messages are
+    /// decided first.
+    reverse_delays: bool,
+}
+
+impl Recorder {
+    fn gated() -> (Arc<Self>, Arc<Semaphore>) {
+        let gate = Arc::new(Semaphore::new(0));
+        (
+            Arc::new(Self {
+                gate: Some(Arc::clone(&gate)),
+                ..Self::default()
+            }),
+            gate,
+        )
+    }
+
+    fn count(&self, reason: Reason) -> usize {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.reason == reason)
+            .count()
+    }
+
+    fn event(&self, reason: Reason) -> Option<SecurityEvent> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|e| e.reason == reason)
+            .cloned()
+    }
+
+    fn reasons(&self) -> Vec<Reason> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.reason)
+            .collect()
+    }
+
+    fn publishes(&self) -> Vec<InboundPublish> {
+        self.publishes.lock().unwrap().clone()
+    }
+
+    fn conns(&self) -> Vec<(String, bool)> {
+        self.conns.lock().unwrap().clone()
+    }
+}
+
+impl PublishHandler for Recorder {
+    fn handle(&self, msg: InboundPublish) -> impl Future<Output = Verdict> + Send + 'static {
+        // The synchronous part runs in PUBLISH order.
+        self.publishes.lock().unwrap().push(msg);
+        let gate = self.gate.clone();
+        let verdict = self.verdict.lock().unwrap().unwrap_or(Verdict::Accepted);
+        let delay = self
+            .reverse_delays
+            .then(|| {
+                std::str::from_utf8(&self.publishes.lock().unwrap().last().unwrap().payload)
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            })
+            .map(|n| Duration::from_millis(100 - n));
+        async move {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            if let Some(gate) = gate {
+                gate.acquire().await.unwrap().forget();
+            }
+            verdict
+        }
+    }
+}
+
+impl EventSink for Recorder {
+    fn security_event(&self, event: SecurityEvent) {
+        self.events.lock().unwrap().push(event);
+    }
+
+    fn connection(&self, meter: &MeterId, connected: bool, _at: OffsetDateTime) {
+        self.conns
+            .lock()
+            .unwrap()
+            .push((meter.to_string(), connected));
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Helpers
+
+struct Server {
+    ep: Endpoint<Recorder>,
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+async fn start(fx: &Fixture, cfg: EndpointConfig, rec: &Arc<Recorder>) -> Server {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = server_config(&fx.server_material()).unwrap();
+    let ep = Endpoint::new(
+        cfg,
+        tls,
+        Arc::clone(rec),
+        Arc::clone(rec) as Arc<dyn EventSink>,
+        Arc::new(OffsetDateTime::now_utc),
+    )
+    .unwrap();
+    let runner = ep.clone();
+    let task = tokio::spawn(async move {
+        runner.run(listener, std::future::pending()).await.unwrap();
+    });
+    Server { ep, addr, task }
+}
+
+fn opts(id: &str, protocol: Protocol) -> ClientOptions {
+    ClientOptions {
+        client_id: id.into(),
+        keep_alive: Duration::from_secs(30),
+        clean_session: true,
+        protocol,
+        connect_timeout: Duration::from_secs(5),
+    }
+}
+
+async fn connect_as(
+    srv: &Server,
+    fx: &Fixture,
+    cert: &str,
+    client_id: &str,
+    protocol: Protocol,
+) -> Result<(Client, ConnAck), ClientError> {
+    connect_tls(
+        srv.addr,
+        "localhost",
+        fx.meter_tls(cert),
+        &opts(client_id, protocol),
+    )
+    .await
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Next packet, or None if the connection ended (closed, reset, TLS alert).
+async fn next(c: &mut Client) -> Option<Packet> {
+    match tokio::time::timeout(Duration::from_secs(10), c.recv()).await {
+        Ok(Ok(p)) => Some(p),
+        Ok(Err(_)) => None,
+        Err(_) => panic!("no packet and no close within 10 s"),
+    }
+}
+
+async fn expect_closed(c: &mut Client) {
+    loop {
+        match next(c).await {
+            None => return,
+            Some(Packet::Disconnect { .. }) => {}
+            Some(p) => panic!("expected the connection to close, got {p:?}"),
+        }
+    }
+}
+
+fn readings(id: &str) -> String {
+    format!("meters/{id}/readings")
+}
+
+// ----------------------------------------------------------------------------------------------
+// Tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn genuine_meter_gets_puback_only_after_the_verdict() {
+    let fx = Fixture::new();
+    let (rec, gate) = Recorder::gated();
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+
+    let (client, ack) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V311)
+        .await
+        .unwrap();
+    assert_eq!(
+        ack,
+        ConnAck {
+            session_present: false,
+            code: 0
+        }
+    );
+    wait_until("connect notification", || {
+        rec.conns() == vec![("M-1".into(), true)]
+    })
+    .await;
+    assert!(srv.ep.is_connected(&MeterId::new("M-1").unwrap()));
+
+    let (mut reader, mut writer) = client.into_split();
+    writer
+        .publish(
+            &readings("M-1"),
+            b"envelope-1".to_vec(),
+            QoS::AtLeastOnce,
+            1,
+        )
+        .await
+        .unwrap();
+    writer
+        .publish(
+            "meters/M-1/events",
+            b"envelope-2".to_vec(),
+            QoS::AtLeastOnce,
+            2,
+        )
+        .await
+        .unwrap();
+    writer
+        .publish(&readings("M-1"), b"envelope-3".to_vec(), QoS::AtMostOnce, 0)
+        .await
+        .unwrap();
+    wait_until("three messages handed over", || rec.publishes().len() == 3).await;
+
+    // Both QoS 1 messages are in flight at once, and no PUBACK goes out before a verdict.
+    let early = tokio::time::timeout(Duration::from_millis(300), reader.recv()).await;
+    assert!(early.is_err(), "PUBACK before the verdict: {early:?}");
+
+    gate.add_permits(3);
+    assert_eq!(
+        reader.recv().await.unwrap(),
+        Packet::PubAck {
+            pkid: 1,
+            reason_code: 0
+        }
+    );
+    assert_eq!(
+        reader.recv().await.unwrap(),
+        Packet::PubAck {
+            pkid: 2,
+            reason_code: 0
+        }
+    );
+
+    let msgs = rec.publishes();
+    let issued = fx.pki.tls_material(LeafKind::Meter, "M-1").unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&issued.chain[0]).unwrap();
+    assert_eq!(msgs[0].meter_id.as_str(), "M-1");
+    assert_eq!(msgs[0].topic, "meters/M-1/readings");
+    assert_eq!(msgs[0].payload, Bytes::from_static(b"envelope-1"));
+    assert_eq!(msgs[0].qos, 1);
+    assert_eq!(&*msgs[0].cert_spki, cert.public_key().raw);
+    assert_eq!(
+        msgs[0].cert_serial,
+        hex::encode(cert.raw_serial()).trim_start_matches("00")
+    );
+    assert_eq!(msgs[0].source.ip(), srv.addr.ip());
+    assert_eq!(msgs[1].topic, "meters/M-1/events");
+    assert_eq!(msgs[2].qos, 0);
+    assert!((msgs[0].received_at - fx.now).abs() < time::Duration::minutes(5));
+
+    writer.disconnect().await.unwrap();
+    wait_until("disconnect notification", || {
+        rec.conns() == vec![("M-1".into(), true), ("M-1".into(), false)]
+    })
+    .await;
+    assert!(rec.reasons().is_empty(), "{:?}", rec.reasons());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_publishes_are_handed_over_and_acknowledged_in_order() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder {
+        reverse_delays: true,
+        ..Recorder::default()
+    });
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    let (client, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V5)
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = client.into_split();
+    // 64 publishes in one write: twice the in-flight window, so back-pressure is exercised too.
+    for n in 1..=64u16 {
+        writer
+            .queue_publish(
+                &readings("M-1"),
+                (n % 100).to_string().into_bytes(),
+                QoS::AtLeastOnce,
+                n,
+            )
+            .unwrap();
+    }
+    writer.flush().await.unwrap();
+    for n in 1..=64u16 {
+        assert_eq!(
+            reader.recv().await.unwrap(),
+            Packet::PubAck {
+                pkid: n,
+                reason_code: 0
+            }
+        );
+    }
+    let order: Vec<String> = rec
+        .publishes()
+        .iter()
+        .map(|m| String::from_utf8(m.payload.to_vec()).unwrap())
+        .collect();
+    let expected: Vec<String> = (1..=64).map(|n: u16| n.to_string()).collect();
+    assert_eq!(
+        order, expected,
+        "the pipeline sees one connection's messages in PUBLISH order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_connect_and_rejected_verdict_codes() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+
+    let (mut c, _) = connect_as(&srv, &fx, "M-2", "M-2", Protocol::V5)
+        .await
+        .unwrap();
+    c.publish(&readings("M-2"), b"ok".to_vec(), QoS::AtLeastOnce, 7)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::PubAck {
+            pkid: 7,
+            reason_code: 0
+        })
+    );
+    *rec.verdict.lock().unwrap() = Some(Verdict::Rejected(Reason::BadSignature));
+    c.publish(&readings("M-2"), b"tampered".to_vec(), QoS::AtLeastOnce, 8)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::PubAck {
+            pkid: 8,
+            reason_code: 0x87
+        })
+    );
+    *rec.verdict.lock().unwrap() = Some(Verdict::Rejected(Reason::InvalidDocument));
+    c.publish(&readings("M-2"), b"bad doc".to_vec(), QoS::AtLeastOnce, 9)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::PubAck {
+            pkid: 9,
+            reason_code: 0x99
+        })
+    );
+    *rec.verdict.lock().unwrap() = Some(Verdict::Duplicate);
+    c.publish(&readings("M-2"), b"resend".to_vec(), QoS::AtLeastOnce, 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::PubAck {
+            pkid: 10,
+            reason_code: 0
+        })
+    );
+    c.ping().await.unwrap();
+    assert_eq!(next(&mut c).await, Some(Packet::PingResp));
+    assert_eq!(rec.publishes().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_id_of_another_meter_is_refused() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+
+    for (protocol, code) in [(Protocol::V311, 5), (Protocol::V5, 0x87)] {
+        let err = connect_as(&srv, &fx, "M-1", "M-2", protocol)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ClientError::Refused(ConnAck { code: c, .. }) if c == code),
+            "{err}"
+        );
+    }
+    wait_until("two events", || rec.count(Reason::ClientIdMismatch) == 2).await;
+    let e = rec.event(Reason::ClientIdMismatch).unwrap();
+    assert_eq!(e.meter_id.as_ref().map(MeterId::as_str), Some("M-1"));
+    assert!(e.detail.contains("M-2"), "{}", e.detail);
+    assert!(e.source.is_some());
+    assert!(rec.conns().is_empty());
+    assert!(rec.publishes().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_to_another_meters_topic_is_refused() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+
+    // 3.1.1: the connection is closed.
+    let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V311)
+        .await
+        .unwrap();
+    c.publish(&readings("M-2"), b"spoof".to_vec(), QoS::AtLeastOnce, 1)
+        .await
+        .unwrap();
+    expect_closed(&mut c).await;
+    // 5: PUBACK 0x87, then DISCONNECT 0x87.
+    let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V5)
+        .await
+        .unwrap();
+    c.publish(
+        "meters/M-1/commands",
+        b"spoof".to_vec(),
+        QoS::AtLeastOnce,
+        1,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::PubAck {
+            pkid: 1,
+            reason_code: 0x87
+        })
+    );
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::Disconnect { reason_code: 0x87 })
+    );
+
+    wait_until("two events", || rec.count(Reason::TopicNotAuthorized) == 2).await;
+    let e = rec.event(Reason::TopicNotAuthorized).unwrap();
+    assert_eq!(e.meter_id.as_ref().map(MeterId::as_str), Some("M-1"));
+    assert!(e.detail.contains("meters/M-2/readings"), "{}", e.detail);
+    assert!(
+        rec.publishes().is_empty(),
+        "nothing refused reaches the pipeline"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_verdicts_before_a_refusal_is_bounded() {
+    let fx = Fixture::new();
+    let (rec, gate) = Recorder::gated();
+    let mut cfg = EndpointConfig::default();
+    cfg.shutdown_grace = Duration::from_millis(300);
+    let srv = start(&fx, cfg, &rec).await;
+    let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V5)
+        .await
+        .unwrap();
+    c.publish(&readings("M-1"), b"slow".to_vec(), QoS::AtLeastOnce, 1)
+        .await
+        .unwrap();
+    c.publish(&readings("M-2"), b"spoof".to_vec(), QoS::AtLeastOnce, 2)
+        .await
+        .unwrap();
+    // The pipeline never answers: after the grace period the session ends without the PUBACKs.
+    let t = std::time::Instant::now();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::Disconnect { reason_code: 0x87 })
+    );
+    assert!(t.elapsed() >= Duration::from_millis(250) && t.elapsed() < Duration::from_secs(3));
+    expect_closed(&mut c).await;
+    // The message handed over is still being processed (not cancelled); releasing it is harmless.
+    gate.add_permits(1);
+    assert_eq!(rec.publishes().len(), 1);
+    assert_eq!(rec.count(Reason::TopicNotAuthorized), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_other_than_own_commands_fail() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    for (protocol, fail) in [(Protocol::V311, 0x80), (Protocol::V5, 0x87)] {
+        let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", protocol).await.unwrap();
+        c.subscribe(1, "#", QoS::AtLeastOnce).await.unwrap();
+        assert_eq!(
+            next(&mut c).await,
+            Some(Packet::SubAck {
+                pkid: 1,
+                return_codes: vec![fail]
+            })
+        );
+        c.subscribe(2, "meters/M-2/commands", QoS::AtMostOnce)
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut c).await,
+            Some(Packet::SubAck {
+                pkid: 2,
+                return_codes: vec![fail]
+            })
+        );
+        c.subscribe(3, "meters/M-1/commands", QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut c).await,
+            Some(Packet::SubAck {
+                pkid: 3,
+                return_codes: vec![1]
+            })
+        );
+        c.disconnect().await.unwrap();
+    }
+    wait_until("four events", || {
+        rec.count(Reason::SubscribeNotAuthorized) == 4
+    })
+    .await;
+    assert!(
+        rec.event(Reason::SubscribeNotAuthorized)
+            .unwrap()
+            .detail
+            .contains("\"#\"")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_refusals_carry_the_right_reason() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    let ours = fx.server_material();
+
+    // No client certificate.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ours.roots[0].clone()).unwrap();
+    let anon = Arc::new(
+        ClientConfig::builder_with_provider(gridward_pki::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    assert!(
+        connect_tls(srv.addr, "localhost", anon, &opts("M-1", Protocol::V311))
+            .await
+            .is_err()
+    );
+    wait_until("no-certificate event", || {
+        rec.count(Reason::TlsHandshakeFailed) == 1
+    })
+    .await;
+
+    // A meter certificate from a foreign CA (same meter id).
+    let foreign_tmp = tempfile::tempdir().unwrap();
+    let foreign = Pki::init(
+        &foreign_tmp.path().join("pki"),
+        &InitOptions::new(ACTOR, fx.now),
+    )
+    .unwrap();
+    foreign
+        .issue_meter(
+            &MeterId::new("M-1").unwrap(),
+            &IssueOptions::new(ACTOR),
+            fx.now,
+        )
+        .unwrap();
+    let f = foreign.tls_material(LeafKind::Meter, "M-1").unwrap();
+    let mixed = TlsMaterial {
+        chain: f.chain,
+        key: f.key,
+        roots: ours.roots.clone(),
+        crls: ours.crls.clone(),
+    };
+    let cfg = client_config(&mixed).unwrap();
+    assert!(
+        connect_tls(srv.addr, "localhost", cfg, &opts("M-1", Protocol::V311))
+            .await
+            .is_err()
+    );
+    wait_until("foreign-CA event", || {
+        rec.count(Reason::TlsHandshakeFailed) == 2
+    })
+    .await;
+
+    // A valid certificate of this PKI that is not a meter's (a downstream client).
+    fx.pki
+        .issue_client("billing", &IssueOptions::new(ACTOR), fx.now)
+        .unwrap();
+    let billing =
+        client_config(&fx.pki.tls_material(LeafKind::Client, "billing").unwrap()).unwrap();
+    assert!(
+        connect_tls(
+            srv.addr,
+            "localhost",
+            billing,
+            &opts("billing", Protocol::V311)
+        )
+        .await
+        .is_err()
+    );
+    wait_until("bad-identity event", || rec.count(Reason::BadIdentity) == 1).await;
+    assert!(
+        rec.event(Reason::BadIdentity)
+            .unwrap()
+            .detail
+            .contains("client billing")
+    );
+
+    // An expired meter certificate.
+    assert!(
+        connect_as(&srv, &fx, "EXP-1", "EXP-1", Protocol::V311)
+            .await
+            .is_err()
+    );
+    wait_until("expired event", || {
+        rec.count(Reason::CertificateExpired) == 1
+    })
+    .await;
+
+    // A revoked one: revoke, then reload the server's material.
+    fx.pki
+        .revoke(
+            &RevokeTarget::Identity {
+                kind: Some(LeafKind::Meter),
+                name: "M-3".into(),
+            },
+            RevocationReason::KeyCompromise,
+            ACTOR,
+            fx.now,
+        )
+        .unwrap();
+    assert_eq!(srv.ep.reload_from_pki(&fx.dir, "hes").unwrap(), 0);
+    assert!(
+        connect_as(&srv, &fx, "M-3", "M-3", Protocol::V311)
+            .await
+            .is_err()
+    );
+    wait_until("revoked event", || {
+        rec.count(Reason::CertificateRevoked) == 1
+    })
+    .await;
+
+    // An expired CRL: every handshake fails closed. (The meter keeps its fresh CRLs, or it
+    // would refuse the server first.)
+    let m1 = fx.meter_tls("M-1");
+    fx.pki
+        .write_crl(
+            CrlIssuer::Issuing,
+            fx.now - time::Duration::days(10),
+            fx.now - time::Duration::days(1),
+            ACTOR,
+        )
+        .unwrap();
+    srv.ep.reload_from_pki(&fx.dir, "hes").unwrap();
+    assert!(
+        connect_tls(srv.addr, "localhost", m1, &opts("M-1", Protocol::V311))
+            .await
+            .is_err()
+    );
+    wait_until("CRL event", || rec.count(Reason::CrlUnavailable) == 1).await;
+
+    // TLS failures carry the source, never a meter id (nothing was proven).
+    for e in rec.events.lock().unwrap().iter() {
+        assert!(e.source.is_some() && e.meter_id.is_none(), "{e:?}");
+    }
+    assert!(rec.conns().is_empty());
+    assert!(srv.ep.stats().handshake_failures >= 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_with_a_revoked_serial_disconnects_the_live_session() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+
+    let (mut m3, _) = connect_as(&srv, &fx, "M-3", "M-3", Protocol::V5)
+        .await
+        .unwrap();
+    let (mut m1, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V311)
+        .await
+        .unwrap();
+    wait_until("two sessions", || srv.ep.connected_meters().len() == 2).await;
+
+    let revoked = fx
+        .pki
+        .revoke(
+            &RevokeTarget::Identity {
+                kind: Some(LeafKind::Meter),
+                name: "M-3".into(),
+            },
+            RevocationReason::KeyCompromise,
+            ACTOR,
+            fx.now,
+        )
+        .unwrap();
+    assert_eq!(srv.ep.reload_from_pki(&fx.dir, "hes").unwrap(), 1);
+    assert_eq!(
+        next(&mut m3).await,
+        Some(Packet::Disconnect { reason_code: 0x87 })
+    );
+    expect_closed(&mut m3).await;
+    wait_until("revocation event", || {
+        rec.count(Reason::CertificateRevoked) == 1
+    })
+    .await;
+    let e = rec.event(Reason::CertificateRevoked).unwrap();
+    assert_eq!(e.meter_id.as_ref().map(MeterId::as_str), Some("M-3"));
+    wait_until("disconnect notification", || {
+        rec.conns().contains(&("M-3".into(), false))
+    })
+    .await;
+
+    // The other meter is untouched.
+    m1.ping().await.unwrap();
+    assert_eq!(next(&mut m1).await, Some(Packet::PingResp));
+    // And the revoked certificate cannot come back.
+    assert!(
+        connect_as(&srv, &fx, "M-3", "M-3", Protocol::V5)
+            .await
+            .is_err()
+    );
+    wait_until("handshake refusal", || {
+        rec.count(Reason::CertificateRevoked) == 2
+    })
+    .await;
+    assert_eq!(
+        srv.ep.connected_meters(),
+        vec![MeterId::new("M-1").unwrap()]
+    );
+
+    // Reload with an explicit serial set works the same way.
+    let (_m2, _) = connect_as(&srv, &fx, "M-2", "M-2", Protocol::V311)
+        .await
+        .unwrap();
+    wait_until("M-2 session", || srv.ep.connected_meters().len() == 2).await;
+    let m2_serial = fx
+        .pki
+        .list(fx.now)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.entry.name == "M-2")
+        .unwrap()
+        .entry
+        .serial;
+    let tls = server_config(&fx.server_material()).unwrap();
+    assert_eq!(
+        srv.ep.reload(
+            tls,
+            gridward_mqtt::Revocations::from_serials([m2_serial, revoked.serial])
+        ),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn newer_connection_of_the_same_meter_takes_over() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    let (mut first, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V5)
+        .await
+        .unwrap();
+    wait_until("first session", || rec.conns().len() == 1).await;
+    let (mut second, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V5)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut first).await,
+        Some(Packet::Disconnect { reason_code: 0x8E })
+    );
+    expect_closed(&mut first).await;
+    second.ping().await.unwrap();
+    assert_eq!(next(&mut second).await, Some(Packet::PingResp));
+    // The taken-over session reports no disconnect: the meter is still connected.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        rec.conns(),
+        vec![("M-1".into(), true), ("M-1".into(), true)]
+    );
+    second.disconnect().await.unwrap();
+    wait_until("final disconnect", || rec.conns().len() == 3).await;
+    assert_eq!(rec.conns()[2], ("M-1".into(), false));
+    assert!(rec.reasons().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_packet_is_refused() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let mut cfg = EndpointConfig::default();
+    cfg.max_packet_size = 1024;
+    let srv = start(&fx, cfg, &rec).await;
+    let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V5)
+        .await
+        .unwrap();
+    c.publish(&readings("M-1"), vec![b'x'; 2000], QoS::AtLeastOnce, 1)
+        .await
+        .ok();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::Disconnect { reason_code: 0x95 })
+    );
+    wait_until("event", || rec.count(Reason::PacketTooLarge) == 1).await;
+    assert!(rec.publishes().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_rate_limit_disconnects() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let mut cfg = EndpointConfig::default();
+    cfg.rate_per_second = 1.0;
+    cfg.rate_burst = 5;
+    let srv = start(&fx, cfg, &rec).await;
+    let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V311)
+        .await
+        .unwrap();
+    for i in 1..=20u16 {
+        if c.publish(&readings("M-1"), b"r".to_vec(), QoS::AtLeastOnce, i)
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut acks = 0;
+    while let Some(p) = next(&mut c).await {
+        assert!(matches!(p, Packet::PubAck { .. }), "{p:?}");
+        acks += 1;
+    }
+    assert_eq!(
+        acks, 5,
+        "the burst is served, then the connection is closed"
+    );
+    wait_until("event", || rec.count(Reason::RateLimited) == 1).await;
+    assert_eq!(rec.publishes().len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_failures_ban_the_source() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let mut cfg = EndpointConfig::default();
+    cfg.ban_after_failures = 3;
+    let srv = start(&fx, cfg, &rec).await;
+    // Three refused CONNECTs (ClientID of another meter).
+    for _ in 0..3 {
+        assert!(
+            connect_as(&srv, &fx, "M-1", "M-2", Protocol::V311)
+                .await
+                .is_err()
+        );
+    }
+    wait_until("ban event", || rec.count(Reason::SourceBanned) == 1).await;
+    let ban = rec.event(Reason::SourceBanned).unwrap();
+    assert_eq!(
+        ban.source.as_deref().map(|s| s.starts_with("127.0.0.1")),
+        Some(true)
+    );
+    // Now even a genuine meter from that address is refused at accept, without further events.
+    for _ in 0..2 {
+        assert!(
+            connect_as(&srv, &fx, "M-1", "M-1", Protocol::V311)
+                .await
+                .is_err()
+        );
+    }
+    wait_until("refusals counted", || srv.ep.stats().refused_banned == 2).await;
+    assert_eq!(rec.count(Reason::SourceBanned), 1, "one event per ban");
+    assert_eq!(rec.count(Reason::ClientIdMismatch), 3);
+    assert_eq!(rec.reasons().len(), 4, "{:?}", rec.reasons());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_failures_also_count_towards_a_ban() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let mut cfg = EndpointConfig::default();
+    cfg.ban_after_failures = 2;
+    let srv = start(&fx, cfg, &rec).await;
+    for _ in 0..2 {
+        let mut tcp = TcpStream::connect(srv.addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let _ = tcp.read(&mut buf).await;
+    }
+    wait_until("ban", || rec.count(Reason::SourceBanned) == 1).await;
+    assert_eq!(rec.count(Reason::TlsHandshakeFailed), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_refuses_beyond_the_maximum() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let mut cfg = EndpointConfig::default();
+    cfg.max_connections = 2;
+    let srv = start(&fx, cfg, &rec).await;
+    let (mut a, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V311)
+        .await
+        .unwrap();
+    let (_b, _) = connect_as(&srv, &fx, "M-2", "M-2", Protocol::V311)
+        .await
+        .unwrap();
+    assert!(
+        connect_as(&srv, &fx, "M-3", "M-3", Protocol::V311)
+            .await
+            .is_err()
+    );
+    wait_until("event", || rec.count(Reason::ConnectionLimit) == 1).await;
+    assert_eq!(srv.ep.stats().refused_limit, 1);
+    // A freed slot can be used again.
+    a.disconnect().await.unwrap();
+    wait_until("slot freed", || srv.ep.stats().open == 1).await;
+    connect_as(&srv, &fx, "M-3", "M-3", Protocol::V311)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_and_connect_timeouts() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let mut cfg = EndpointConfig::default();
+    cfg.connect_timeout = Duration::from_millis(500);
+    let srv = start(&fx, cfg, &rec).await;
+
+    // Keep-alive 1 s: silent for 1.5 s → DISCONNECT 0x8D.
+    let mut o = opts("M-1", Protocol::V5);
+    o.keep_alive = Duration::from_secs(1);
+    let (mut c, _) = connect_tls(srv.addr, "localhost", fx.meter_tls("M-1"), &o)
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::Disconnect { reason_code: 0x8D })
+    );
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+    wait_until("keep-alive event", || rec.count(Reason::Timeout) == 1).await;
+    assert_eq!(
+        rec.event(Reason::Timeout)
+            .unwrap()
+            .meter_id
+            .as_ref()
+            .map(MeterId::as_str),
+        Some("M-1")
+    );
+
+    // TLS done, no CONNECT.
+    let stream = tls_connect(srv.addr, "localhost", fx.meter_tls("M-2"))
+        .await
+        .unwrap();
+    let mut raw = Client::new(stream, Protocol::V311);
+    expect_closed(&mut raw).await;
+    wait_until("CONNECT timeout", || rec.count(Reason::Timeout) == 2).await;
+
+    // Not even TLS.
+    let mut tcp = TcpStream::connect(srv.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+        .await
+        .unwrap();
+    assert!(matches!(n, Ok(0) | Err(_)));
+    wait_until("handshake timeout", || rec.count(Reason::Timeout) == 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_are_refused_without_harm() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+
+    // After CONNECT: a PUBLISH whose topic length crosses the packet boundary.
+    let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V5)
+        .await
+        .unwrap();
+    c.send_raw(&[0x32, 0x04, 0x00, 0x09, b'a', b'b'])
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::Disconnect { reason_code: 0x81 })
+    );
+    // Instead of CONNECT: garbage; and an MQTT 3.1 CONNECT.
+    let stream = tls_connect(srv.addr, "localhost", fx.meter_tls("M-1"))
+        .await
+        .unwrap();
+    let mut raw = Client::new(stream, Protocol::V311);
+    raw.send_raw(&[0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F])
+        .await
+        .unwrap();
+    expect_closed(&mut raw).await;
+    let stream = tls_connect(srv.addr, "localhost", fx.meter_tls("M-1"))
+        .await
+        .unwrap();
+    let mut raw = Client::new(stream, Protocol::V311);
+    let mut connect31 = vec![0x10, 17, 0, 6];
+    connect31.extend_from_slice(b"MQIsdp");
+    connect31.extend_from_slice(&[3, 2, 0, 30, 0, 3]);
+    connect31.extend_from_slice(b"M-1");
+    raw.send_raw(&connect31).await.unwrap();
+    assert_eq!(
+        next(&mut raw).await,
+        Some(Packet::ConnAck {
+            session_present: false,
+            code: 1
+        })
+    );
+    wait_until("three events", || rec.count(Reason::MalformedPacket) == 3).await;
+
+    // The endpoint still serves genuine meters.
+    let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V311)
+        .await
+        .unwrap();
+    c.publish(&readings("M-1"), b"ok".to_vec(), QoS::AtLeastOnce, 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::PubAck {
+            pkid: 1,
+            reason_code: 0
+        })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_acknowledges_what_is_in_flight() {
+    let fx = Fixture::new();
+    let (rec, gate) = Recorder::gated();
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V5)
+        .await
+        .unwrap();
+    c.publish(&readings("M-1"), b"last".to_vec(), QoS::AtLeastOnce, 42)
+        .await
+        .unwrap();
+    wait_until("in flight", || rec.publishes().len() == 1).await;
+    srv.ep.shutdown();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    gate.add_permits(1);
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::PubAck {
+            pkid: 42,
+            reason_code: 0
+        })
+    );
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::Disconnect { reason_code: 0x8B })
+    );
+    tokio::time::timeout(Duration::from_secs(5), srv.task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        TcpStream::connect(srv.addr).await.is_err(),
+        "listener closed"
+    );
+    assert_eq!(
+        rec.conns(),
+        vec![("M-1".into(), true), ("M-1".into(), false)]
+    );
+}
+
+// ----------------------------------------------------------------------------------------------
+// A client not written here: mosquitto_pub (Debian mosquitto-clients).
+
+fn mosquitto_pub(
+    fx: &Fixture,
+    port: u16,
+    cert: &str,
+    client_id: &str,
+    topic: &str,
+    version: &str,
+) -> std::process::Output {
+    let dir = fx.meter_dir(cert);
+    std::process::Command::new("mosquitto_pub")
+        .arg("-h")
+        .arg("127.0.0.1")
+        .arg("-p")
+        .arg(port.to_string())
+        .arg("--cafile")
+        .arg(fx.dir.join("ca").join("root.crt.pem"))
+        .arg("--cert")
+        .arg(dir.join("chain.pem"))
+        .arg("--key")
+        .arg(dir.join("key.pem"))
+        .arg("-i")
+        .arg(client_id)
+        .arg("-t")
+        .arg(topic)
+        .arg("-q")
+        .arg("1")
+        .arg("-V")
+        .arg(version)
+        .arg("-m")
+        .arg(format!("hello from mosquitto {version}"))
+        .output()
+        .expect("mosquitto_pub (Debian package mosquitto-clients) must be installed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_pub_reaches_the_handler() {
+    let fx = Arc::new(Fixture::new());
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    let port = srv.addr.port();
+
+    for version in ["mqttv311", "mqttv5"] {
+        let f = Arc::clone(&fx);
+        let out = tokio::task::spawn_blocking(move || {
+            mosquitto_pub(&f, port, "M-1", "M-1", "meters/M-1/readings", version)
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{version}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let msgs = rec.publishes();
+    assert_eq!(msgs.len(), 2);
+    assert_eq!(
+        msgs[0].payload,
+        Bytes::from_static(b"hello from mosquitto mqttv311")
+    );
+    assert_eq!(
+        msgs[1].payload,
+        Bytes::from_static(b"hello from mosquitto mqttv5")
+    );
+    assert!(
+        msgs.iter()
+            .all(|m| m.meter_id.as_str() == "M-1" && m.qos == 1)
+    );
+
+    // The same tool, misbehaving: another meter's ClientID, another meter's topic.
+    let f = Arc::clone(&fx);
+    let out = tokio::task::spawn_blocking(move || {
+        mosquitto_pub(&f, port, "M-1", "M-2", "meters/M-2/readings", "mqttv311")
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let f = Arc::clone(&fx);
+    let out = tokio::task::spawn_blocking(move || {
+        mosquitto_pub(&f, port, "M-1", "M-1", "meters/M-2/readings", "mqttv5")
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success() || !String::from_utf8_lossy(&out.stderr).is_empty());
+    wait_until("events", || {
+        rec.count(Reason::ClientIdMismatch) == 1 && rec.count(Reason::TopicNotAuthorized) == 1
+    })
+    .await;
+    assert_eq!(rec.publishes().len(), 2);
+}
