@@ -1,0 +1,855 @@
+//! The IO around [`Meter`]: N meters in one process, one lightweight tokio task each, publishing
+//! over MQTT with mutual TLS (`gridward_mqtt::client`).
+//!
+//! ```text
+//!  Fleet::start ── CounterStore: one fsync'd write reserves a counter block for every meter
+//!      │          Outbox: unacknowledged messages of an earlier run are restored
+//!      ├── counter service task: batches reservations of all meters into one atomic rewrite
+//!      └── per meter task: connect (staggered, backoff with full jitter) ─► loop {
+//!              handle_timeout(now) ─► poll_publish ─► outbox ─► PUBLISH (QoS 1)
+//!              PUBACK ─► on_puback ─► latency sample, outbox done
+//!              disconnect ─► on_disconnected (resend later)     PINGREQ when idle }
+//! ```
+//!
+//! Memory per idle meter is one task, one TLS connection and the meter state; no thread per meter.
+//! The wall clock is injected ([`Clock`]); timers use tokio's monotonic clock.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gridward_core::MeterId;
+use gridward_core::document::{EventKind, Format};
+use gridward_mqtt::client::{
+    self, ClientError, ClientOptions, ClientReader, ClientWriter, Packet, Protocol, QoS,
+};
+use rustls::ClientConfig;
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::backoff::Backoff;
+use crate::counter::{CounterBlock, DEFAULT_BLOCK};
+use crate::identity::MeterIdentity;
+use crate::meter::{
+    MAX_INTERVAL, MIN_INTERVAL, MessageKind, Meter, MeterConfig, MeterCounts, Misbehaviour,
+};
+use crate::outbox::{Outbox, OutboxEntry};
+use crate::profile::{LoadProfile, ProfileError, mix, unit};
+use crate::state::{CounterStore, StateError};
+use crate::stats::{FleetStats, LatencySummary, StatsSnapshot};
+
+/// Failed connects in a row after which a meter marked [`Misbehaviour::Revoked`] gives up.
+pub const REVOKED_GIVE_UP: u32 = 3;
+
+/// The wall clock: readings and envelopes are stamped with it.
+pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
+
+/// How a fleet connects and what its meters send.
+#[derive(Clone)]
+pub struct FleetConfig {
+    /// Head-end host name or address.
+    pub host: String,
+    /// Head-end MQTT/TLS port.
+    pub port: u16,
+    /// Name the server certificate must carry (default: `host`).
+    pub server_name: String,
+    /// MQTT version.
+    pub protocol: Protocol,
+    /// MQTT keep-alive; a PINGREQ is sent after half of it without traffic.
+    pub keep_alive: Duration,
+    /// Bound on TCP + TLS + CONNACK.
+    pub connect_timeout: Duration,
+    /// First connections per second across the fleet (connects are staggered).
+    pub connect_rate: f64,
+    /// First reconnect delay ceiling.
+    pub backoff_base: Duration,
+    /// Largest reconnect delay.
+    pub backoff_cap: Duration,
+    /// A meter stops trying after this many failed connects in a row (`None`: never).
+    pub give_up_after: Option<u32>,
+    /// Time between readings (clamped to [`MIN_INTERVAL`]..=[`MAX_INTERVAL`]).
+    pub interval: time::Duration,
+    /// Document format.
+    pub format: Format,
+    /// Messages in flight per connection.
+    pub max_inflight: usize,
+    /// Messages a meter holds at most (queued and in flight).
+    pub max_held: usize,
+    /// Counters reserved per persisted mark.
+    pub counter_block: u64,
+    /// Misbehaving meters misbehave after every this many readings.
+    pub misbehave_every: u32,
+    /// Seed of the load profiles (with the meter id).
+    pub seed: u64,
+    /// Local time offset of the load curves.
+    pub utc_offset_seconds: i32,
+    /// State directory: counter marks and outbox.
+    pub state_dir: PathBuf,
+    /// Keep unacknowledged messages on disk (resend after a crash of this process).
+    pub outbox: bool,
+    /// The wall clock.
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for FleetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("server_name", &self.server_name)
+            .field("protocol", &self.protocol)
+            .field("interval", &self.interval)
+            .field("format", &self.format)
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FleetConfig {
+    /// Defaults: MQTT 5, keep-alive 60 s, connect timeout 10 s, 500 connects/s, backoff
+    /// 100 ms … 30 s, never give up, readings every 60 s in XML, 8 in flight, 4096 held,
+    /// blocks of [`DEFAULT_BLOCK`], outbox on, seed 0, UTC.
+    pub fn new(
+        host: impl Into<String>,
+        port: u16,
+        state_dir: impl Into<PathBuf>,
+        clock: Clock,
+    ) -> Self {
+        let host = host.into();
+        Self {
+            server_name: host.clone(),
+            host,
+            port,
+            protocol: Protocol::V5,
+            keep_alive: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            connect_rate: 500.0,
+            backoff_base: Duration::from_millis(100),
+            backoff_cap: Duration::from_secs(30),
+            give_up_after: None,
+            interval: time::Duration::seconds(60),
+            format: Format::Xml,
+            max_inflight: 8,
+            max_held: 4096,
+            counter_block: DEFAULT_BLOCK,
+            misbehave_every: 3,
+            seed: 0,
+            utc_offset_seconds: 0,
+            state_dir: state_dir.into(),
+            outbox: true,
+            clock,
+        }
+    }
+}
+
+/// One meter of a fleet.
+#[derive(Debug)]
+pub struct MeterSpec {
+    /// Its identity (TLS configuration and key).
+    pub identity: MeterIdentity,
+    /// A deliberate misbehaviour, if any.
+    pub misbehaviour: Option<Misbehaviour>,
+}
+
+impl From<MeterIdentity> for MeterSpec {
+    fn from(identity: MeterIdentity) -> Self {
+        Self {
+            identity,
+            misbehaviour: None,
+        }
+    }
+}
+
+/// Why a fleet could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FleetError {
+    /// The state directory could not be used.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The head-end address did not resolve.
+    #[error("cannot resolve {host}:{port}: {reason}")]
+    Resolve {
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+        /// Why.
+        reason: String,
+    },
+    /// The same meter appears twice.
+    #[error("meter {0} appears twice in the fleet")]
+    DuplicateMeter(MeterId),
+    /// A load profile parameter is out of range.
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+}
+
+/// What one meter did, at the end of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterOutcome {
+    /// The meter.
+    pub id: MeterId,
+    /// Its counts.
+    pub counts: MeterCounts,
+    /// Messages still unacknowledged at the end (kept in the outbox if enabled).
+    pub held: usize,
+    /// Whether it stopped trying to connect.
+    pub gave_up: bool,
+}
+
+/// The result of a fleet run.
+#[derive(Debug, Clone)]
+pub struct FleetReport {
+    /// Final counters.
+    pub stats: StatsSnapshot,
+    /// Publish → PUBACK latency of accepted genuine messages.
+    pub latency: LatencySummary,
+    /// Run time from start to the end of the stop.
+    pub elapsed: Duration,
+    /// Per meter.
+    pub meters: Vec<MeterOutcome>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Draining,
+    Stop,
+}
+
+struct Reservation {
+    meter: MeterId,
+    mark: u64,
+    reply: oneshot::Sender<bool>,
+}
+
+/// What every meter task shares.
+struct Shared {
+    addr: SocketAddr,
+    server_name: String,
+    protocol: Protocol,
+    keep_alive: Duration,
+    connect_timeout: Duration,
+    backoff_base: Duration,
+    backoff_cap: Duration,
+    clock: Clock,
+    stats: Arc<FleetStats>,
+    reservations: mpsc::UnboundedSender<Reservation>,
+    outbox: Option<Arc<Mutex<Outbox>>>,
+}
+
+/// A running fleet.
+pub struct Fleet {
+    stats: Arc<FleetStats>,
+    phase: watch::Sender<Phase>,
+    controls: HashMap<MeterId, mpsc::UnboundedSender<EventKind>>,
+    tasks: Vec<JoinHandle<MeterOutcome>>,
+    counter_service: JoinHandle<()>,
+    started: Instant,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("meters", &self.tasks.len())
+            .field("stats", &self.stats.snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stable 64-bit hash of a meter id (FNV-1a), for per-meter seeds.
+fn id_hash(id: &MeterId) -> u64 {
+    id.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl Fleet {
+    /// Starts `meters` (call inside a tokio runtime). Returns once every meter has a persisted
+    /// counter block and its task is spawned; connects then happen staggered at
+    /// [`FleetConfig::connect_rate`].
+    pub async fn start(meters: Vec<MeterSpec>, config: FleetConfig) -> Result<Self, FleetError> {
+        let addr = tokio::net::lookup_host((config.host.as_str(), config.port))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|mut a| a.next().ok_or_else(|| "no address".to_owned()))
+            .map_err(|reason| FleetError::Resolve {
+                host: config.host.clone(),
+                port: config.port,
+                reason,
+            })?;
+        let mut seen = std::collections::HashSet::new();
+        for m in &meters {
+            if !seen.insert(m.identity.id().clone()) {
+                return Err(FleetError::DuplicateMeter(m.identity.id().clone()));
+            }
+        }
+        let stats = Arc::new(FleetStats::default());
+
+        // One durable write reserves a block for every meter.
+        let mut store = CounterStore::open(&config.state_dir)?;
+        let blocks: Vec<CounterBlock> = meters
+            .iter()
+            .map(|m| CounterBlock::resume(store.mark(m.identity.id())))
+            .collect();
+        let marks: Vec<(&MeterId, u64)> = meters
+            .iter()
+            .zip(&blocks)
+            .map(|(m, b)| (m.identity.id(), b.reservation(config.counter_block)))
+            .collect();
+        store.persist(marks.iter().copied())?;
+        stats.counter_writes.fetch_add(1, Ordering::Relaxed);
+        let granted: Vec<u64> = marks.iter().map(|(_, mark)| *mark).collect();
+
+        let (outbox, mut restored) = if config.outbox {
+            let (ob, entries) = Outbox::open(&store)?;
+            let mut by_meter: HashMap<MeterId, Vec<OutboxEntry>> = HashMap::new();
+            for e in entries {
+                by_meter.entry(e.meter.clone()).or_default().push(e);
+            }
+            (Some(Arc::new(Mutex::new(ob))), by_meter)
+        } else {
+            (None, HashMap::new())
+        };
+
+        let store = Arc::new(Mutex::new(store));
+        let (res_tx, res_rx) = mpsc::unbounded_channel();
+        let counter_service = tokio::spawn(counter_service(store, res_rx, Arc::clone(&stats)));
+
+        let shared = Arc::new(Shared {
+            addr,
+            server_name: config.server_name.clone(),
+            protocol: config.protocol,
+            keep_alive: config.keep_alive,
+            connect_timeout: config.connect_timeout,
+            backoff_base: config.backoff_base,
+            backoff_cap: config.backoff_cap,
+            clock: Arc::clone(&config.clock),
+            stats: Arc::clone(&stats),
+            reservations: res_tx,
+            outbox,
+        });
+        let (phase_tx, _) = watch::channel(Phase::Running);
+        let now = (config.clock)();
+        let started = Instant::now();
+        let rate = if config.connect_rate.is_finite() && config.connect_rate > 0.0 {
+            config.connect_rate
+        } else {
+            f64::MAX
+        };
+        let mut controls = HashMap::with_capacity(meters.len());
+        let mut tasks = Vec::with_capacity(meters.len());
+        for (i, ((spec, mut block), mark)) in
+            meters.into_iter().zip(blocks).zip(granted).enumerate()
+        {
+            block.granted(mark);
+            // A revoked meter gives up soon: its refused handshakes would otherwise count towards
+            // the head-end's ban of the (shared) source address.
+            let give_up_after = match spec.misbehaviour {
+                Some(Misbehaviour::Revoked) => {
+                    Some(REVOKED_GIVE_UP.min(config.give_up_after.unwrap_or(u32::MAX)))
+                }
+                _ => config.give_up_after,
+            };
+            let (id, tls, key) = spec.identity.into_parts();
+            let h = mix(config.seed ^ id_hash(&id));
+            let profile = LoadProfile::from_seed(h).with_utc_offset(config.utc_offset_seconds)?;
+            let meter_config = MeterConfig {
+                interval: config.interval,
+                format: config.format,
+                profile,
+                max_inflight: config.max_inflight,
+                max_held: config.max_held,
+                counter_block: config.counter_block,
+                misbehaviour: spec.misbehaviour,
+                misbehave_every: config.misbehave_every,
+            };
+            // Readings are spread evenly over the interval.
+            let interval = config.interval.clamp(MIN_INTERVAL, MAX_INTERVAL);
+            let offset = interval * unit(mix(h ^ 0x51));
+            let first = now.checked_add(offset).unwrap_or(now);
+            let mut meter = Meter::new(id.clone(), key, meter_config, block, first);
+            if let Some(entries) = restored.remove(&id) {
+                stats
+                    .restored
+                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                meter.restore(
+                    entries
+                        .into_iter()
+                        .map(|e| (e.counter, Arc::<str>::from(e.topic), e.envelope)),
+                );
+            }
+            let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+            controls.insert(id, ev_tx);
+            let connect_at = started + Duration::from_secs_f64((i as f64 / rate).min(86_400.0));
+            tasks.push(tokio::spawn(run_meter(
+                meter,
+                tls,
+                Arc::clone(&shared),
+                ev_rx,
+                phase_tx.subscribe(),
+                connect_at,
+                give_up_after,
+            )));
+        }
+        Ok(Self {
+            stats,
+            phase: phase_tx,
+            controls,
+            tasks,
+            counter_service,
+            started,
+        })
+    }
+
+    /// The live counters (shared with the meter tasks).
+    pub fn stats(&self) -> &Arc<FleetStats> {
+        &self.stats
+    }
+
+    /// Number of meters.
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Whether the fleet has no meters.
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Asks `meter` to sign and send an event now (tamper, power). `false` if the meter is
+    /// unknown or its task has ended.
+    pub fn request_event(&self, meter: &MeterId, kind: EventKind) -> bool {
+        self.controls
+            .get(meter)
+            .is_some_and(|tx| tx.send(kind).is_ok())
+    }
+
+    /// Stops taking readings, waits up to `drain` for what is unacknowledged to be acknowledged,
+    /// then disconnects every meter and reports.
+    pub async fn stop(self, drain: Duration) -> FleetReport {
+        let _ = self.phase.send(Phase::Draining);
+        let deadline = Instant::now() + drain;
+        let mut tasks = self.tasks;
+        // Wait for the meters to finish by themselves, up to the deadline.
+        while Instant::now() < deadline && !tasks.iter().all(JoinHandle::is_finished) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.phase.send(Phase::Stop);
+        let mut meters = Vec::with_capacity(tasks.len());
+        for t in tasks.drain(..) {
+            if let Ok(outcome) = t.await {
+                meters.push(outcome);
+            }
+        }
+        // Every task has ended, so the reservation channel is closed: the service finishes and
+        // releases the state directory.
+        let _ = self.counter_service.await;
+        FleetReport {
+            stats: self.stats.snapshot(),
+            latency: self.stats.latency.summary(),
+            elapsed: self.started.elapsed(),
+            meters,
+        }
+    }
+}
+
+async fn counter_service(
+    store: Arc<Mutex<CounterStore>>,
+    mut rx: mpsc::UnboundedReceiver<Reservation>,
+    stats: Arc<FleetStats>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while let Ok(r) = rx.try_recv() {
+            batch.push(r);
+        }
+        let updates: Vec<(MeterId, u64)> =
+            batch.iter().map(|r| (r.meter.clone(), r.mark)).collect();
+        let store = Arc::clone(&store);
+        let ok = tokio::task::spawn_blocking(move || {
+            store.lock().map_err(|_| ()).and_then(|mut s| {
+                s.persist(updates.iter().map(|(m, k)| (m, *k)))
+                    .map_err(|_| ())
+            })
+        })
+        .await
+        .is_ok_and(|r| r.is_ok());
+        if ok {
+            stats.counter_writes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            stats.state_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        for r in batch {
+            let _ = r.reply.send(ok);
+        }
+    }
+}
+
+/// An established connection.
+struct Conn {
+    reader: ClientReader,
+    writer: ClientWriter,
+    last_read: Instant,
+    last_write: Instant,
+    /// Packet id, time written and kind of each message in flight.
+    inflight: VecDeque<(u16, Instant, MessageKind)>,
+}
+
+/// Something that happened while waiting.
+enum Wake {
+    Timer,
+    Packet(Result<Packet, ClientError>),
+    Event(Option<EventKind>),
+    Granted(u64, bool),
+    Phase,
+}
+
+async fn next_grant(g: &mut Option<(u64, oneshot::Receiver<bool>)>) -> (u64, bool) {
+    match g {
+        Some((mark, rx)) => (*mark, rx.await.unwrap_or(false)),
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_event(rx: &mut mpsc::UnboundedReceiver<EventKind>, open: bool) -> Option<EventKind> {
+    if open {
+        rx.recv().await
+    } else {
+        std::future::pending().await
+    }
+}
+
+async fn next_packet(conn: &mut Option<Conn>) -> Result<Packet, ClientError> {
+    match conn {
+        Some(c) => c.reader.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How long until `t` on the wall clock, as a tokio instant.
+fn instant_of(t: OffsetDateTime, clock: &Clock) -> Instant {
+    let delta = t - clock();
+    Instant::now() + Duration::try_from(delta).unwrap_or(Duration::ZERO).min(FAR)
+}
+
+const FAR: Duration = Duration::from_secs(86_400 * 365);
+
+/// A head-end that does not read for this long is given up on (the connection is dropped).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn run_meter(
+    mut m: Meter,
+    tls: Arc<ClientConfig>,
+    sh: Arc<Shared>,
+    mut events: mpsc::UnboundedReceiver<EventKind>,
+    mut phase: watch::Receiver<Phase>,
+    connect_at: Instant,
+    give_up_after: Option<u32>,
+) -> MeterOutcome {
+    let stats = &sh.stats;
+    let mut conn: Option<Conn> = None;
+    let mut retry_at = connect_at;
+    let mut backoff = Backoff::new(sh.backoff_base, sh.backoff_cap);
+    let mut grant: Option<(u64, oneshot::Receiver<bool>)> = None;
+    let mut events_open = true;
+    let mut gave_up = false;
+    let mut starved = false;
+    // Keep-alive 0 means none: no pings, no dead-peer detection.
+    let (ping_after, dead_after) = if sh.keep_alive.is_zero() {
+        (FAR, FAR)
+    } else {
+        (
+            (sh.keep_alive / 2).max(Duration::from_millis(100)),
+            sh.keep_alive.saturating_mul(3) / 2,
+        )
+    };
+
+    loop {
+        let current = *phase.borrow();
+        if current == Phase::Stop {
+            break;
+        }
+        let draining = current == Phase::Draining;
+
+        // 1. Produce what is due.
+        if !draining {
+            match m.handle_timeout((sh.clock)()) {
+                Ok(out) => {
+                    stats
+                        .readings
+                        .fetch_add(u64::from(out.readings), Ordering::Relaxed);
+                    stats
+                        .events
+                        .fetch_add(u64::from(out.events), Ordering::Relaxed);
+                    stats
+                        .skipped
+                        .fetch_add(u64::from(out.skipped), Ordering::Relaxed);
+                    starved = out.starved;
+                }
+                Err(_) => {
+                    stats.sign_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        // Everything signed is on disk before it can be published.
+        let new: Vec<(u64, Arc<str>, Bytes)> = m
+            .take_new()
+            .map(|msg| (msg.counter, Arc::clone(&msg.topic), msg.envelope.clone()))
+            .collect();
+        if !new.is_empty()
+            && let Some(ob) = &sh.outbox
+        {
+            let recorded = ob.lock().map_err(|_| ()).and_then(|mut o| {
+                new.into_iter().try_for_each(|(counter, topic, envelope)| {
+                    let entry = OutboxEntry {
+                        meter: m.id().clone(),
+                        counter,
+                        topic: topic.to_string(),
+                        envelope,
+                    };
+                    o.record_sent(&entry).map_err(|_| ())
+                })
+            });
+            if recorded.is_err() {
+                stats.state_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if grant.is_none()
+            && let Some(mark) = m.counter_reservation()
+        {
+            let (tx, rx) = oneshot::channel();
+            let req = Reservation {
+                meter: m.id().clone(),
+                mark,
+                reply: tx,
+            };
+            if sh.reservations.send(req).is_ok() {
+                grant = Some((mark, rx));
+            } else {
+                m.reservation_failed();
+            }
+        }
+        if draining && m.held() == 0 {
+            break;
+        }
+
+        // 2. Connect when it is time.
+        if conn.is_none() && Instant::now() >= retry_at {
+            let opts = ClientOptions {
+                client_id: m.id().to_string(),
+                keep_alive: sh.keep_alive,
+                clean_session: true,
+                protocol: sh.protocol,
+                connect_timeout: sh.connect_timeout,
+            };
+            let attempt = Box::pin(client::connect_tls(
+                sh.addr,
+                &sh.server_name,
+                Arc::clone(&tls),
+                &opts,
+            ));
+            let result = tokio::select! {
+                r = attempt => Some(r),
+                _ = phase.wait_for(|p| *p == Phase::Stop) => None,
+            };
+            match result {
+                None => break,
+                Some(Ok((client, _ack))) => {
+                    let (reader, writer) = client.into_split();
+                    let now = Instant::now();
+                    conn = Some(Conn {
+                        reader,
+                        writer,
+                        last_read: now,
+                        last_write: now,
+                        inflight: VecDeque::new(),
+                    });
+                    m.on_connected();
+                    backoff.reset();
+                    stats.connects.fetch_add(1, Ordering::Relaxed);
+                    stats.connected.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Err(_)) => {
+                    stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    if give_up_after.is_some_and(|n| backoff.failures().saturating_add(1) >= n) {
+                        gave_up = true;
+                        stats.gave_up.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    let delay = backoff.next_delay(&mut rand::thread_rng());
+                    retry_at = Instant::now() + delay;
+                }
+            }
+            continue;
+        }
+
+        // 3. Write what may be written.
+        let mut lost = false;
+        if let Some(c) = conn.as_mut() {
+            let mut wrote = false;
+            while let Some(p) = m.poll_publish() {
+                let payload: Bytes = p.payload.clone();
+                if c.writer
+                    .queue_publish(&p.topic, payload, QoS::AtLeastOnce, p.packet_id)
+                    .is_err()
+                {
+                    lost = true;
+                    break;
+                }
+                stats.sent.fetch_add(1, Ordering::Relaxed);
+                if p.resend && p.kind.is_genuine() {
+                    stats.resent.fetch_add(1, Ordering::Relaxed);
+                }
+                if !p.kind.is_genuine() {
+                    stats.misbehaviour_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                c.inflight.push_back((p.packet_id, Instant::now(), p.kind));
+                wrote = true;
+            }
+            if wrote && !lost {
+                let flushed = tokio::time::timeout(WRITE_TIMEOUT, c.writer.flush()).await;
+                if flushed.is_ok_and(|r| r.is_ok()) {
+                    c.last_write = Instant::now();
+                } else {
+                    lost = true;
+                }
+            }
+        }
+
+        // 4. Wait for the next thing to happen.
+        if !lost {
+            let mut wake_at = if draining || starved {
+                Instant::now() + FAR
+            } else {
+                instant_of(m.poll_timeout(), &sh.clock)
+            };
+            match &conn {
+                None => wake_at = wake_at.min(retry_at),
+                Some(c) => {
+                    wake_at = wake_at
+                        .min(c.last_write + ping_after)
+                        .min(c.last_read + dead_after);
+                }
+            }
+            let wake = tokio::select! {
+                _ = tokio::time::sleep_until(wake_at) => Wake::Timer,
+                p = next_packet(&mut conn) => Wake::Packet(p),
+                e = next_event(&mut events, events_open) => Wake::Event(e),
+                (mark, ok) = next_grant(&mut grant) => Wake::Granted(mark, ok),
+                r = phase.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    Wake::Phase
+                }
+            };
+            match wake {
+                Wake::Timer => {
+                    if let Some(c) = conn.as_mut() {
+                        let now = Instant::now();
+                        if now >= c.last_read + dead_after {
+                            lost = true;
+                        } else if now >= c.last_write + ping_after {
+                            let pinged = tokio::time::timeout(WRITE_TIMEOUT, c.writer.ping()).await;
+                            if pinged.is_ok_and(|r| r.is_ok()) {
+                                c.last_write = Instant::now();
+                            } else {
+                                lost = true;
+                            }
+                        }
+                    }
+                }
+                Wake::Packet(Ok(packet)) => {
+                    if let Some(c) = conn.as_mut() {
+                        c.last_read = Instant::now();
+                        match packet {
+                            Packet::PubAck { pkid, reason_code } => {
+                                on_puback(&mut m, c, &sh, pkid, reason_code);
+                            }
+                            Packet::Disconnect { .. } => lost = true,
+                            _ => {}
+                        }
+                    }
+                }
+                Wake::Packet(Err(_)) => lost = true,
+                Wake::Event(Some(kind)) => m.request_event(kind),
+                Wake::Event(None) => events_open = false,
+                Wake::Granted(mark, true) => {
+                    grant = None;
+                    m.counters_granted(mark);
+                }
+                Wake::Granted(_, false) => {
+                    grant = None;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    m.reservation_failed();
+                }
+                Wake::Phase => {}
+            }
+        }
+        if lost {
+            conn = None;
+            m.on_disconnected();
+            stats.connected.fetch_sub(1, Ordering::Relaxed);
+            stats.disconnects.fetch_add(1, Ordering::Relaxed);
+            let delay = backoff.next_delay(&mut rand::thread_rng());
+            retry_at = Instant::now() + delay;
+        }
+    }
+
+    if let Some(mut c) = conn.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), c.writer.disconnect()).await;
+        stats.connected.fetch_sub(1, Ordering::Relaxed);
+    }
+    MeterOutcome {
+        id: m.id().clone(),
+        counts: m.counts(),
+        held: m.held(),
+        gave_up,
+    }
+}
+
+fn on_puback(m: &mut Meter, c: &mut Conn, sh: &Shared, pkid: u16, reason_code: u8) {
+    let stats = &sh.stats;
+    let Some(acked) = m.on_puback(pkid, reason_code) else {
+        stats.unexpected_acks.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let sent_at = c
+        .inflight
+        .iter()
+        .position(|(p, _, _)| *p == pkid)
+        .and_then(|i| c.inflight.remove(i))
+        .map(|(_, t, _)| t);
+    let kind = acked.message.kind;
+    if kind.is_genuine() {
+        if acked.accepted() {
+            stats.acked.fetch_add(1, Ordering::Relaxed);
+            if let Some(t) = sent_at {
+                stats.latency.record(t.elapsed());
+            }
+        } else {
+            stats.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(ob) = &sh.outbox {
+            let done = ob
+                .lock()
+                .map_err(|_| ())
+                .and_then(|mut o| o.record_done(m.id(), acked.message.counter).map_err(|_| ()));
+            if done.is_err() {
+                stats.state_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    } else if acked.accepted() {
+        stats.misbehaviour_acked.fetch_add(1, Ordering::Relaxed);
+    } else {
+        stats.misbehaviour_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+}

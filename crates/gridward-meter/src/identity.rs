@@ -1,0 +1,616 @@
+//! A meter's identity from a PKI directory: its TLS client configuration and its envelope key.
+//!
+//! ```text
+//! DIR/ca/root.crt.pem          trust anchor for the head-end's server certificate   ┐ Trust, loaded
+//! DIR/crl/*.crl.pem            CRLs (revocation is checked, fail closed)            ┘ once per fleet
+//! DIR/meters/{id}/chain.pem    the meter's certificate, then the issuing CA         ┐ MeterIdentity,
+//! DIR/meters/{id}/key.pem      its PKCS#8 key: TLS client key and envelope key      ┘ one per meter
+//! ```
+//!
+//! The certificate's key decides the envelope algorithm: P-256 → ES256, Ed25519 → EdDSA,
+//! RSA → RS256. The certificate must identify the meter it is loaded for ([`gridward_pki::identity_of`]).
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use gridward_core::MeterId;
+use gridward_core::envelope::{Algorithm, KeyError, SigningKey};
+use gridward_pki::Identity;
+use gridward_pki::tls::{TlsError, TlsMaterial, TlsOptions, client_config_with};
+use rustls::client::ResolvesClientCert;
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+
+/// Why a meter identity could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// A file or directory could not be read.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// A PEM file is malformed or holds nothing of the expected kind.
+    #[error("{path}: {reason}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The PKI directory has no CRL; TLS would fail closed anyway.
+    #[error("no CRL (*.crl.pem) in {0}; revocation checking is mandatory")]
+    NoCrl(PathBuf),
+    /// The key cannot sign envelopes (not P-256, Ed25519 or RSA ≥ 2048).
+    #[error("{path}: {source}")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// The cause.
+        source: KeyError,
+    },
+    /// The certificate does not identify a meter.
+    #[error("{path}: the certificate does not identify a meter: {reason}")]
+    NotAMeter {
+        /// The chain file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The certificate identifies another meter than the one asked for.
+    #[error("{path}: the certificate is meter {found}'s, not {expected}'s")]
+    WrongMeter {
+        /// The chain file.
+        path: PathBuf,
+        /// The meter asked for.
+        expected: MeterId,
+        /// The meter the certificate names.
+        found: MeterId,
+    },
+    /// The envelope key is not the certificate's key.
+    #[error("{path}: the private key does not belong to the certificate")]
+    KeyMismatch {
+        /// The key file.
+        path: PathBuf,
+    },
+    /// The TLS client configuration could not be built.
+    #[error("TLS configuration of meter {meter}: {source}")]
+    Tls {
+        /// The meter.
+        meter: MeterId,
+        /// The cause.
+        source: TlsError,
+    },
+    /// Fewer meters with keys exist in the PKI directory than were asked for.
+    #[error(
+        "{wanted} meters wanted but only {found} with a key in {dir} match prefix {prefix:?}; \
+         issue more with `gridward pki issue meter --dir {dir} --count N --prefix PREFIX`"
+    )]
+    NotEnoughMeters {
+        /// The `meters` directory.
+        dir: PathBuf,
+        /// The id prefix.
+        prefix: String,
+        /// How many were asked for.
+        wanted: usize,
+        /// How many exist.
+        found: usize,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LoadError + '_ {
+    move |source| LoadError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn pem_err(path: &Path, reason: impl ToString) -> LoadError {
+    LoadError::Pem {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// What every meter of a PKI directory trusts: the root CA and the CRLs.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    roots: Vec<CertificateDer<'static>>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+}
+
+impl Trust {
+    /// Reads `DIR/ca/root.crt.pem` and every `DIR/crl/*.crl.pem`.
+    pub fn load(pki_dir: &Path) -> Result<Self, LoadError> {
+        let root_path = pki_dir.join("ca").join("root.crt.pem");
+        let roots = read_certs(&root_path)?;
+        let crl_dir = pki_dir.join("crl");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&crl_dir)
+            .map_err(io_err(&crl_dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.to_string_lossy().ends_with(".crl.pem"))
+            .collect();
+        files.sort();
+        let mut crls = Vec::new();
+        for path in &files {
+            let bytes = std::fs::read(path).map_err(io_err(path))?;
+            let items = CertificateRevocationListDer::pem_slice_iter(&bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_err(path, e))?;
+            if items.is_empty() {
+                return Err(pem_err(path, "no X509 CRL block"));
+            }
+            crls.extend(items);
+        }
+        if crls.is_empty() {
+            return Err(LoadError::NoCrl(crl_dir));
+        }
+        Ok(Self { roots, crls })
+    }
+
+    /// Trust from certificates and CRLs already in memory.
+    pub fn new(
+        roots: Vec<CertificateDer<'static>>,
+        crls: Vec<CertificateRevocationListDer<'static>>,
+    ) -> Self {
+        Self { roots, crls }
+    }
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, LoadError> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(path, e))?;
+    if certs.is_empty() {
+        return Err(pem_err(path, "no CERTIFICATE block"));
+    }
+    Ok(certs)
+}
+
+/// A meter ready to connect and sign: its id, TLS client configuration and envelope key.
+pub struct MeterIdentity {
+    id: MeterId,
+    client_config: Arc<ClientConfig>,
+    signing_key: SigningKey,
+}
+
+impl std::fmt::Debug for MeterIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeterIdentity")
+            .field("id", &self.id)
+            .field("alg", &self.signing_key.algorithm())
+            .finish_non_exhaustive()
+    }
+}
+
+impl MeterIdentity {
+    /// Loads meter `id` from `DIR/meters/{id}/` (chain.pem, key.pem) with `trust`, and builds
+    /// its TLS client configuration with `opts` (ALPN, verification clock).
+    pub fn load(
+        pki_dir: &Path,
+        id: &MeterId,
+        trust: &Trust,
+        opts: &TlsOptions,
+    ) -> Result<Self, LoadError> {
+        let dir = pki_dir.join("meters").join(id.as_str());
+        Self::from_files(
+            id,
+            &dir.join("chain.pem"),
+            &dir.join("key.pem"),
+            trust,
+            opts,
+        )
+    }
+
+    /// Loads meter `id` from explicit chain and key files.
+    pub fn from_files(
+        id: &MeterId,
+        chain_path: &Path,
+        key_path: &Path,
+        trust: &Trust,
+        opts: &TlsOptions,
+    ) -> Result<Self, LoadError> {
+        let material = load_material(id, chain_path, key_path, trust)?;
+        let signing_key = envelope_key(key_path, chain_path, &material)?;
+        let client_config =
+            client_config_with(&material, opts).map_err(|source| LoadError::Tls {
+                meter: id.clone(),
+                source,
+            })?;
+        Ok(Self {
+            id: id.clone(),
+            client_config,
+            signing_key,
+        })
+    }
+
+    /// Loads meter `id` like [`load`](Self::load), but clones `base` (another meter's
+    /// configuration, built by [`load`](Self::load)) and only swaps the client certificate, so
+    /// that thousands of meters share one server verifier (roots, parsed CRLs) and one crypto
+    /// provider: about 4 KiB less memory per meter. The TLS profile is `base`'s.
+    pub fn load_sharing(
+        pki_dir: &Path,
+        id: &MeterId,
+        trust: &Trust,
+        base: &Arc<ClientConfig>,
+    ) -> Result<Self, LoadError> {
+        let dir = pki_dir.join("meters").join(id.as_str());
+        let (chain_path, key_path) = (dir.join("chain.pem"), dir.join("key.pem"));
+        let material = load_material(id, &chain_path, &key_path, trust)?;
+        let signing_key = envelope_key(&key_path, &chain_path, &material)?;
+        let certified =
+            CertifiedKey::from_der(material.chain, material.key, base.crypto_provider()).map_err(
+                |e| LoadError::Tls {
+                    meter: id.clone(),
+                    source: match e {
+                        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                            TlsError::KeyMismatch
+                        }
+                        other => TlsError::Key(other),
+                    },
+                },
+            )?;
+        let mut config = ClientConfig::clone(base);
+        config.client_auth_cert_resolver = Arc::new(OwnCertificate(Arc::new(certified)));
+        Ok(Self {
+            id: id.clone(),
+            client_config: Arc::new(config),
+            signing_key,
+        })
+    }
+
+    /// The meter id (certified by its certificate).
+    pub fn id(&self) -> &MeterId {
+        &self.id
+    }
+
+    /// The envelope algorithm, from the certificate key.
+    pub fn algorithm(&self) -> Algorithm {
+        self.signing_key.algorithm()
+    }
+
+    /// The TLS client configuration: presents the meter certificate, verifies the head-end
+    /// against the PKI's root and CRLs.
+    pub fn client_config(&self) -> &Arc<ClientConfig> {
+        &self.client_config
+    }
+
+    /// The envelope signing key.
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.signing_key
+    }
+
+    /// Splits into id, TLS configuration and signing key.
+    pub fn into_parts(self) -> (MeterId, Arc<ClientConfig>, SigningKey) {
+        (self.id, self.client_config, self.signing_key)
+    }
+}
+
+/// The envelope key in `key_path`, checked against the certificate of `material`.
+fn envelope_key(
+    key_path: &Path,
+    chain_path: &Path,
+    material: &TlsMaterial,
+) -> Result<SigningKey, LoadError> {
+    let key_pem = std::fs::read_to_string(key_path).map_err(io_err(key_path))?;
+    let signing_key = SigningKey::from_pkcs8_pem(&key_pem).map_err(|source| LoadError::Key {
+        path: key_path.to_owned(),
+        source,
+    })?;
+    // The certificate's SubjectPublicKeyInfo must be the envelope key's, or the head-end
+    // would refuse every envelope (and rustls would refuse the TLS key).
+    let leaf = material
+        .chain
+        .first()
+        .ok_or_else(|| pem_err(chain_path, "no CERTIFICATE block"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| pem_err(chain_path, format!("bad certificate: {e}")))?;
+    if cert.tbs_certificate.subject_pki.raw != signing_key.public_key_spki() {
+        return Err(LoadError::KeyMismatch {
+            path: key_path.to_owned(),
+        });
+    }
+    Ok(signing_key)
+}
+
+/// Always presents one meter's certificate.
+#[derive(Debug)]
+struct OwnCertificate(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for OwnCertificate {
+    fn resolve(
+        &self,
+        _root_hints: &[&[u8]],
+        sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        // As rustls' own single-certificate resolver: only if the key can sign what the server accepts.
+        self.0
+            .key
+            .choose_scheme(sigschemes)
+            .map(|_| Arc::clone(&self.0))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The TLS material of meter `id`: chain and key from the files, roots and CRLs from `trust`.
+/// Checks that the certificate identifies meter `id`.
+pub fn load_material(
+    id: &MeterId,
+    chain_path: &Path,
+    key_path: &Path,
+    trust: &Trust,
+) -> Result<TlsMaterial, LoadError> {
+    let chain = read_certs(chain_path)?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| pem_err(chain_path, "no CERTIFICATE block"))?;
+    match gridward_pki::identity_of(leaf) {
+        Ok(Identity::Meter(found)) if &found == id => {}
+        Ok(Identity::Meter(found)) => {
+            return Err(LoadError::WrongMeter {
+                path: chain_path.to_owned(),
+                expected: id.clone(),
+                found,
+            });
+        }
+        Ok(other) => {
+            return Err(LoadError::NotAMeter {
+                path: chain_path.to_owned(),
+                reason: format!("it identifies {other}"),
+            });
+        }
+        Err(e) => {
+            return Err(LoadError::NotAMeter {
+                path: chain_path.to_owned(),
+                reason: e.to_string(),
+            });
+        }
+    }
+    let key_bytes = std::fs::read(key_path).map_err(io_err(key_path))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| pem_err(key_path, e))?;
+    Ok(TlsMaterial {
+        chain,
+        key,
+        roots: trust.roots.clone(),
+        crls: trust.crls.clone(),
+    })
+}
+
+/// The meters of a PKI directory that can be simulated (a `key.pem` next to `chain.pem`),
+/// whose id starts with `prefix`, sorted by id.
+pub fn list_meters(pki_dir: &Path, prefix: &str) -> Result<Vec<MeterId>, LoadError> {
+    let dir = pki_dir.join("meters");
+    let mut ids: Vec<MeterId> = std::fs::read_dir(&dir)
+        .map_err(io_err(&dir))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            if !name.starts_with(prefix) {
+                return None;
+            }
+            let p = e.path();
+            if !(p.join("key.pem").is_file() && p.join("chain.pem").is_file()) {
+                return None;
+            }
+            MeterId::new(&name).ok()
+        })
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// The first `count` meters of [`list_meters`], or [`LoadError::NotEnoughMeters`].
+pub fn select_meters(
+    pki_dir: &Path,
+    prefix: &str,
+    count: usize,
+) -> Result<Vec<MeterId>, LoadError> {
+    let mut ids = list_meters(pki_dir, prefix)?;
+    if ids.len() < count {
+        return Err(LoadError::NotEnoughMeters {
+            dir: pki_dir.join("meters"),
+            prefix: prefix.to_owned(),
+            wanted: count,
+            found: ids.len(),
+        });
+    }
+    ids.truncate(count);
+    Ok(ids)
+}
+
+/// Loads many meters, on every available core; `progress` is called with the number loaded so far.
+/// The first meter's configuration is built with `opts` ([`MeterIdentity::load`]); the others
+/// share it ([`MeterIdentity::load_sharing`]).
+pub fn load_many(
+    pki_dir: &Path,
+    ids: &[MeterId],
+    trust: &Trust,
+    opts: &TlsOptions,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<MeterIdentity>, LoadError> {
+    let Some((first, rest)) = ids.split_first() else {
+        return Ok(Vec::new());
+    };
+    let first = MeterIdentity::load(pki_dir, first, trust, opts)?;
+    let base = Arc::clone(first.client_config());
+    let base = &base;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8);
+    let chunk = rest.len().div_ceil(threads).max(1);
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<Result<Vec<MeterIdentity>, LoadError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = rest
+            .chunks(chunk)
+            .map(|part| {
+                let done = &done;
+                s.spawn(move || {
+                    part.iter()
+                        .map(|id| {
+                            let m = MeterIdentity::load_sharing(pki_dir, id, trust, base)?;
+                            let n = done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 2;
+                            if n.is_multiple_of(256) {
+                                progress(n);
+                            }
+                            Ok(m)
+                        })
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut all = Vec::with_capacity(ids.len());
+    all.push(first);
+    for r in results {
+        all.extend(r?);
+    }
+    progress(all.len());
+    Ok(all)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use gridward_pki::{InitOptions, IssueOptions, LeafKeyAlg, Pki};
+    use time::OffsetDateTime;
+
+    use super::*;
+
+    /// A PKI with meters `T-000001..=T-00000{n}` (P-256, except the second: Ed25519, third: RSA)
+    /// and a server certificate `hes` for 127.0.0.1 and localhost.
+    pub(crate) fn test_pki(n: usize) -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pki");
+        let now = OffsetDateTime::now_utc();
+        let pki = Pki::init(&dir, &InitOptions::new("test", now)).unwrap();
+        let opts = IssueOptions::new("test");
+        pki.issue_meters("T-", n, &opts, now, &mut |_| {}).unwrap();
+        for (id, alg) in [
+            ("T-ED25519", LeafKeyAlg::Ed25519),
+            ("T-RSA", LeafKeyAlg::Rsa2048),
+        ] {
+            let o = IssueOptions {
+                key_alg: alg,
+                ..IssueOptions::new("test")
+            };
+            pki.issue_meter(&MeterId::new(id).unwrap(), &o, now)
+                .unwrap();
+        }
+        pki.issue_server("hes", &["127.0.0.1".into(), "localhost".into()], &opts, now)
+            .unwrap();
+        (tmp, dir)
+    }
+
+    #[test]
+    fn loads_meters_of_every_algorithm() {
+        let (_tmp, dir) = test_pki(2);
+        let trust = Trust::load(&dir).unwrap();
+        let opts = TlsOptions::default();
+        for (id, alg) in [
+            ("T-000001", Algorithm::Es256),
+            ("T-ED25519", Algorithm::EdDsa),
+            ("T-RSA", Algorithm::Rs256),
+        ] {
+            let m = MeterIdentity::load(&dir, &MeterId::new(id).unwrap(), &trust, &opts).unwrap();
+            assert_eq!((m.id().as_str(), m.algorithm()), (id, alg));
+        }
+        let all = list_meters(&dir, "").unwrap();
+        assert_eq!(all.len(), 4);
+        let t: Vec<String> = select_meters(&dir, "T-0", 2)
+            .unwrap()
+            .iter()
+            .map(|m| m.to_string())
+            .collect();
+        assert_eq!(t, ["T-000001", "T-000002"]);
+        assert!(matches!(
+            select_meters(&dir, "T-0", 3),
+            Err(LoadError::NotEnoughMeters {
+                wanted: 3,
+                found: 2,
+                ..
+            })
+        ));
+        let loaded = load_many(&dir, &all, &trust, &opts, &|_| {}).unwrap();
+        let ids: Vec<&str> = loaded.iter().map(|m| m.id().as_str()).collect();
+        assert_eq!(ids, ["T-000001", "T-000002", "T-ED25519", "T-RSA"]);
+        // Meter 2's key and meter 1's certificate cannot be combined this way either.
+        let base = Arc::clone(loaded[0].client_config());
+        let m2 = MeterId::new("T-000002").unwrap();
+        std::fs::copy(
+            dir.join("meters/T-000001/key.pem"),
+            dir.join("meters/T-000002/key.pem"),
+        )
+        .unwrap();
+        assert!(matches!(
+            MeterIdentity::load_sharing(&dir, &m2, &trust, &base),
+            Err(LoadError::KeyMismatch { .. })
+        ));
+    }
+
+    #[test]
+    fn misplaced_or_broken_files_are_refused() {
+        let (_tmp, dir) = test_pki(2);
+        let trust = Trust::load(&dir).unwrap();
+        let opts = TlsOptions::default();
+        let m1 = MeterId::new("T-000001").unwrap();
+        let m2 = MeterId::new("T-000002").unwrap();
+        let d1 = dir.join("meters/T-000001");
+        let d2 = dir.join("meters/T-000002");
+        // Meter 1's chain under meter 2's id.
+        assert!(matches!(
+            MeterIdentity::from_files(&m2, &d1.join("chain.pem"), &d1.join("key.pem"), &trust, &opts),
+            Err(LoadError::WrongMeter { ref found, .. }) if found == &m1
+        ));
+        // Meter 2's key with meter 1's certificate.
+        assert!(matches!(
+            MeterIdentity::from_files(
+                &m1,
+                &d1.join("chain.pem"),
+                &d2.join("key.pem"),
+                &trust,
+                &opts
+            ),
+            Err(LoadError::KeyMismatch { .. })
+        ));
+        // A server certificate is not a meter.
+        let s = dir.join("servers/hes");
+        assert!(matches!(
+            MeterIdentity::from_files(&m1, &s.join("chain.pem"), &s.join("key.pem"), &trust, &opts),
+            Err(LoadError::NotAMeter { .. })
+        ));
+        // Missing files and junk.
+        assert!(matches!(
+            MeterIdentity::load(&dir, &MeterId::new("nobody").unwrap(), &trust, &opts),
+            Err(LoadError::Io { .. })
+        ));
+        std::fs::write(d2.join("chain.pem"), "junk").unwrap();
+        assert!(matches!(
+            MeterIdentity::load(&dir, &m2, &trust, &opts),
+            Err(LoadError::Pem { .. })
+        ));
+    }
+
+    #[test]
+    fn trust_requires_a_crl() {
+        let (_tmp, dir) = test_pki(1);
+        for f in std::fs::read_dir(dir.join("crl")).unwrap() {
+            std::fs::remove_file(f.unwrap().path()).unwrap();
+        }
+        assert!(matches!(Trust::load(&dir), Err(LoadError::NoCrl(_))));
+    }
+}
