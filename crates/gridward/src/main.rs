@@ -2,7 +2,10 @@
 //!
 //! CLI definition and glue only; all logic lives in the library crates.
 //!
+//! - [`demo_cmd`]: `gridward demo`, the whole ingest path on one machine.
 //! - [`pki_cmd`]: `gridward pki ...`, the certificate authority.
+//! - [`meter_cmd`]: `gridward meter sign` and `gridward meter run`, simulated meters.
+//! - [`serve_cmd`]: `gridward serve`, `gridward config`, and `readings`, `events`, `meters`.
 
 #![forbid(unsafe_code)]
 
@@ -10,7 +13,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod demo_cmd;
+mod meter_cmd;
 mod pki_cmd;
+mod serve_cmd;
 
 /// Gridward: a secure smart-metering head-end system.
 #[derive(Debug, Parser)]
@@ -22,20 +28,43 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run everything on this machine: a PKI, the head-end, 1,000 simulated meters, a report.
+    Demo(demo_cmd::DemoArgs),
     /// Run the certificate authority: CA set-up, issuance, CSR signing, revocation, CRLs, PKCS#12.
     Pki(pki_cmd::PkiArgs),
+    /// Run the head-end: MQTT over mutual TLS, verification, durable store (SIGHUP reloads CRLs).
+    Serve(serve_cmd::ServeArgs),
+    /// Simulated meters: sign a document, or run a fleet against a head-end.
+    Meter(meter_cmd::MeterArgs),
+    /// Write or check the configuration file.
+    #[command(subcommand)]
+    Config(serve_cmd::ConfigCommand),
+    /// Show a meter's stored readings.
+    Readings(serve_cmd::ReadingsArgs),
+    /// Show the security events (every refusal, with its reason).
+    Events(serve_cmd::EventsArgs),
+    /// Show the meters: last seen, last counter, connection state.
+    Meters(serve_cmd::MetersArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo_cmd::run(args),
         Command::Pki(args) => pki_cmd::run(args),
+        Command::Serve(args) => serve_cmd::serve(args),
+        Command::Meter(args) => meter_cmd::run(args),
+        Command::Config(cmd) => serve_cmd::config(cmd),
+        Command::Readings(args) => serve_cmd::readings(args),
+        Command::Events(args) => serve_cmd::events(args),
+        Command::Meters(args) => serve_cmd::meters(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if serve_cmd::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
-            ExitCode::FAILURE
+            serve_cmd::exit_code(&err)
         }
     }
 }

@@ -59,3 +59,68 @@ fn bad_input_is_a_clear_error_not_a_panic() {
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
 }
+
+#[test]
+fn config_init_writes_a_valid_file_and_bad_config_exits_2() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = tmp.path().join("gridward.toml");
+    let cfg_s = cfg.to_str().expect("utf-8");
+    gridward_ok(&["config", "init", "--config", cfg_s]);
+    let check = gridward_ok(&["config", "check", "--config", cfg_s]);
+    assert!(check.contains("127.0.0.1:8883"), "{check}");
+    // Refuses to overwrite.
+    assert!(
+        !gridward(&["config", "init", "--config", cfg_s])
+            .status
+            .success()
+    );
+
+    for (text, needle) in [
+        ("[mqtt]\nlisten = \"not an address\"\n", "mqtt.listen"),
+        ("[mqtt]\nlsten = \"127.0.0.1:1\"\n", "lsten"),
+        ("[ingest]\nbatch_size = 0\n", "ingest.batch_size"),
+        ("[store\n", "gridward.toml"),
+    ] {
+        std::fs::write(&cfg, text).expect("write");
+        let out = gridward(&["serve", "--config", cfg_s]);
+        assert_eq!(out.status.code(), Some(2), "{text:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle) && !err.contains("panicked"),
+            "{text:?}: {err}"
+        );
+    }
+    let missing = tmp.path().join("missing.toml");
+    let out = gridward(&["serve", "--config", missing.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gridward config init"));
+}
+
+#[test]
+fn demo_runs_and_reports() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("demo");
+    let dir = dir.to_str().expect("utf-8");
+    let out = gridward_ok(&["demo", "--dir", dir, "--meters", "10", "--duration", "3"]);
+    for needle in [
+        "Gridward demo report",
+        "meters connected (peak)",
+        "replay",
+        "bad_signature",
+        "certificate_revoked",
+        "acknowledged as duplicates",
+        "gridward readings --db",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
+    let db = format!("{dir}/gridward.db");
+    let readings = gridward_ok(&[
+        "readings", "--db", &db, "--meter", "m000001", "--format", "json",
+    ]);
+    assert!(
+        readings.lines().count() >= 1 && readings.contains("\"MeterID\":\"m000001\""),
+        "{readings}"
+    );
+    // A second run clears the first one's directory (it carries the demo's marker).
+    gridward_ok(&["demo", "--dir", dir, "--meters", "2", "--duration", "1"]);
+}

@@ -1,0 +1,26 @@
+//! # gridward-hes
+//!
+//! The head-end service: what happens to a meter message between the MQTT endpoint and the
+//! store, and the process that runs it all.
+//!
+//! ```text
+//!  endpoint ──InboundPublish──► Pipeline::check ──► batch writer thread ──► Store::commit
+//!   (mqtt)                       verify envelope        one transaction          │
+//!      ▲                         freshness              per batch                │
+//!      └────────── Verdict ◄──────── outcome ◄───────────────────────────────────┘
+//!                 (PUBACK)      rejections ──► security events (batched) + metrics
+//! ```
+//!
+//! - [`pipeline`]: the checks, in order, and the verdict; sans-IO apart from the channel to the writer.
+//! - [`writer`]: the batch writer thread that owns durable writes (group commit, bounded queue).
+//! - [`metrics`]: counters per outcome and reason, latency histogram.
+//! - [`service`]: the running head-end ([`service::start`]): endpoint, pipeline, writer, store.
+//! - [`config`]: `gridward.toml`: raw TOML → validated [`config::Config`]; the commented default.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod metrics;
+pub mod pipeline;
+pub mod service;
+pub mod writer;

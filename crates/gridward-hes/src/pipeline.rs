@@ -1,0 +1,284 @@
+//! The ingest pipeline: one meter message in, one verdict out.
+//!
+//! The checks run in the order of DESIGN.md's ingest path, each refusal becoming a
+//! [`SecurityEvent`] with its [`Reason`] and a metric:
+//!
+//! 1. the envelope's signature, with the key of the sender's certificate (the sender's meter id
+//!    comes from the certificate, already bound to the ClientID and topic by the endpoint);
+//! 2. freshness: counter strictly greater than the last accepted one, timestamp within the
+//!    window (a counter already used goes to the store, which tells a byte-identical resend —
+//!    acknowledged as a duplicate — from a replay);
+//! 3. the document: parses, agrees with the signed header, matches the topic;
+//! 4. the durable write, in the writer's next batch; the verdict waits for it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use gridward_core::MeterId;
+use gridward_core::document::{Document, Limits};
+use gridward_core::envelope::{self, VerifyingKey};
+use gridward_core::replay::{FreshnessPolicy, check_freshness};
+use gridward_core::security::{Reason, SecurityEvent};
+use gridward_store::{Accepted, AcceptedBody, Outcome};
+use time::OffsetDateTime;
+
+use crate::metrics::Metrics;
+use crate::writer::Writer;
+
+/// A source of the current time, injected so tests control it (the endpoint's type).
+pub use gridward_mqtt::Clock;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(OffsetDateTime::now_utc)
+}
+
+/// One message as the endpoint hands it over.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The sender, from its certificate.
+    pub meter_id: MeterId,
+    /// The DER SubjectPublicKeyInfo of the sender's certificate.
+    pub cert_spki: Arc<[u8]>,
+    /// The topic it was published to.
+    pub topic: String,
+    /// The envelope bytes.
+    pub payload: Vec<u8>,
+    /// The peer address.
+    pub source: Option<String>,
+    /// When the endpoint received it.
+    pub received_at: OffsetDateTime,
+}
+
+/// What became of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Durably stored: acknowledge.
+    Accepted,
+    /// A byte-identical resend of a stored message: acknowledge, nothing stored.
+    Duplicate,
+    /// Refused, with a security event: nothing stored.
+    Rejected(Reason),
+    /// The store failed: nothing stored and nothing may be acknowledged; the meter resends.
+    Unavailable,
+}
+
+/// Settings of the checks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PipelineConfig {
+    /// The freshness window.
+    pub freshness: FreshnessPolicy,
+    /// Document limits.
+    pub limits: Limits,
+}
+
+/// The ingest pipeline. Cheap to share (`Arc`), used concurrently by every connection.
+pub struct Pipeline {
+    config: PipelineConfig,
+    writer: Writer,
+    metrics: Arc<Metrics>,
+    clock: Clock,
+    /// The last counter stored per meter: the fast path of the freshness check. The store's
+    /// transaction stays the authority.
+    last: Arc<Mutex<HashMap<MeterId, u64>>>,
+    keys: Mutex<HashMap<Arc<[u8]>, VerifyingKey>>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The last-counter table shared between the pipeline and the writer's commit callback.
+pub type LastCounters = Arc<Mutex<HashMap<MeterId, u64>>>;
+
+/// A refusal before the store: reason, detail and the meter concerned.
+struct Refusal {
+    reason: Reason,
+    detail: String,
+}
+
+impl Pipeline {
+    /// A pipeline writing through `writer`; `last` must be the table the writer's commit
+    /// callback updates (see [`Pipeline::last_counters_table`]), preloaded from the store.
+    pub fn new(
+        config: PipelineConfig,
+        writer: Writer,
+        metrics: Arc<Metrics>,
+        clock: Clock,
+        last: LastCounters,
+    ) -> Self {
+        Self {
+            config,
+            writer,
+            metrics,
+            clock,
+            last,
+            keys: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A last-counter table preloaded with `counters`, and the commit callback that keeps it
+    /// current, for [`Writer::start`](crate::writer::Writer::start).
+    pub fn last_counters_table(
+        counters: impl IntoIterator<Item = (MeterId, u64)>,
+    ) -> (LastCounters, crate::writer::OnCommit) {
+        let table: LastCounters = Arc::new(Mutex::new(counters.into_iter().collect()));
+        let t = Arc::clone(&table);
+        let on_commit = Box::new(move |advanced: &[(MeterId, u64)]| {
+            let mut map = t.lock().unwrap_or_else(PoisonError::into_inner);
+            for (meter, counter) in advanced {
+                let entry = map.entry(meter.clone()).or_insert(*counter);
+                *entry = (*entry).max(*counter);
+            }
+        });
+        (table, on_commit)
+    }
+
+    /// The metrics this pipeline updates.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Runs every check on `msg`, stores it if it passes, and says what happened.
+    pub async fn handle(&self, msg: Message) -> Decision {
+        self.metrics.received();
+        let accepted = match self.check(&msg) {
+            Ok(a) => a,
+            Err(refusal) => return self.refuse(&msg, refusal),
+        };
+        let outcome = self.writer.write(accepted).await;
+        let latency = ((self.clock)() - msg.received_at).unsigned_abs();
+        match outcome {
+            Ok(Outcome::Stored { .. }) => {
+                self.metrics.accepted(latency);
+                Decision::Accepted
+            }
+            Ok(Outcome::Duplicate) => {
+                self.metrics.duplicate(latency);
+                Decision::Duplicate
+            }
+            Ok(Outcome::Replay { last }) => self.refuse(
+                &msg,
+                Refusal {
+                    reason: Reason::Replay,
+                    detail: format!("counter already used (last accepted {last})"),
+                },
+            ),
+            Ok(Outcome::RegisterWentBackwards { last_kwh }) => self.refuse(
+                &msg,
+                Refusal {
+                    reason: Reason::RegisterWentBackwards,
+                    detail: format!("register below the last stored reading ({last_kwh} kWh)"),
+                },
+            ),
+            Err(_) => Decision::Unavailable,
+        }
+    }
+
+    fn check(&self, msg: &Message) -> Result<Accepted, Refusal> {
+        let key = self.key(&msg.cert_spki)?;
+        let verified =
+            envelope::verify(&msg.payload, &key, &msg.meter_id, &msg.topic).map_err(|e| {
+                Refusal {
+                    reason: Reason::from(&e),
+                    detail: e.to_string(),
+                }
+            })?;
+        let header = verified.header().clone();
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&msg.meter_id)
+            .copied();
+        // A used counter may be the meter's resend of a stored message, which is acknowledged
+        // whatever its age: the store compares bytes. Only new counters face the time window.
+        if last.is_none_or(|l| header.counter > l) {
+            check_freshness(
+                last,
+                header.counter,
+                header.timestamp,
+                (self.clock)(),
+                &self.config.freshness,
+            )
+            .map_err(|e| Refusal {
+                reason: Reason::from(&e),
+                detail: e.to_string(),
+            })?;
+        }
+        let document = verified
+            .into_document(&self.config.limits)
+            .map_err(|e| Refusal {
+                reason: Reason::from(&e),
+                detail: e.to_string(),
+            })?;
+        let body = match (document.document(), topic_kind(&msg.topic)) {
+            (Document::Reading(r), Some(TopicKind::Readings)) => AcceptedBody::Reading {
+                energy_kwh: r.energy_kwh,
+            },
+            (Document::Event(e), Some(TopicKind::Events)) => AcceptedBody::Event { kind: e.kind },
+            _ => {
+                return Err(Refusal {
+                    reason: Reason::InvalidDocument,
+                    detail: format!("document kind does not belong on topic {}", msg.topic),
+                });
+            }
+        };
+        Ok(Accepted {
+            meter_id: msg.meter_id.clone(),
+            counter: header.counter,
+            taken_at: document.document().timestamp(),
+            received_at: msg.received_at,
+            body,
+            envelope: msg.payload.clone(),
+            content_type: header.content_type,
+            source: msg.source.clone(),
+        })
+    }
+
+    fn key(&self, spki: &Arc<[u8]>) -> Result<VerifyingKey, Refusal> {
+        let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(k) = keys.get(spki) {
+            return Ok(k.clone());
+        }
+        let key = VerifyingKey::from_spki_der(spki).map_err(|e| Refusal {
+            reason: Reason::KeyMismatch,
+            detail: format!("certificate key: {e}"),
+        })?;
+        // Bounded: one entry per distinct certificate key seen; a fleet's worth.
+        if keys.len() >= 1_000_000 {
+            keys.clear();
+        }
+        keys.insert(Arc::clone(spki), key.clone());
+        Ok(key)
+    }
+
+    fn refuse(&self, msg: &Message, refusal: Refusal) -> Decision {
+        self.metrics.rejected(refusal.reason);
+        let mut event =
+            SecurityEvent::new((self.clock)(), refusal.reason, refusal.detail).meter(&msg.meter_id);
+        if let Some(source) = &msg.source {
+            event = event.source(source);
+        }
+        self.writer.security_event(event);
+        Decision::Rejected(refusal.reason)
+    }
+}
+
+enum TopicKind {
+    Readings,
+    Events,
+}
+
+fn topic_kind(topic: &str) -> Option<TopicKind> {
+    let mut parts = topic.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("meters"), Some(_), Some("readings"), None) => Some(TopicKind::Readings),
+        (Some("meters"), Some(_), Some("events"), None) => Some(TopicKind::Events),
+        _ => None,
+    }
+}

@@ -1,0 +1,192 @@
+//! The running head-end: the MQTT endpoint, the pipeline, the writer and the store, wired
+//! together. `gridward serve` and `gridward demo` both start one of these.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use gridward_core::MeterId;
+use gridward_core::security::SecurityEvent;
+use gridward_mqtt::{Endpoint, EndpointError, EventSink, InboundPublish, PublishHandler, Verdict};
+use gridward_pki::{LeafKind, Pki, PkiError};
+use gridward_store::{SqliteStore, Store, StoreError};
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pipeline::{Clock, Decision, Message, Pipeline};
+use crate::writer::{Writer, WriterThreads};
+
+/// Why the head-end could not start or reload.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// The PKI directory or the server certificate could not be loaded.
+    #[error("PKI: {0}")]
+    Pki(#[from] PkiError),
+    /// The TLS configuration could not be built.
+    #[error("TLS: {0}")]
+    Tls(#[from] gridward_pki::tls::TlsError),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// The endpoint refused its configuration, or reloading failed.
+    #[error("MQTT endpoint: {0}")]
+    Endpoint(#[from] EndpointError),
+    /// The listen address could not be bound, or a thread could not start.
+    #[error("cannot listen on {addr}: {source}")]
+    Io {
+        /// The address.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// The pipeline as the endpoint's [`PublishHandler`].
+#[derive(Debug, Clone)]
+pub struct Ingest {
+    pipeline: Arc<Pipeline>,
+}
+
+impl PublishHandler for Ingest {
+    fn handle(&self, msg: InboundPublish) -> impl Future<Output = Verdict> + Send + 'static {
+        let pipeline = Arc::clone(&self.pipeline);
+        async move {
+            let message = Message {
+                meter_id: msg.meter_id,
+                cert_spki: msg.cert_spki,
+                topic: msg.topic,
+                payload: msg.payload.to_vec(),
+                source: Some(msg.source.to_string()),
+                received_at: msg.received_at,
+            };
+            match pipeline.handle(message).await {
+                Decision::Accepted => Verdict::Accepted,
+                Decision::Duplicate => Verdict::Duplicate,
+                Decision::Rejected(reason) => Verdict::Rejected(reason),
+                Decision::Unavailable => Verdict::Unavailable,
+            }
+        }
+    }
+}
+
+/// The endpoint's [`EventSink`]: security events and connection changes to the store, counted.
+#[derive(Debug, Clone)]
+struct Events {
+    writer: Writer,
+    metrics: Arc<Metrics>,
+}
+
+impl EventSink for Events {
+    fn security_event(&self, event: SecurityEvent) {
+        self.metrics.rejected(event.reason);
+        self.writer.security_event(event);
+    }
+
+    fn connection(&self, meter: &MeterId, connected: bool, at: OffsetDateTime) {
+        self.writer.connection(meter, connected, at);
+    }
+}
+
+/// A running head-end.
+#[derive(Debug)]
+pub struct Running {
+    /// The address the MQTT endpoint listens on.
+    pub local_addr: SocketAddr,
+    /// The endpoint (reload, connected meters, statistics).
+    pub endpoint: Endpoint<Ingest>,
+    /// Ingest metrics.
+    pub metrics: Arc<Metrics>,
+    /// The store.
+    pub store: Arc<SqliteStore>,
+    config: Config,
+    task: JoinHandle<Result<(), EndpointError>>,
+    writer_threads: WriterThreads,
+}
+
+/// Starts the head-end described by `config` on the current tokio runtime.
+pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceError> {
+    let material =
+        Pki::open(&config.pki_dir, None)?.tls_material(LeafKind::Server, &config.server_name)?;
+    let tls = gridward_pki::tls::server_config(&material)?;
+    let store = Arc::new(SqliteStore::open(&config.store_path)?);
+    store.disconnect_all(clock())?;
+    let metrics = Arc::new(Metrics::new());
+    let (last, on_commit) = Pipeline::last_counters_table(store.last_counters()?);
+    let dyn_store: Arc<dyn Store> = store.clone();
+    let (writer, writer_threads) =
+        Writer::start(dyn_store, config.writer, Arc::clone(&metrics), on_commit).map_err(
+            |source| ServiceError::Io {
+                addr: "writer thread".into(),
+                source,
+            },
+        )?;
+    let pipeline = Arc::new(Pipeline::new(
+        config.pipeline,
+        writer.clone(),
+        Arc::clone(&metrics),
+        Arc::clone(&clock),
+        last,
+    ));
+    let events = Arc::new(Events {
+        writer,
+        metrics: Arc::clone(&metrics),
+    });
+    let endpoint = Endpoint::new(
+        config.endpoint.clone(),
+        tls,
+        Arc::new(Ingest { pipeline }),
+        events,
+        clock,
+    )?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServiceError::Io {
+            addr: config.listen.to_string(),
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| ServiceError::Io {
+        addr: config.listen.to_string(),
+        source,
+    })?;
+    let ep = endpoint.clone();
+    let task = tokio::spawn(async move { ep.run(listener, std::future::pending()).await });
+    Ok(Running {
+        local_addr,
+        endpoint,
+        metrics,
+        store,
+        config: config.clone(),
+        task,
+        writer_threads,
+    })
+}
+
+impl Running {
+    /// Re-reads the server certificate, the roots and the CRLs from the PKI directory: new
+    /// handshakes use them, and connected meters whose certificate is now revoked are
+    /// disconnected. Returns how many were.
+    pub fn reload(&self) -> Result<usize, ServiceError> {
+        Ok(self
+            .endpoint
+            .reload_from_pki(&self.config.pki_dir, &self.config.server_name)?)
+    }
+
+    /// Stops accepting, lets connections drain, writes what is queued, and returns when all is
+    /// durable.
+    pub async fn shutdown(self) {
+        self.endpoint.shutdown();
+        let _ = self.task.await;
+        // The endpoint (and with it the pipeline's writer handles) is gone once every clone is
+        // dropped; then the writer threads finish their queues and stop.
+        let Running {
+            endpoint,
+            writer_threads,
+            ..
+        } = self;
+        drop(endpoint);
+        let _ = tokio::task::spawn_blocking(move || writer_threads.join()).await;
+    }
+}

@@ -1,0 +1,344 @@
+//! `gridward serve`, `gridward config init`, and the operator's views of the store:
+//! `gridward readings`, `gridward events`, `gridward meters`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use gridward_core::MeterId;
+use gridward_core::document::format_timestamp;
+use gridward_hes::config::{Config, DEFAULT_TOML};
+use gridward_hes::pipeline::system_clock;
+use gridward_store::{ReadingQuery, SecurityEventQuery, SqliteStore, Store};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+/// `gridward serve`
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The configuration file (`gridward config init` writes a commented one).
+    #[arg(long, short, default_value = "gridward.toml", value_name = "FILE")]
+    config: PathBuf,
+}
+
+/// `gridward config ...`
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Write a commented default configuration file.
+    Init {
+        /// Where to write it.
+        #[arg(long, short, default_value = "gridward.toml", value_name = "FILE")]
+        config: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check a configuration file and print what it resolves to.
+    Check {
+        /// The file.
+        #[arg(long, short, default_value = "gridward.toml", value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+/// Where the store is: a config file, or the database directly.
+#[derive(Debug, Args)]
+pub struct StoreArg {
+    /// The configuration file whose `[store] path` to read.
+    #[arg(long, short, default_value = "gridward.toml", value_name = "FILE")]
+    config: PathBuf,
+    /// The SQLite database itself (instead of --config).
+    #[arg(long, value_name = "FILE")]
+    db: Option<PathBuf>,
+}
+
+impl StoreArg {
+    fn open(&self) -> Result<SqliteStore> {
+        let path = match &self.db {
+            Some(p) => p.clone(),
+            None => load_config(&self.config)?.store_path,
+        };
+        if !path.exists() {
+            bail!(
+                "no database at {} (has `gridward serve` run with this configuration?)",
+                path.display()
+            );
+        }
+        SqliteStore::open(&path).with_context(|| format!("opening {}", path.display()))
+    }
+}
+
+/// Output format of `gridward readings`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OutputFormat {
+    /// One JSON document per line.
+    Json,
+    /// One XML document per line.
+    Xml,
+    /// A table.
+    Table,
+}
+
+/// `gridward readings`
+#[derive(Debug, Args)]
+pub struct ReadingsArgs {
+    #[command(flatten)]
+    store: StoreArg,
+    /// The meter.
+    #[arg(long, value_name = "ID")]
+    meter: String,
+    /// Only readings taken at or after this time (RFC 3339, e.g. 2024-02-06T12:00:00Z).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Most readings shown.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    format: OutputFormat,
+}
+
+/// `gridward events`
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    store: StoreArg,
+    /// Only events at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Most events shown.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
+}
+
+/// `gridward meters`
+#[derive(Debug, Args)]
+pub struct MetersArgs {
+    #[command(flatten)]
+    store: StoreArg,
+}
+
+/// Exit code for a configuration error.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// A configuration error, carried to `main` so it can exit with code 2.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct BadConfig(#[from] gridward_hes::config::ConfigError);
+
+fn load_config(path: &Path) -> Result<Config> {
+    Ok(Config::load(path).map_err(BadConfig)?)
+}
+
+/// The exit code for `err`: 2 for a bad configuration, 1 otherwise.
+pub fn exit_code(err: &anyhow::Error) -> ExitCode {
+    if err.downcast_ref::<BadConfig>().is_some() {
+        ExitCode::from(EXIT_CONFIG)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn parse_time(s: &str, flag: &str) -> Result<OffsetDateTime> {
+    OffsetDateTime::parse(s, &Rfc3339)
+        .with_context(|| format!("{flag} {s:?} is not an RFC 3339 time like 2024-02-06T12:00:00Z"))
+}
+
+/// `gridward serve`: runs until Ctrl-C / SIGTERM; SIGHUP reloads certificates and CRLs.
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let config = load_config(&args.config)?;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let running = gridward_hes::service::start(&config, system_clock())
+            .await
+            .with_context(|| format!("starting the head-end from {}", args.config.display()))?;
+        eprintln!(
+            "gridward: MQTT over mutual TLS on {} (server certificate {:?} from {}), store {}",
+            running.local_addr,
+            config.server_name,
+            config.pki_dir.display(),
+            config.store_path.display()
+        );
+        eprintln!("gridward: SIGHUP reloads certificates and CRLs; Ctrl-C stops");
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut last_accepted = 0;
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = hup.recv() => match running.reload() {
+                    Ok(n) => eprintln!("gridward: reloaded certificates and CRLs; {n} revoked meter(s) disconnected"),
+                    Err(e) => eprintln!("gridward: reload failed, keeping the previous configuration: {e}"),
+                },
+                _ = tick.tick() => {
+                    let m = running.metrics.snapshot();
+                    let s = running.endpoint.stats();
+                    if m.accepted != last_accepted || m.rejected_total() > 0 {
+                        eprintln!(
+                            "gridward: {} meters connected, {} accepted ({}/s), {} duplicates, {} rejected, p99 {:?}",
+                            s.sessions, m.accepted, (m.accepted - last_accepted) / 10, m.duplicates, m.rejected_total(), m.p99
+                        );
+                    }
+                    last_accepted = m.accepted;
+                }
+            }
+        }
+        eprintln!("gridward: stopping; writing what is queued");
+        running.shutdown().await;
+        Ok(())
+    })
+}
+
+/// `gridward config ...`
+pub fn config(cmd: ConfigCommand) -> Result<()> {
+    match cmd {
+        ConfigCommand::Init { config, force } => {
+            if config.exists() && !force {
+                bail!("{} exists; pass --force to overwrite it", config.display());
+            }
+            std::fs::write(&config, DEFAULT_TOML)
+                .with_context(|| format!("writing {}", config.display()))?;
+            println!(
+                "wrote {}; edit it, then `gridward serve --config {}`",
+                config.display(),
+                config.display()
+            );
+            Ok(())
+        }
+        ConfigCommand::Check { config } => {
+            let c = load_config(&config)?;
+            println!("{} is valid:", config.display());
+            println!("  listen       {}", c.listen);
+            println!(
+                "  pki          {} (server certificate {:?})",
+                c.pki_dir.display(),
+                c.server_name
+            );
+            println!("  store        {}", c.store_path.display());
+            println!(
+                "  freshness    ±{} s",
+                c.pipeline.freshness.max_skew.whole_seconds()
+            );
+            println!("  connections  at most {}", c.endpoint.max_connections);
+            Ok(())
+        }
+    }
+}
+
+/// `gridward readings`
+pub fn readings(a: ReadingsArgs) -> Result<()> {
+    let store = a.store.open()?;
+    let meter = MeterId::new(&a.meter).with_context(|| format!("--meter {:?}", a.meter))?;
+    let mut q = ReadingQuery::new(meter).limit(a.limit);
+    if let Some(s) = &a.since {
+        q = q.since(parse_time(s, "--since")?);
+    }
+    let rows = store.readings(&q)?;
+    let mut out = std::io::stdout().lock();
+    match a.format {
+        OutputFormat::Json => {
+            for r in &rows {
+                writeln!(out, "{}", r.to_json())?;
+            }
+        }
+        OutputFormat::Xml => {
+            for r in &rows {
+                writeln!(out, "{}", r.to_xml())?;
+            }
+        }
+        OutputFormat::Table => {
+            writeln!(
+                out,
+                "{:>10}  {:<20}  {:>14}  {:>10}  RECEIVED",
+                "ID", "TIMESTAMP", "KWH", "COUNTER"
+            )?;
+            for r in &rows {
+                let reading = r.to_reading();
+                writeln!(
+                    out,
+                    "{:>10}  {:<20}  {:>14}  {:>10}  {}",
+                    r.id,
+                    format_timestamp(reading.timestamp),
+                    reading.energy_kwh,
+                    r.counter,
+                    format_timestamp(r.received_at)
+                )?;
+            }
+            eprintln!("{} reading(s)", rows.len());
+        }
+    }
+    Ok(())
+}
+
+/// `gridward events`
+pub fn events(a: EventsArgs) -> Result<()> {
+    let store = a.store.open()?;
+    let mut q = SecurityEventQuery {
+        limit: a.limit,
+        ..SecurityEventQuery::default()
+    };
+    if let Some(s) = &a.since {
+        q.since = Some(parse_time(s, "--since")?);
+    }
+    let rows = store.security_events(&q)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:>8}  {:<20}  {:<24}  {:<12}  {:<22}  DETAIL",
+        "ID", "TIME", "REASON", "METER", "SOURCE"
+    )?;
+    for e in &rows {
+        let ev = &e.event;
+        writeln!(
+            out,
+            "{:>8}  {:<20}  {:<24}  {:<12}  {:<22}  {}",
+            e.id,
+            format_timestamp(ev.at),
+            ev.reason,
+            ev.meter_id.as_ref().map_or("-", MeterId::as_str),
+            ev.source.as_deref().unwrap_or("-"),
+            ev.detail
+        )?;
+    }
+    eprintln!("{} security event(s)", rows.len());
+    Ok(())
+}
+
+/// `gridward meters`
+pub fn meters(a: MetersArgs) -> Result<()> {
+    let store = a.store.open()?;
+    let rows = store.meters()?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<16}  {:<20}  {:>12}  {:>14}  CONNECTED",
+        "METER", "LAST SEEN", "LAST COUNTER", "LAST KWH"
+    )?;
+    for m in &rows {
+        writeln!(
+            out,
+            "{:<16}  {:<20}  {:>12}  {:>14}  {}",
+            m.meter_id.as_str(),
+            m.last_seen.map_or_else(|| "-".to_owned(), format_timestamp),
+            m.last_counter
+                .map_or_else(|| "-".to_owned(), |c| c.to_string()),
+            m.last_kwh.map_or_else(|| "-".to_owned(), |k| k.to_string()),
+            if m.connected { "yes" } else { "no" }
+        )?;
+    }
+    eprintln!("{} meter(s)", rows.len());
+    Ok(())
+}
+
+/// Whether `err` is only the reader of our output going away (`gridward events | head`).
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

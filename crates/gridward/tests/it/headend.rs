@@ -1,0 +1,726 @@
+//! Helpers for the tests that run the head-end for real: a `gridward serve` child process on a
+//! free loopback port (killed when dropped), a `gridward meter run` fleet, genuine envelopes from
+//! `gridward meter sign`, external MQTT clients with timeouts, and parsers of the operator views
+//! (`gridward readings`, `gridward events`, the fleet's summary).
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::support::gridward_ok;
+
+/// The `gridward` binary under test.
+pub const GRIDWARD: &str = env!("CARGO_BIN_EXE_gridward");
+
+/// What to install when an external MQTT peer is missing.
+pub const MOSQUITTO_HINT: &str = "install the Debian package mosquitto-clients (apt-get install mosquitto-clients), or run `bash .ci/run`";
+/// What to install when Python or paho-mqtt is missing.
+pub const PAHO_HINT: &str = "install Python 3 as python3 and the pip package paho-mqtt 2.x (pip install 'paho-mqtt>=2,<3'), or run `bash .ci/run`";
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `timeout` with `what` and the
+/// last `context()`.
+pub fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Option<T>,
+    context: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for {what}\n{}",
+                context()
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `signal` (e.g. "HUP", "INT", "KILL") to `pid` with the shell's `kill`.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("sh")
+        .args(["-c", &format!("kill -{signal} {pid}")])
+        .status()
+        .expect("run sh -c kill");
+    assert!(status.success(), "kill -{signal} {pid} failed: {status}");
+}
+
+/// Runs `cmd` with a deadline; on timeout the child is killed and the test fails.
+/// `hint` says what to install if the program cannot be started.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration, hint: &str) -> Output {
+    let program = format!("{:?}", cmd.get_program());
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program} ({e}): {hint}"));
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.expect("wait for the child"),
+        Err(_) => {
+            signal(pid, "KILL");
+            panic!("{cmd:?} did not finish within {timeout:?}");
+        }
+    }
+}
+
+/// stdout and stderr of `out`, for failure messages.
+pub fn show(out: &Output) -> String {
+    format!(
+        "status {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+// ----- PKI ----------------------------------------------------------------------------------
+
+/// Creates a CA in `dir` and the head-end's server certificate `localhost` (SANs localhost and
+/// 127.0.0.1), with the CLI. `org` names the CA (a second, foreign CA uses another).
+pub fn new_pki(dir: &Path, org: &str) {
+    let d = dir.to_str().expect("utf-8 path");
+    gridward_ok(&["pki", "init", "--dir", d, "--org", org]);
+    gridward_ok(&[
+        "pki",
+        "issue",
+        "server",
+        "--dir",
+        d,
+        "--name",
+        "localhost",
+        "--san",
+        "localhost",
+        "--san",
+        "127.0.0.1",
+    ]);
+}
+
+/// Issues meter `id` in the PKI at `dir` with the CLI.
+pub fn issue_meter(dir: &Path, id: &str) {
+    gridward_ok(&[
+        "pki",
+        "issue",
+        "meter",
+        "--dir",
+        dir.to_str().expect("utf-8 path"),
+        "--id",
+        id,
+    ]);
+}
+
+/// Paths of a meter's credentials in a PKI directory.
+pub struct MeterFiles {
+    /// The meter id.
+    pub id: String,
+    /// Leaf then issuing CA.
+    pub chain: String,
+    /// PKCS#8 private key.
+    pub key: String,
+}
+
+impl MeterFiles {
+    /// The files of meter `id` under `pki/meters/{id}/`.
+    pub fn new(pki: &Path, id: &str) -> Self {
+        let d = pki.join("meters").join(id);
+        Self {
+            id: id.to_owned(),
+            chain: d.join("chain.pem").to_str().expect("utf-8").to_owned(),
+            key: d.join("key.pem").to_str().expect("utf-8").to_owned(),
+        }
+    }
+}
+
+// ----- envelopes ----------------------------------------------------------------------------
+
+/// Now, to the second, as RFC 3339 (the documents' timestamps must be within the head-end's
+/// freshness window).
+pub fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .expect("0 ns is valid")
+        .format(&Rfc3339)
+        .expect("format RFC 3339")
+}
+
+/// A JSON reading document of `meter`, taken now, with register value `kwh`.
+pub fn reading_json(meter: &str, kwh: &str) -> String {
+    format!(
+        r#"{{"MeterID":"{meter}","Timestamp":"{}","EnergyConsumed":{kwh}}}"#,
+        now_rfc3339()
+    )
+}
+
+/// Signs `doc` with `gridward meter sign` for `meter` (key `key`) and `counter`, bound to `topic`
+/// if given; writes the envelope to `out` and returns its bytes.
+pub fn sign(
+    key: &str,
+    meter: &str,
+    counter: u64,
+    topic: Option<&str>,
+    doc: &str,
+    out: &Path,
+) -> Vec<u8> {
+    let counter = counter.to_string();
+    let out_s = out.to_str().expect("utf-8 path");
+    let mut args = vec![
+        "meter",
+        "sign",
+        "--key",
+        key,
+        "--meter",
+        meter,
+        "--counter",
+        &counter,
+        "--out",
+        out_s,
+    ];
+    if let Some(t) = topic {
+        args.extend(["--topic", t]);
+    }
+    let mut child = Command::new(GRIDWARD)
+        .args(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run gridward meter sign");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(doc.as_bytes())
+        .expect("write the document");
+    let o = child
+        .wait_with_output()
+        .expect("wait for gridward meter sign");
+    assert!(
+        o.status.success(),
+        "gridward {args:?} failed:\n{}",
+        show(&o)
+    );
+    fs::read(out).expect("read the envelope")
+}
+
+// ----- the head-end -------------------------------------------------------------------------
+
+/// A `gridward serve` child process with its own configuration and database in a work
+/// directory. Killed (SIGKILL) when dropped.
+pub struct Headend {
+    /// The configuration file.
+    pub config: PathBuf,
+    /// The SQLite database.
+    pub db: PathBuf,
+    /// The MQTT/TLS port on 127.0.0.1.
+    pub port: u16,
+    work: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl Headend {
+    /// Writes a configuration with `gridward config init` into `work` (PKI `pki_dir`, database
+    /// `work/gridward.db`, a free port chosen by the OS), applies `edits` (pairs of a default
+    /// line and its replacement) and starts the head-end.
+    pub fn start(work: &Path, pki_dir: &Path, edits: &[(&str, &str)]) -> Self {
+        let config = work.join("gridward.toml");
+        let db = work.join("gridward.db");
+        gridward_ok(&[
+            "config",
+            "init",
+            "--config",
+            config.to_str().expect("utf-8 path"),
+        ]);
+        let mut text = fs::read_to_string(&config).expect("read the config");
+        let pki_line = format!("dir = {:?}", pki_dir.to_str().expect("utf-8 path"));
+        let db_line = format!("path = {:?}", db.to_str().expect("utf-8 path"));
+        let mut all = vec![
+            ("listen = \"127.0.0.1:8883\"", "listen = \"127.0.0.1:0\""),
+            ("dir = \"pki\"", pki_line.as_str()),
+            ("path = \"gridward.db\"", db_line.as_str()),
+        ];
+        all.extend_from_slice(edits);
+        for (from, to) in all {
+            assert!(
+                text.contains(from),
+                "the default configuration from `gridward config init` has no line {from:?}:\n{text}"
+            );
+            text = text.replacen(from, to, 1);
+        }
+        fs::write(&config, text).expect("write the config");
+        let mut h = Self {
+            config,
+            db,
+            port: 0,
+            work: work.to_owned(),
+            child: None,
+            log: PathBuf::new(),
+            starts: 0,
+        };
+        h.spawn();
+        h
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the head-end is already running");
+        self.starts += 1;
+        self.log = self.work.join(format!("serve-{}.log", self.starts));
+        let log = File::create(&self.log).expect("create the server log");
+        let child = Command::new(GRIDWARD)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup the log"))
+            .stderr(log)
+            .spawn()
+            .expect("start gridward serve");
+        self.child = Some(child);
+        let needle = "MQTT over mutual TLS on 127.0.0.1:";
+        let log_path = self.log.clone();
+        let read_log = move || fs::read_to_string(&log_path).unwrap_or_default();
+        let child = self.child.as_mut().expect("just started");
+        let port = wait_for(
+            Duration::from_secs(30),
+            "gridward serve to listen",
+            || {
+                if let Some(status) = child.try_wait().ok().flatten() {
+                    panic!("gridward serve exited ({status}):\n{}", read_log());
+                }
+                let log = read_log();
+                let rest = &log[log.find(needle)? + needle.len()..];
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse::<u16>().ok()
+            },
+            &read_log,
+        );
+        if self.port != 0 {
+            assert_eq!(port, self.port, "restarted on another port");
+        }
+        self.port = port;
+    }
+
+    /// The log (stdout and stderr) of the current run.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id of the current run.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the head-end is running").id()
+    }
+
+    /// SIGSTOP: the head-end hangs (reads nothing, acknowledges nothing) until killed.
+    pub fn freeze(&self) {
+        signal(self.pid(), "STOP");
+    }
+
+    /// SIGKILL: no shutdown, nothing flushed.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("the head-end is running");
+        signal(child.id(), "KILL");
+        let status: ExitStatus = child.wait().expect("reap gridward serve");
+        assert!(
+            !status.success(),
+            "gridward serve survived SIGKILL: {status}"
+        );
+    }
+
+    /// Starts the head-end again, on the same port, configuration and database.
+    pub fn restart(&mut self) {
+        let config = fs::read_to_string(&self.config).expect("read the config");
+        let fixed = config.replacen(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{}\"", self.port),
+            1,
+        );
+        fs::write(&self.config, fixed).expect("write the config");
+        self.spawn();
+    }
+
+    /// SIGHUP (reload certificates and CRLs), then waits for the log to confirm the reload.
+    pub fn reload(&self) {
+        let before = self.log().matches("reloaded certificates and CRLs").count();
+        signal(self.pid(), "HUP");
+        wait_for(
+            Duration::from_secs(10),
+            "gridward serve to reload after SIGHUP",
+            || {
+                (self.log().matches("reloaded certificates and CRLs").count() > before)
+                    .then_some(())
+            },
+            || self.log(),
+        );
+    }
+
+    /// `--db` and the database path, for the operator commands.
+    fn db(&self) -> String {
+        self.db.to_str().expect("utf-8 path").to_owned()
+    }
+
+    /// `gridward readings --meter ID --format json`: the stored documents.
+    pub fn readings_json(&self, meter: &str) -> Vec<serde_json::Value> {
+        let out = gridward_ok(&[
+            "readings",
+            "--db",
+            &self.db(),
+            "--meter",
+            meter,
+            "--format",
+            "json",
+            "--limit",
+            "1000000",
+        ]);
+        out.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .collect()
+    }
+
+    /// The stored `EnergyConsumed` values of `meter`, as written in the JSON documents.
+    pub fn stored_kwh(&self, meter: &str) -> Vec<String> {
+        self.readings_json(meter)
+            .iter()
+            .map(|d| d["EnergyConsumed"].to_string())
+            .collect()
+    }
+
+    /// The stored counters of `meter`, in the order `gridward readings` lists them (the table
+    /// format; the JSON documents do not carry the envelope's counter).
+    pub fn stored_counters(&self, meter: &str) -> Vec<u64> {
+        let out = gridward_ok(&[
+            "readings",
+            "--db",
+            &self.db(),
+            "--meter",
+            meter,
+            "--format",
+            "table",
+            "--limit",
+            "1000000",
+        ]);
+        let mut lines = out.lines();
+        let header: Vec<&str> = lines
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        let col = header
+            .iter()
+            .position(|h| *h == "COUNTER")
+            .unwrap_or_else(|| panic!("no COUNTER column in `gridward readings`:\n{out}"));
+        lines
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                l.split_whitespace()
+                    .nth(col)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or_else(|| panic!("no counter in row {l:?}"))
+            })
+            .collect()
+    }
+
+    /// Whether `gridward meters` shows `meter` as connected.
+    pub fn is_connected(&self, meter: &str) -> bool {
+        let out = gridward_ok(&["meters", "--db", &self.db()]);
+        out.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.first() == Some(&meter) && f.last() == Some(&"yes")
+        })
+    }
+
+    /// `gridward meters`: each meter's last stored counter (0 for none).
+    pub fn last_counters(&self) -> Vec<(String, u64)> {
+        let out = gridward_ok(&["meters", "--db", &self.db()]);
+        let mut lines = out.lines();
+        let header = lines.next().unwrap_or_default();
+        assert!(
+            header.split_whitespace().collect::<Vec<_>>()[..4] == ["METER", "LAST", "SEEN", "LAST"],
+            "unexpected `gridward meters` header {header:?}"
+        );
+        lines
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                // METER  LAST SEEN  LAST COUNTER  LAST KWH  CONNECTED; "-" when none.
+                let f: Vec<&str> = l.split_whitespace().collect();
+                assert!(f.len() >= 3, "bad `gridward meters` row {l:?}");
+                (f[0].to_owned(), f[2].parse().unwrap_or(0))
+            })
+            .collect()
+    }
+
+    /// `gridward events`, parsed.
+    pub fn events(&self) -> Vec<EventRow> {
+        let out = gridward_ok(&["events", "--db", &self.db(), "--limit", "1000000"]);
+        out.lines()
+            .skip(1)
+            .filter(|l| !l.trim().is_empty())
+            .map(EventRow::parse)
+            .collect()
+    }
+
+    /// Waits until there are more than `before` security events and returns the new ones.
+    pub fn new_events(&self, before: usize, what: &str) -> Vec<EventRow> {
+        wait_for(
+            Duration::from_secs(10),
+            &format!("a security event for {what}"),
+            || {
+                let all = self.events();
+                (all.len() > before).then(|| all[before..].to_vec())
+            },
+            || format!("events: {:#?}\nserver log:\n{}", self.events(), self.log()),
+        )
+    }
+}
+
+/// A child process killed when dropped (a client left running by a failed test).
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Headend {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One row of `gridward events`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    /// Stable reason code, e.g. `client_id_mismatch`.
+    pub reason: String,
+    /// The meter, or `-`.
+    pub meter: String,
+    /// The source address, or `-`.
+    pub source: String,
+    /// Free text.
+    pub detail: String,
+}
+
+impl EventRow {
+    fn parse(line: &str) -> Self {
+        // ID  TIME  REASON  METER  SOURCE  DETAIL (the detail may hold spaces).
+        let mut rest = line.trim_start();
+        let mut fields = Vec::new();
+        for _ in 0..5 {
+            let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+            fields.push(&rest[..end]);
+            rest = rest[end..].trim_start();
+        }
+        assert_eq!(fields.len(), 5, "bad `gridward events` row {line:?}");
+        Self {
+            reason: fields[2].to_owned(),
+            meter: fields[3].to_owned(),
+            source: fields[4].to_owned(),
+            detail: rest.to_owned(),
+        }
+    }
+}
+
+/// The reasons of `events`.
+pub fn reasons(events: &[EventRow]) -> Vec<&str> {
+    events.iter().map(|e| e.reason.as_str()).collect()
+}
+
+// ----- the fleet ----------------------------------------------------------------------------
+
+/// A `gridward meter run` child process (stdout and stderr to files). Killed when dropped.
+pub struct FleetProcess {
+    child: Option<Child>,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl FleetProcess {
+    /// Starts `gridward meter run ARGS`, logging to `work/fleet.{out,err}`.
+    pub fn start(work: &Path, args: &[&str]) -> Self {
+        Self::start_named(work, "fleet", args)
+    }
+
+    /// Starts `gridward meter run ARGS`, logging to `work/{name}.{out,err}`.
+    pub fn start_named(work: &Path, name: &str, args: &[&str]) -> Self {
+        let out = work.join(format!("{name}.out"));
+        let err = work.join(format!("{name}.err"));
+        let child = Command::new(GRIDWARD)
+            .args(["meter", "run"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).expect("create fleet.out"))
+            .stderr(File::create(&err).expect("create fleet.err"))
+            .spawn()
+            .expect("start gridward meter run");
+        Self {
+            child: Some(child),
+            out,
+            err,
+        }
+    }
+
+    fn output(&self) -> String {
+        format!(
+            "stdout:\n{}\nstderr:\n{}",
+            fs::read_to_string(&self.out).unwrap_or_default(),
+            fs::read_to_string(&self.err).unwrap_or_default()
+        )
+    }
+
+    /// Fails the test if the fleet has exited.
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().expect("the fleet is running");
+        if let Some(status) = child.try_wait().expect("poll the fleet") {
+            panic!(
+                "gridward meter run exited early ({status}):\n{}",
+                self.output()
+            );
+        }
+    }
+
+    /// SIGKILL: the fleet dies without a summary; only its state directory remains.
+    pub fn kill9(mut self) {
+        self.assert_running();
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), "KILL");
+        let _ = child.wait();
+    }
+
+    /// SIGINT (the fleet stops and drains), then waits for it and parses its summary.
+    pub fn interrupt(mut self, timeout: Duration) -> FleetSummary {
+        self.assert_running();
+        signal(self.child.as_ref().expect("running").id(), "INT");
+        self.wait(timeout)
+    }
+
+    /// Waits for the fleet to exit on its own (at most `timeout`) and parses its summary.
+    pub fn wait(mut self, timeout: Duration) -> FleetSummary {
+        let mut child = self.child.take().expect("the fleet is running");
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("poll the fleet") {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "gridward meter run did not finish within {timeout:?}:\n{}",
+                    self.output()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            status.success(),
+            "gridward meter run failed ({status}):\n{}",
+            self.output()
+        );
+        FleetSummary::parse(
+            &fs::read_to_string(&self.out).expect("read fleet.out"),
+            &self.output(),
+        )
+    }
+}
+
+impl Drop for FleetProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The numbers of the summary `gridward meter run` prints when it stops.
+#[derive(Debug, Clone, Default)]
+pub struct FleetSummary {
+    /// Successful connections, reconnects included.
+    pub connects: u64,
+    /// Failed connection attempts.
+    pub connect_failures: u64,
+    /// Established connections that were lost.
+    pub lost: u64,
+    /// Readings signed (each with a new counter).
+    pub readings: u64,
+    /// Events signed.
+    pub events: u64,
+    /// Readings not taken because a meter's queue was full.
+    pub skipped: u64,
+    /// Publishes written, resends included.
+    pub published: u64,
+    /// Resends after a reconnect.
+    pub resent: u64,
+    /// Unacknowledged messages of an earlier run, restored from the outbox and sent again.
+    pub restored: u64,
+    /// Acknowledged with success.
+    pub acked: u64,
+    /// Refused with a reason code.
+    pub refused: u64,
+    /// Still unacknowledged when the fleet stopped.
+    pub unacked: u64,
+    /// The whole output, for failure messages.
+    pub text: String,
+}
+
+/// The unsigned integers in `s`, in order.
+fn numbers(s: &str) -> Vec<u64> {
+    s.split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+impl FleetSummary {
+    fn parse(stdout: &str, all: &str) -> Self {
+        let line = |prefix: &str, n: usize| -> Vec<u64> {
+            let l = stdout
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no {prefix:?} line in the fleet's summary:\n{all}"));
+            let v = numbers(&l[prefix.len()..]);
+            assert!(v.len() >= n, "cannot read {prefix:?} line {l:?}");
+            v
+        };
+        let c = line("connections", 3);
+        let r = line("readings / events", 3);
+        let p = line("published", 2);
+        let a = line("acknowledged", 3);
+        Self {
+            connects: c[0],
+            connect_failures: c[1],
+            lost: c[2],
+            readings: r[0],
+            events: r[1],
+            skipped: r[2],
+            published: p[0],
+            resent: p[1],
+            restored: p.get(2).copied().unwrap_or(0),
+            acked: a[0],
+            refused: a[1],
+            unacked: a[2],
+            text: all.to_owned(),
+        }
+    }
+}
