@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench_cmd;
 mod demo_cmd;
 mod meter_cmd;
 mod pki_cmd;
@@ -45,6 +46,9 @@ enum Command {
     Events(serve_cmd::EventsArgs),
     /// Show the meters: last seen, last counter, connection state.
     Meters(serve_cmd::MetersArgs),
+    /// Benchmarks on this machine: ingest throughput and latency, memory per idle meter,
+    /// reconnect storm; each next to a Mosquitto broker doing the relay job.
+    Bench(bench_cmd::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Readings(args) => serve_cmd::readings(args),
         Command::Events(args) => serve_cmd::events(args),
         Command::Meters(args) => serve_cmd::meters(args),
+        Command::Bench(args) => bench_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -41,8 +41,9 @@ enum MeterCommand {
     Run(RunArgs),
 }
 
+/// Document format of a meter's messages (`gridward meter`, `gridward bench`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum FormatArg {
+pub(crate) enum FormatArg {
     /// application/xml (EnergyUsageReport / MeterEvent).
     Xml,
     /// application/json.

@@ -3,6 +3,7 @@
 //!
 //! One test binary (`it`), one module per peer.
 
+mod bench;
 mod cli;
 mod crash;
 mod headend;
