@@ -9,12 +9,16 @@
 //!   head-end ingest ── Vec<Accepted> ──► Store::commit ──► Vec<Outcome>  (one durable transaction)
 //!                                           │                 Stored / Duplicate → acknowledge
 //!                                           │                 Replay / RegisterWentBackwards → security event
+//!                                           └─ + one outbox row per stored reading and target
+//!   forwarder  ──► outbox_pending ──► (deliver) ──► outbox_settle
 //!   rejections ──► Store::record_security_events
 //!   CLI / API  ──► readings, meter_events, security_events, meters, counts
 //! ```
 //!
 //! - [`model`]: the values that cross the trait ([`Accepted`], [`Outcome`], query and row types).
 //! - [`store`]: the [`Store`] trait and its contract.
+//! - [`outbox`]: the downstream outbox: one row per stored reading and target, written in the
+//!   reading's transaction, settled by the forwarder.
 //! - [`sqlite`]: [`SqliteStore`]: WAL, `synchronous = FULL`, batched transactions, migrations.
 //! - [`error`]: [`StoreError`], why an operation failed.
 //!
@@ -24,6 +28,7 @@
 
 pub mod error;
 pub mod model;
+pub mod outbox;
 pub mod sqlite;
 pub mod store;
 
@@ -33,5 +38,6 @@ pub use model::{
     ReadingQuery, SecurityEvent, SecurityEventQuery, StoredMeterEvent, StoredReading,
     StoredSecurityEvent,
 };
+pub use outbox::{DeadLetter, OutboxItem, OutboxStats, Settlement, TargetId};
 pub use sqlite::SqliteStore;
 pub use store::Store;

@@ -8,6 +8,7 @@ use crate::model::{
     Accepted, Counts, MeterEventQuery, MeterRow, Outcome, ReadingQuery, SecurityEvent,
     SecurityEventQuery, StoredMeterEvent, StoredReading, StoredSecurityEvent,
 };
+use crate::outbox::{DeadLetter, OutboxItem, OutboxStats, Settlement, TargetId};
 
 /// Durable storage for the head-end: meters, readings, meter events, security events and the
 /// raw accepted envelopes.
@@ -32,10 +33,56 @@ use crate::model::{
 ///    counter, last register (readings only) and last-seen time.
 ///
 /// Only [`Outcome::Stored`] writes anything; the other outcomes leave the store unchanged.
+///
+/// ## The outbox
+///
+/// [`commit_with_outbox`](Store::commit_with_outbox) also queues every stored reading for each
+/// downstream target in the same transaction (see [`crate::outbox`]); the forwarder reads
+/// [`outbox_pending`](Store::outbox_pending) in commit order and writes back what became of
+/// each row with [`outbox_settle`](Store::outbox_settle).
 pub trait Store: Send + Sync + 'static {
     /// Decides and stores a batch of accepted messages in one durable transaction (see the
-    /// trait documentation); returns one outcome per item, in order.
-    fn commit(&self, batch: &[Accepted]) -> Result<Vec<Outcome>, StoreError>;
+    /// trait documentation); returns one outcome per item, in order. Queues nothing downstream.
+    fn commit(&self, batch: &[Accepted]) -> Result<Vec<Outcome>, StoreError> {
+        self.commit_with_outbox(batch, &[])
+    }
+
+    /// Like [`commit`](Store::commit), and in the same transaction adds one pending outbox row
+    /// per target for every reading whose outcome is [`Outcome::Stored`] (meter events are not
+    /// forwarded). The targets must have been registered with
+    /// [`register_outbox_target`](Store::register_outbox_target).
+    fn commit_with_outbox(
+        &self,
+        batch: &[Accepted],
+        targets: &[TargetId],
+    ) -> Result<Vec<Outcome>, StoreError>;
+
+    /// Registers a downstream target by name (idempotent) and returns its id.
+    fn register_outbox_target(&self, name: &str) -> Result<TargetId, StoreError>;
+
+    /// The first `limit` pending rows of `target`, in commit order (oldest first).
+    fn outbox_pending(&self, target: TargetId, limit: usize)
+    -> Result<Vec<OutboxItem>, StoreError>;
+
+    /// Writes what became of pending rows (delivered, failed for now, dead) in one transaction;
+    /// rows that are no longer pending are left alone. Not necessarily fsync'd: after a power
+    /// loss a delivered row may be pending again and is delivered a second time, which
+    /// receivers absorb by de-duplicating on the reading id.
+    fn outbox_settle(&self, settlement: &Settlement, at: OffsetDateTime) -> Result<(), StoreError>;
+
+    /// Pending, delivered and dead counts and the oldest pending reading, per registered target.
+    fn outbox_stats(&self) -> Result<Vec<OutboxStats>, StoreError>;
+
+    /// Dead letters, of one target or all, oldest first, at most `limit`.
+    fn outbox_dead(
+        &self,
+        target: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// Puts dead letters back to pending (attempts reset): those listed in `ids`, or all of
+    /// them when `ids` is empty; only of `target` if given. Returns how many were put back.
+    fn outbox_retry(&self, target: Option<&str>, ids: &[i64]) -> Result<u64, StoreError>;
 
     /// Records security events in one durable transaction; returns their ids, in order.
     fn record_security_events(&self, events: &[SecurityEvent]) -> Result<Vec<i64>, StoreError>;

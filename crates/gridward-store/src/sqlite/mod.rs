@@ -29,6 +29,7 @@
 //! the first message signed more than a day before `since` (signing times follow the head-end's
 //! clock within the freshness window, so a meter's older messages cannot be newer than that).
 
+mod outbox;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -49,6 +50,7 @@ use crate::model::{
     Accepted, AcceptedBody, Counts, MeterEventQuery, MeterRow, Outcome, ReadingQuery,
     SecurityEvent, SecurityEventQuery, StoredMeterEvent, StoredReading, StoredSecurityEvent,
 };
+use crate::outbox::{DeadLetter, OutboxItem, OutboxStats, Settlement, TargetId};
 use crate::store::Store;
 
 /// How far back (in messages of the same meter) a counter that is not above the last one is
@@ -186,7 +188,11 @@ fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
 }
 
 impl Store for SqliteStore {
-    fn commit(&self, batch: &[Accepted]) -> Result<Vec<Outcome>, StoreError> {
+    fn commit_with_outbox(
+        &self,
+        batch: &[Accepted],
+        targets: &[TargetId],
+    ) -> Result<Vec<Outcome>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
@@ -199,10 +205,68 @@ impl Store for SqliteStore {
         let tx = Self::durable_tx(&mut conn)?;
         let mut outcomes = Vec::with_capacity(batch.len());
         for (item, row) in batch.iter().zip(&rows) {
-            outcomes.push(commit_one(&tx, item, row)?);
+            let outcome = commit_one(&tx, item, row)?;
+            if let Outcome::Stored { id } = outcome
+                && row.kind == KIND_READING
+            {
+                outbox::enqueue(&tx, id, targets)?;
+            }
+            outcomes.push(outcome);
         }
         tx.commit()?;
         Ok(outcomes)
+    }
+
+    fn register_outbox_target(&self, name: &str) -> Result<TargetId, StoreError> {
+        let mut conn = self.writer();
+        let tx = Self::durable_tx(&mut conn)?;
+        let id = outbox::register_target(&tx, name)?;
+        tx.commit()?;
+        Ok(id)
+    }
+
+    fn outbox_pending(
+        &self,
+        target: TargetId,
+        limit: usize,
+    ) -> Result<Vec<OutboxItem>, StoreError> {
+        outbox::pending(&self.reader(), target, limit)
+    }
+
+    fn outbox_settle(&self, settlement: &Settlement, at: OffsetDateTime) -> Result<(), StoreError> {
+        if settlement.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.writer();
+        // Not fsync'd (see the trait): a delivery lost to a power cut is repeated, and receivers
+        // de-duplicate; the next durable commit syncs these frames with its own.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        outbox::settle(&tx, settlement, at)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn outbox_stats(&self) -> Result<Vec<OutboxStats>, StoreError> {
+        let mut conn = self.reader();
+        let tx = conn.transaction()?;
+        outbox::stats(&tx)
+    }
+
+    fn outbox_dead(
+        &self,
+        target: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        outbox::dead(&self.reader(), target, limit)
+    }
+
+    fn outbox_retry(&self, target: Option<&str>, ids: &[i64]) -> Result<u64, StoreError> {
+        let mut conn = self.writer();
+        let tx = Self::durable_tx(&mut conn)?;
+        let n = outbox::retry(&tx, target, ids)?;
+        tx.commit()?;
+        Ok(n)
     }
 
     fn record_security_events(&self, events: &[SecurityEvent]) -> Result<Vec<i64>, StoreError> {

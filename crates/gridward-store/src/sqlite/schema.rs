@@ -15,6 +15,13 @@
 //!   `throughput` tests in `tests.rs`). Meter events, being rare, have a partial index.
 //! - `security_events`: append-only, indexed by time.
 //!
+//! ## Version 2: the outbox
+//!
+//! - `outbox_targets`: downstream targets by name.
+//! - `outbox`: one row per stored reading and target, appended in the reading's transaction
+//!   (`state` 0 pending, 1 delivered, 2 dead). Partial indexes cover the pending and the dead
+//!   rows only: appends go to the end of both, and delivered rows leave the pending index.
+//!
 //! Times are integers, microseconds since 1970-01-01 UTC. Counters are `u64` stored bit for bit
 //! in SQLite's signed 64-bit integers (values above `i64::MAX` read negative in SQL); the store
 //! compares them in Rust, never in SQL.
@@ -28,7 +35,7 @@ pub const APPLICATION_ID: i32 = 0x4752_4457;
 
 /// The migration steps, oldest first. Step `i` takes the schema from version `i` to `i + 1`.
 /// Never edit a released step: append a new one.
-pub(crate) const MIGRATIONS: &[&str] = &[V1];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
 
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -75,6 +82,26 @@ CREATE TABLE security_events (
 ) STRICT;
 
 CREATE INDEX security_events_at ON security_events (at);
+";
+
+const V2: &str = "
+CREATE TABLE outbox_targets (
+    id   INTEGER PRIMARY KEY,
+    name TEXT    NOT NULL UNIQUE
+) STRICT;
+
+CREATE TABLE outbox (
+    id         INTEGER PRIMARY KEY,
+    target     INTEGER NOT NULL REFERENCES outbox_targets (id),
+    message    INTEGER NOT NULL REFERENCES messages (id),
+    state      INTEGER NOT NULL DEFAULT 0 CHECK (state IN (0, 1, 2)),
+    attempts   INTEGER NOT NULL DEFAULT 0,
+    settled_at INTEGER,
+    last_error TEXT
+) STRICT;
+
+CREATE INDEX outbox_pending ON outbox (target, id) WHERE state = 0;
+CREATE INDEX outbox_dead ON outbox (target, id) WHERE state = 2;
 ";
 
 /// Checks that `conn` is a new or a Gridward database no newer than `steps` knows, then applies

@@ -1056,3 +1056,214 @@ fn throughput_of(name: &str, extra_sql: Option<&str>) {
         + std::fs::metadata(dir.path().join("bench.db-wal")).map_or(0, |m| m.len());
     println!("database + WAL: {:.1} MB", size as f64 / 1e6);
 }
+
+mod outbox {
+    //! The outbox: rows written with the reading, read in commit order, settled.
+
+    use super::*;
+    use crate::outbox::{Settlement, TargetId};
+
+    fn pending_ids(store: &dyn Store, target: TargetId) -> Vec<(String, u64)> {
+        store
+            .outbox_pending(target, 1000)
+            .unwrap()
+            .iter()
+            .map(|i| (i.meter_id.to_string(), i.counter))
+            .collect()
+    }
+
+    fn stats_of(store: &dyn Store, name: &str) -> (u64, u64, u64) {
+        let s = store.outbox_stats().unwrap();
+        let s = s.iter().find(|s| s.target == name).unwrap();
+        (s.pending, s.delivered, s.dead)
+    }
+
+    #[test]
+    fn rows_are_written_with_stored_readings_only() {
+        for (store, _dir) in stores() {
+            let billing = store.register_outbox_target("billing").unwrap();
+            let mdm = store.register_outbox_target("mdm").unwrap();
+            assert_eq!(store.register_outbox_target("billing").unwrap(), billing);
+            assert_ne!(billing, mdm);
+            let targets = [billing, mdm];
+
+            store
+                .commit_with_outbox(&[reading("m-1", 1, 1.0)], &targets)
+                .unwrap();
+            let mut forged = reading("m-1", 1, 1.5);
+            forged.envelope.push(1);
+            let out = store
+                .commit_with_outbox(
+                    &[
+                        reading("m-2", 1, 3.0),
+                        reading("m-1", 1, 1.0),                  // duplicate
+                        forged,                                  // replay
+                        reading("m-2", 2, 2.0),                  // register backwards
+                        event("m-1", 2, EventKind::CoverOpened), // events are not forwarded
+                        reading("m-1", 3, 1.25),
+                    ],
+                    &targets,
+                )
+                .unwrap();
+            assert!(matches!(out[0], Outcome::Stored { .. }));
+            assert_eq!(out[1], Outcome::Duplicate);
+            assert!(matches!(out[2], Outcome::Replay { .. }));
+            assert!(matches!(out[3], Outcome::RegisterWentBackwards { .. }));
+            assert!(matches!(out[4], Outcome::Stored { .. }));
+            assert!(matches!(out[5], Outcome::Stored { .. }));
+
+            let expected = vec![
+                ("m-1".to_owned(), 1),
+                ("m-2".to_owned(), 1),
+                ("m-1".to_owned(), 3),
+            ];
+            assert_eq!(pending_ids(store.as_ref(), billing), expected);
+            assert_eq!(pending_ids(store.as_ref(), mdm), expected);
+
+            let items = store.outbox_pending(billing, 10).unwrap();
+            assert_eq!(items[2].energy_kwh, 1.25);
+            assert_eq!(items[2].reading_id(), "m-1-3");
+            assert_eq!(items[2].taken_at, reading("m-1", 3, 1.25).taken_at);
+            assert_eq!(items[2].queued_at, reading("m-1", 3, 1.25).received_at);
+            assert_eq!(items[2].message_id, stored_id(&out[5]));
+            assert_eq!(items[0].attempts, 0);
+            assert_eq!(store.outbox_pending(billing, 2).unwrap().len(), 2);
+
+            // A plain commit queues nothing.
+            store.commit(&[reading("m-9", 1, 1.0)]).unwrap();
+            assert_eq!(stats_of(store.as_ref(), "billing"), (3, 0, 0));
+        }
+    }
+
+    #[test]
+    fn settle_delivered_failed_dead_and_retry() {
+        for (store, _dir) in stores() {
+            let t = store.register_outbox_target("billing").unwrap();
+            let other = store.register_outbox_target("mdm").unwrap();
+            let batch: Vec<Accepted> = (1..=4).map(|c| reading("m-1", c, c as f64)).collect();
+            store.commit_with_outbox(&batch, &[t, other]).unwrap();
+            let items = store.outbox_pending(t, 10).unwrap();
+            let ids: Vec<i64> = items.iter().map(|i| i.id).collect();
+
+            let at = T0 + Duration::hours(1);
+            store
+                .outbox_settle(
+                    &Settlement {
+                        delivered: vec![ids[0]],
+                        failed: vec![(ids[1], "HTTP 503".into())],
+                        dead: vec![(ids[2], "HTTP 422: bad reading".into())],
+                    },
+                    at,
+                )
+                .unwrap();
+            let pending = store.outbox_pending(t, 10).unwrap();
+            assert_eq!(
+                pending.iter().map(|i| i.id).collect::<Vec<_>>(),
+                vec![ids[1], ids[3]]
+            );
+            assert_eq!(pending[0].attempts, 1);
+            assert_eq!(stats_of(store.as_ref(), "billing"), (2, 1, 1));
+            // The other target is untouched.
+            assert_eq!(stats_of(store.as_ref(), "mdm"), (4, 0, 0));
+            let stats = store.outbox_stats().unwrap();
+            let billing = stats.iter().find(|s| s.target == "billing").unwrap();
+            assert_eq!(
+                billing.oldest_pending,
+                Some(reading("m-1", 2, 2.0).received_at)
+            );
+
+            let dead = store.outbox_dead(None, 10).unwrap();
+            assert_eq!(dead.len(), 1);
+            assert_eq!(dead[0].id, ids[2]);
+            assert_eq!(dead[0].counter, 3);
+            assert_eq!(dead[0].target, "billing");
+            assert_eq!(dead[0].attempts, 1);
+            assert_eq!(dead[0].dead_at, at);
+            assert_eq!(dead[0].reason, "HTTP 422: bad reading");
+            assert!(store.outbox_dead(Some("mdm"), 10).unwrap().is_empty());
+
+            // Settling a row that is no longer pending changes nothing.
+            store
+                .outbox_settle(
+                    &Settlement {
+                        delivered: vec![ids[2]],
+                        failed: vec![(ids[0], "late".into())],
+                        ..Settlement::default()
+                    },
+                    at,
+                )
+                .unwrap();
+            assert_eq!(stats_of(store.as_ref(), "billing"), (2, 1, 1));
+
+            // Retry: only dead rows, only of the named target; back in commit order.
+            assert_eq!(store.outbox_retry(Some("mdm"), &[]).unwrap(), 0);
+            assert_eq!(store.outbox_retry(None, &[ids[0]]).unwrap(), 0);
+            assert_eq!(store.outbox_retry(Some("billing"), &[ids[2]]).unwrap(), 1);
+            let pending = store.outbox_pending(t, 10).unwrap();
+            assert_eq!(
+                pending.iter().map(|i| i.counter).collect::<Vec<_>>(),
+                vec![2, 3, 4]
+            );
+            assert_eq!(pending[1].attempts, 0);
+            assert_eq!(stats_of(store.as_ref(), "billing"), (3, 1, 0));
+        }
+    }
+
+    #[test]
+    fn long_errors_are_cut_at_a_character_boundary() {
+        let store = SqliteStore::open_in_memory().unwrap();
+        let t = store.register_outbox_target("t").unwrap();
+        store
+            .commit_with_outbox(&[reading("m-1", 1, 1.0)], &[t])
+            .unwrap();
+        let id = store.outbox_pending(t, 1).unwrap()[0].id;
+        let long = "é".repeat(1000);
+        store
+            .outbox_settle(
+                &Settlement {
+                    dead: vec![(id, long)],
+                    ..Settlement::default()
+                },
+                T0,
+            )
+            .unwrap();
+        let dead = store.outbox_dead(Some("t"), 1).unwrap();
+        assert!(dead[0].reason.len() <= 500 && dead[0].reason.starts_with("éé"));
+    }
+
+    #[test]
+    fn outbox_survives_reopening_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gridward.db");
+        {
+            let store = SqliteStore::open(&path).unwrap();
+            let t = store.register_outbox_target("billing").unwrap();
+            store
+                .commit_with_outbox(&[reading("m-1", 1, 1.0), reading("m-1", 2, 2.0)], &[t])
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let t = store.register_outbox_target("billing").unwrap();
+        assert_eq!(
+            pending_ids(&store, t),
+            vec![("m-1".to_owned(), 1), ("m-1".to_owned(), 2)]
+        );
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_with_its_readings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+            schema::migrate(&mut conn, &schema::MIGRATIONS[..1]).unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        let t = store.register_outbox_target("billing").unwrap();
+        store
+            .commit_with_outbox(&[reading("m-1", 1, 1.0)], &[t])
+            .unwrap();
+        assert_eq!(pending_ids(&store, t), vec![("m-1".to_owned(), 1)]);
+    }
+}
