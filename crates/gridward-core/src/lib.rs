@@ -17,14 +17,20 @@
 //! - [`envelope`]: the COSE_Sign1 (RFC 9052) envelope every meter message travels in;
 //!   only verification produces a [`envelope::VerifiedEnvelope`].
 //! - [`replay`]: the per-meter counter and time-window check.
+//! - [`backoff`]: retry delays, exponential with full jitter (the randomness is passed in).
 //! - [`security`]: [`security::SecurityEvent`] and the stable reason codes every refusal carries.
+//! - [`httpsig`]: HTTP Message Signatures (RFC 9421) and `Content-Digest` (RFC 9530) for the
+//!   requests Gridward forwards downstream; only [`httpsig::verify_request`] produces a
+//!   [`httpsig::VerifiedSignature`].
 //!
 //! The wire format is specified in `docs/wire-format.md` at the repository root.
 
 #![forbid(unsafe_code)]
 
+pub mod backoff;
 pub mod document;
 pub mod envelope;
+pub mod httpsig;
 pub mod meter_id;
 pub mod replay;
 pub mod security;

@@ -18,7 +18,8 @@
 //! - [`outbox`]: unacknowledged messages on disk, resent after a crash of the meter process.
 //! - [`meter`]: one meter as a state machine: readings, events, resend, and the misbehaving
 //!   devices of demonstrations ([`meter::Misbehaviour`]: replay, tamper, revoked certificate).
-//! - [`backoff`]: reconnect delays with exponential backoff and full jitter.
+//! - [`backoff`]: reconnect delays with exponential backoff and full jitter (the head-end's
+//!   forwarder uses the same, from `gridward_core::backoff`).
 //! - [`identity`]: a meter's TLS configuration and envelope key from a PKI directory.
 //! - [`sign`]: signing a document given on the command line (`gridward meter sign`).
 //! - [`fleet`]: N meters in one process over MQTT/TLS, one tokio task each.
@@ -38,7 +39,7 @@
 
 #![forbid(unsafe_code)]
 
-pub mod backoff;
+pub use gridward_core::backoff;
 pub mod counter;
 pub mod fleet;
 pub mod identity;

@@ -1,4 +1,4 @@
-//! Reconnect delays: exponential backoff with full jitter.
+//! Retry delays: exponential backoff with full jitter (meters reconnecting, the forwarder retrying).
 //!
 //! After the `n`-th failure in a row the delay is drawn uniformly from `[0, min(cap, base · 2ⁿ)]`
 //! ("full jitter"): 10,000 meters that lose the head-end at the same instant come back spread
