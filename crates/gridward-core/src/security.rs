@@ -15,12 +15,24 @@ use crate::replay::FreshnessError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Reason {
-    /// The TLS handshake failed (no certificate, unknown CA, bad protocol or suite, ...).
+    /// The TLS handshake failed for a reason no more specific variant names (bad protocol
+    /// version or cipher suite, a malformed certificate, garbage instead of TLS, EOF, ...).
     TlsHandshakeFailed,
+    /// The client presented no certificate.
+    CertificateMissing,
+    /// The client certificate does not chain to a trusted CA: unknown issuer, a signature in the
+    /// chain that does not verify with its claimed issuer's key, or one made with an
+    /// unsupported algorithm.
+    CertificateUntrusted,
+    /// The client certificate's extended key usage does not allow this use (e.g. a server
+    /// certificate presented as a client certificate).
+    CertificateWrongPurpose,
     /// The client certificate is revoked.
     CertificateRevoked,
-    /// The client certificate is expired or not yet valid.
+    /// The client certificate is expired.
     CertificateExpired,
+    /// The client certificate is not valid yet.
+    CertificateNotYetValid,
     /// The CRL needed to check a certificate is expired or missing (fail closed).
     CrlUnavailable,
     /// The certificate does not carry a usable identity for this endpoint.
@@ -59,14 +71,21 @@ pub enum Reason {
     InvalidDocument,
     /// A reading's register is lower than the meter's last one.
     RegisterWentBackwards,
+    /// A downstream target (billing, MDM) refused a forwarded reading for good (a 4xx other
+    /// than 408/429): the reading is a dead letter until an operator retries it.
+    DownstreamRejected,
 }
 
 impl Reason {
     /// Every reason, for reports that list counts per reason.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 27] = [
         Reason::TlsHandshakeFailed,
+        Reason::CertificateMissing,
+        Reason::CertificateUntrusted,
+        Reason::CertificateWrongPurpose,
         Reason::CertificateRevoked,
         Reason::CertificateExpired,
+        Reason::CertificateNotYetValid,
         Reason::CrlUnavailable,
         Reason::BadIdentity,
         Reason::ClientIdMismatch,
@@ -86,14 +105,19 @@ impl Reason {
         Reason::FromTheFuture,
         Reason::InvalidDocument,
         Reason::RegisterWentBackwards,
+        Reason::DownstreamRejected,
     ];
 
     /// The stable snake_case code of this reason.
     pub fn code(self) -> &'static str {
         match self {
             Self::TlsHandshakeFailed => "tls_handshake_failed",
+            Self::CertificateMissing => "certificate_missing",
+            Self::CertificateUntrusted => "certificate_untrusted",
+            Self::CertificateWrongPurpose => "certificate_wrong_purpose",
             Self::CertificateRevoked => "certificate_revoked",
             Self::CertificateExpired => "certificate_expired",
+            Self::CertificateNotYetValid => "certificate_not_yet_valid",
             Self::CrlUnavailable => "crl_unavailable",
             Self::BadIdentity => "bad_identity",
             Self::ClientIdMismatch => "client_id_mismatch",
@@ -113,6 +137,7 @@ impl Reason {
             Self::FromTheFuture => "from_the_future",
             Self::InvalidDocument => "invalid_document",
             Self::RegisterWentBackwards => "register_went_backwards",
+            Self::DownstreamRejected => "downstream_rejected",
         }
     }
 
@@ -207,6 +232,28 @@ mod tests {
             assert_eq!(Reason::from_code(r.code()), Some(r));
         }
         assert_eq!(Reason::from_code("nope"), None);
+    }
+
+    #[test]
+    fn certificate_codes_are_distinct_and_stable() {
+        // Operators and alarms key on these strings: changing one is a breaking change.
+        let codes = [
+            (Reason::TlsHandshakeFailed, "tls_handshake_failed"),
+            (Reason::CertificateMissing, "certificate_missing"),
+            (Reason::CertificateUntrusted, "certificate_untrusted"),
+            (Reason::CertificateWrongPurpose, "certificate_wrong_purpose"),
+            (Reason::CertificateRevoked, "certificate_revoked"),
+            (Reason::CertificateExpired, "certificate_expired"),
+            (Reason::CertificateNotYetValid, "certificate_not_yet_valid"),
+            (Reason::CrlUnavailable, "crl_unavailable"),
+        ];
+        for (reason, code) in codes {
+            assert_eq!(reason.code(), code);
+            assert!(
+                Reason::ALL.contains(&reason),
+                "{code} missing from Reason::ALL"
+            );
+        }
     }
 
     #[test]

@@ -69,8 +69,12 @@ impl Verdict {
                 | Reason::BadIdentity
                 | Reason::ClientIdMismatch
                 | Reason::TopicNotAuthorized
+                | Reason::CertificateMissing
+                | Reason::CertificateUntrusted
+                | Reason::CertificateWrongPurpose
                 | Reason::CertificateRevoked
-                | Reason::CertificateExpired => 0x87,
+                | Reason::CertificateExpired
+                | Reason::CertificateNotYetValid => 0x87,
                 Reason::MalformedEnvelope
                 | Reason::InvalidDocument
                 | Reason::RegisterWentBackwards => 0x99,
@@ -148,6 +152,14 @@ mod tests {
             0x99
         );
         assert_eq!(Verdict::Rejected(Reason::Replay).puback_code(V5), 0x80);
+        for certificate in [
+            Reason::CertificateMissing,
+            Reason::CertificateUntrusted,
+            Reason::CertificateWrongPurpose,
+            Reason::CertificateNotYetValid,
+        ] {
+            assert_eq!(Verdict::Rejected(certificate).puback_code(V5), 0x87);
+        }
         assert_eq!(Verdict::Rejected(Reason::BadSignature).puback_code(V311), 0);
     }
 }

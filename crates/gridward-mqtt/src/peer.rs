@@ -1,5 +1,6 @@
 //! The peer's certificate after the TLS handshake: who it is ([`PeerCert::from_der`] via
-//! `gridward_pki::identity_of`), why a handshake failed ([`handshake_reason`]), and which
+//! `gridward_pki::identity_of`), why a handshake failed ([`handshake_reason`], one reason per
+//! certificate-path refusal), and which
 //! certificates are revoked ([`Revocations`]).
 
 use std::collections::HashSet;
@@ -77,10 +78,8 @@ pub fn serial_hex(raw: &[u8]) -> String {
 
 /// The security-event reason for a failed server-side TLS handshake.
 ///
-/// revoked certificate → [`Reason::CertificateRevoked`]; expired or not yet valid →
-/// [`Reason::CertificateExpired`]; expired CRL or unknown revocation status →
-/// [`Reason::CrlUnavailable`]; anything else (no certificate, unknown CA, bad signature,
-/// protocol or suite mismatch, garbage, EOF) → [`Reason::TlsHandshakeFailed`].
+/// Each certificate-path refusal has its own reason (see [`tls_reason`]); anything that is not
+/// a rustls error (garbage instead of TLS, EOF, a reset) → [`Reason::TlsHandshakeFailed`].
 pub fn handshake_reason(err: &io::Error) -> Reason {
     match err
         .get_ref()
@@ -92,19 +91,50 @@ pub fn handshake_reason(err: &io::Error) -> Reason {
 }
 
 /// [`handshake_reason`] for a rustls error.
+///
+/// | rustls error | reason |
+/// | --- | --- |
+/// | `NoCertificatesPresented` | [`Reason::CertificateMissing`] |
+/// | `UnknownIssuer`, `BadSignature`, unsupported signature algorithms | [`Reason::CertificateUntrusted`] |
+/// | `InvalidPurpose` (EKU) | [`Reason::CertificateWrongPurpose`] |
+/// | `Revoked` | [`Reason::CertificateRevoked`] |
+/// | `Expired` | [`Reason::CertificateExpired`] |
+/// | `NotValidYet` | [`Reason::CertificateNotYetValid`] |
+/// | `ExpiredRevocationList`, `UnknownRevocationStatus` | [`Reason::CrlUnavailable`] |
+/// | anything else (protocol, suite, encoding, ...) | [`Reason::TlsHandshakeFailed`] |
+///
+/// The `...Context` forms of these errors map like their plain forms.
 pub fn tls_reason(err: &rustls::Error) -> Reason {
     match err {
-        rustls::Error::InvalidCertificate(c) => match c {
-            CertificateError::Revoked => Reason::CertificateRevoked,
-            CertificateError::Expired
-            | CertificateError::ExpiredContext { .. }
-            | CertificateError::NotValidYet
-            | CertificateError::NotValidYetContext { .. } => Reason::CertificateExpired,
-            CertificateError::ExpiredRevocationList
-            | CertificateError::ExpiredRevocationListContext { .. }
-            | CertificateError::UnknownRevocationStatus => Reason::CrlUnavailable,
-            _ => Reason::TlsHandshakeFailed,
-        },
+        rustls::Error::NoCertificatesPresented => Reason::CertificateMissing,
+        rustls::Error::InvalidCertificate(c) => certificate_reason(c),
+        _ => Reason::TlsHandshakeFailed,
+    }
+}
+
+fn certificate_reason(err: &CertificateError) -> Reason {
+    #[allow(deprecated)] // `UnsupportedSignatureAlgorithm`: still produced by rustls 0.23.
+    match err {
+        CertificateError::UnknownIssuer
+        | CertificateError::BadSignature
+        | CertificateError::UnsupportedSignatureAlgorithm
+        | CertificateError::UnsupportedSignatureAlgorithmContext { .. }
+        | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
+            Reason::CertificateUntrusted
+        }
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            Reason::CertificateWrongPurpose
+        }
+        CertificateError::Revoked => Reason::CertificateRevoked,
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            Reason::CertificateExpired
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            Reason::CertificateNotYetValid
+        }
+        CertificateError::ExpiredRevocationList
+        | CertificateError::ExpiredRevocationListContext { .. }
+        | CertificateError::UnknownRevocationStatus => Reason::CrlUnavailable,
         _ => Reason::TlsHandshakeFailed,
     }
 }
@@ -211,36 +241,86 @@ mod tests {
 
     #[test]
     fn reasons_of_handshake_errors() {
-        let wrap = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
-        let cert = |c| wrap(rustls::Error::InvalidCertificate(c));
-        assert_eq!(
-            handshake_reason(&cert(CertificateError::Revoked)),
-            Reason::CertificateRevoked
-        );
-        assert_eq!(
-            handshake_reason(&cert(CertificateError::Expired)),
-            Reason::CertificateExpired
-        );
-        assert_eq!(
-            handshake_reason(&cert(CertificateError::NotValidYet)),
-            Reason::CertificateExpired
-        );
-        assert_eq!(
-            handshake_reason(&cert(CertificateError::ExpiredRevocationList)),
-            Reason::CrlUnavailable
-        );
-        assert_eq!(
-            handshake_reason(&cert(CertificateError::UnknownRevocationStatus)),
-            Reason::CrlUnavailable
-        );
-        assert_eq!(
-            handshake_reason(&cert(CertificateError::UnknownIssuer)),
-            Reason::TlsHandshakeFailed
-        );
-        assert_eq!(
-            handshake_reason(&wrap(rustls::Error::NoCertificatesPresented)),
-            Reason::TlsHandshakeFailed
-        );
+        use rustls::pki_types::UnixTime;
+        use rustls::{Error, ExtendedKeyPurpose};
+        let t = UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_700_000_000));
+        let cert = |c| Error::InvalidCertificate(c);
+        let cases = [
+            (Error::NoCertificatesPresented, Reason::CertificateMissing),
+            (
+                cert(CertificateError::UnknownIssuer),
+                Reason::CertificateUntrusted,
+            ),
+            (
+                cert(CertificateError::BadSignature),
+                Reason::CertificateUntrusted,
+            ),
+            (
+                cert(CertificateError::UnsupportedSignatureAlgorithmContext {
+                    signature_algorithm_id: vec![1],
+                    supported_algorithms: vec![],
+                }),
+                Reason::CertificateUntrusted,
+            ),
+            (
+                cert(CertificateError::InvalidPurpose),
+                Reason::CertificateWrongPurpose,
+            ),
+            (
+                cert(CertificateError::InvalidPurposeContext {
+                    required: ExtendedKeyPurpose::ClientAuth,
+                    presented: vec![ExtendedKeyPurpose::ServerAuth],
+                }),
+                Reason::CertificateWrongPurpose,
+            ),
+            (cert(CertificateError::Revoked), Reason::CertificateRevoked),
+            (cert(CertificateError::Expired), Reason::CertificateExpired),
+            (
+                cert(CertificateError::ExpiredContext {
+                    time: t,
+                    not_after: t,
+                }),
+                Reason::CertificateExpired,
+            ),
+            (
+                cert(CertificateError::NotValidYet),
+                Reason::CertificateNotYetValid,
+            ),
+            (
+                cert(CertificateError::NotValidYetContext {
+                    time: t,
+                    not_before: t,
+                }),
+                Reason::CertificateNotYetValid,
+            ),
+            (
+                cert(CertificateError::ExpiredRevocationList),
+                Reason::CrlUnavailable,
+            ),
+            (
+                cert(CertificateError::ExpiredRevocationListContext {
+                    time: t,
+                    next_update: t,
+                }),
+                Reason::CrlUnavailable,
+            ),
+            (
+                cert(CertificateError::UnknownRevocationStatus),
+                Reason::CrlUnavailable,
+            ),
+            (
+                cert(CertificateError::BadEncoding),
+                Reason::TlsHandshakeFailed,
+            ),
+            (
+                Error::PeerIncompatible(rustls::PeerIncompatible::NoCipherSuitesInCommon),
+                Reason::TlsHandshakeFailed,
+            ),
+        ];
+        for (err, reason) in cases {
+            let wrapped = io::Error::new(io::ErrorKind::InvalidData, err.clone());
+            assert_eq!(handshake_reason(&wrapped), reason, "{err:?}");
+        }
         assert_eq!(
             handshake_reason(&io::Error::from(io::ErrorKind::UnexpectedEof)),
             Reason::TlsHandshakeFailed

@@ -631,11 +631,73 @@ async fn subscriptions_other_than_own_commands_fail() {
     );
 }
 
+/// A client TLS configuration with `chain`/`key` from `leaf` and this PKI's roots and CRLs (so
+/// the client trusts the server and only the server's verdict on `leaf` matters).
+fn client_presenting(fx: &Fixture, leaf: TlsMaterial) -> Arc<ClientConfig> {
+    let ours = fx.server_material();
+    client_config(&TlsMaterial {
+        chain: leaf.chain,
+        key: leaf.key,
+        roots: ours.roots,
+        crls: ours.crls,
+    })
+    .unwrap()
+}
+
+/// A foreign PKI (organisation `org`) that issued its own meter `id`.
+fn foreign_meter(fx: &Fixture, org: &str, id: &str) -> (tempfile::TempDir, TlsMaterial) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut init = InitOptions::new(ACTOR, fx.now);
+    init.org = org.into();
+    let foreign = Pki::init(&tmp.path().join("pki"), &init).unwrap();
+    foreign
+        .issue_meter(
+            &MeterId::new(id).unwrap(),
+            &IssueOptions::new(ACTOR),
+            fx.now,
+        )
+        .unwrap();
+    let m = foreign.tls_material(LeafKind::Meter, id).unwrap();
+    (tmp, m)
+}
+
+/// Connects with `cfg` as ClientID `id`, requires the connection to be refused, and waits for
+/// exactly one more event, which must carry `reason` and `detail` (e.g. the rustls error).
+async fn assert_tls_refused(
+    srv: &Server,
+    rec: &Recorder,
+    cfg: Arc<ClientConfig>,
+    id: &str,
+    reason: Reason,
+    detail: &str,
+) {
+    let before = rec.reasons().len();
+    let r = connect_tls(srv.addr, "localhost", cfg, &opts(id, Protocol::V311)).await;
+    assert!(r.is_err(), "{reason}: the handshake succeeded");
+    wait_until(&format!("a {reason} event"), || {
+        rec.reasons().len() > before
+    })
+    .await;
+    let events = rec.events.lock().unwrap()[before..].to_vec();
+    assert_eq!(
+        events.iter().map(|e| e.reason).collect::<Vec<_>>(),
+        [reason],
+        "{events:#?}"
+    );
+    assert!(
+        events[0].detail.contains(detail),
+        "{reason}: the detail does not name {detail:?}: {events:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_refusals_carry_the_right_reason() {
     let fx = Fixture::new();
     let rec = Arc::new(Recorder::default());
-    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    // Every refusal below comes from 127.0.0.1; banning (its own tests) would end the list early.
+    let mut cfg = EndpointConfig::default();
+    cfg.ban_after_failures = 0;
+    let srv = start(&fx, cfg, &rec).await;
     let ours = fx.server_material();
 
     // No client certificate.
@@ -648,47 +710,57 @@ async fn tls_refusals_carry_the_right_reason() {
             .with_root_certificates(roots)
             .with_no_client_auth(),
     );
-    assert!(
-        connect_tls(srv.addr, "localhost", anon, &opts("M-1", Protocol::V311))
-            .await
-            .is_err()
-    );
-    wait_until("no-certificate event", || {
-        rec.count(Reason::TlsHandshakeFailed) == 1
-    })
-    .await;
-
-    // A meter certificate from a foreign CA (same meter id).
-    let foreign_tmp = tempfile::tempdir().unwrap();
-    let foreign = Pki::init(
-        &foreign_tmp.path().join("pki"),
-        &InitOptions::new(ACTOR, fx.now),
-    )
-    .unwrap();
-    foreign
+    // Certificate-path refusals, each with its own reason (and the rustls error in the detail).
+    // A foreign CA with other names (same meter id): unknown issuer.
+    let (_t1, other) = foreign_meter(&fx, "Elsewhere", "M-1");
+    // A foreign CA with the same names as ours: the chain names our issuing CA, but its
+    // signature does not verify with our issuing CA's key.
+    let (_t2, twin) = foreign_meter(&fx, "Gridward", "M-1");
+    // A meter certificate that becomes valid in ten days.
+    fx.pki
         .issue_meter(
-            &MeterId::new("M-1").unwrap(),
+            &MeterId::new("NYV-1").unwrap(),
             &IssueOptions::new(ACTOR),
-            fx.now,
+            fx.now + time::Duration::days(10),
         )
         .unwrap();
-    let f = foreign.tls_material(LeafKind::Meter, "M-1").unwrap();
-    let mixed = TlsMaterial {
-        chain: f.chain,
-        key: f.key,
-        roots: ours.roots.clone(),
-        crls: ours.crls.clone(),
-    };
-    let cfg = client_config(&mixed).unwrap();
-    assert!(
-        connect_tls(srv.addr, "localhost", cfg, &opts("M-1", Protocol::V311))
-            .await
-            .is_err()
-    );
-    wait_until("foreign-CA event", || {
-        rec.count(Reason::TlsHandshakeFailed) == 2
-    })
-    .await;
+    let refusals = [
+        (anon, "M-1", Reason::CertificateMissing, "no certificates"),
+        (
+            client_presenting(&fx, other),
+            "M-1",
+            Reason::CertificateUntrusted,
+            "UnknownIssuer",
+        ),
+        (
+            client_presenting(&fx, twin),
+            "M-1",
+            Reason::CertificateUntrusted,
+            "BadSignature",
+        ),
+        // The head-end's own server certificate (EKU serverAuth only) as a client certificate.
+        (
+            client_presenting(&fx, fx.server_material()),
+            "hes",
+            Reason::CertificateWrongPurpose,
+            "extended key usage",
+        ),
+        (
+            fx.meter_tls("EXP-1"),
+            "EXP-1",
+            Reason::CertificateExpired,
+            "certificate expired",
+        ),
+        (
+            fx.meter_tls("NYV-1"),
+            "NYV-1",
+            Reason::CertificateNotYetValid,
+            "not valid yet",
+        ),
+    ];
+    for (cfg, id, reason, detail) in refusals {
+        assert_tls_refused(&srv, &rec, cfg, id, reason, detail).await;
+    }
 
     // A valid certificate of this PKI that is not a meter's (a downstream client).
     fx.pki
@@ -696,33 +768,14 @@ async fn tls_refusals_carry_the_right_reason() {
         .unwrap();
     let billing =
         client_config(&fx.pki.tls_material(LeafKind::Client, "billing").unwrap()).unwrap();
-    assert!(
-        connect_tls(
-            srv.addr,
-            "localhost",
-            billing,
-            &opts("billing", Protocol::V311)
-        )
-        .await
-        .is_err()
-    );
-    wait_until("bad-identity event", || rec.count(Reason::BadIdentity) == 1).await;
-    assert!(
-        rec.event(Reason::BadIdentity)
-            .unwrap()
-            .detail
-            .contains("client billing")
-    );
-
-    // An expired meter certificate.
-    assert!(
-        connect_as(&srv, &fx, "EXP-1", "EXP-1", Protocol::V311)
-            .await
-            .is_err()
-    );
-    wait_until("expired event", || {
-        rec.count(Reason::CertificateExpired) == 1
-    })
+    assert_tls_refused(
+        &srv,
+        &rec,
+        billing,
+        "billing",
+        Reason::BadIdentity,
+        "client billing",
+    )
     .await;
 
     // A revoked one: revoke, then reload the server's material.
@@ -738,14 +791,14 @@ async fn tls_refusals_carry_the_right_reason() {
         )
         .unwrap();
     assert_eq!(srv.ep.reload_from_pki(&fx.dir, "hes").unwrap(), 0);
-    assert!(
-        connect_as(&srv, &fx, "M-3", "M-3", Protocol::V311)
-            .await
-            .is_err()
-    );
-    wait_until("revoked event", || {
-        rec.count(Reason::CertificateRevoked) == 1
-    })
+    assert_tls_refused(
+        &srv,
+        &rec,
+        fx.meter_tls("M-3"),
+        "M-3",
+        Reason::CertificateRevoked,
+        "Revoked",
+    )
     .await;
 
     // An expired CRL: every handshake fails closed. (The meter keeps its fresh CRLs, or it
@@ -760,19 +813,36 @@ async fn tls_refusals_carry_the_right_reason() {
         )
         .unwrap();
     srv.ep.reload_from_pki(&fx.dir, "hes").unwrap();
-    assert!(
-        connect_tls(srv.addr, "localhost", m1, &opts("M-1", Protocol::V311))
-            .await
-            .is_err()
-    );
-    wait_until("CRL event", || rec.count(Reason::CrlUnavailable) == 1).await;
+    assert_tls_refused(
+        &srv,
+        &rec,
+        m1,
+        "M-1",
+        Reason::CrlUnavailable,
+        "revocation list expired",
+    )
+    .await;
 
     // TLS failures carry the source, never a meter id (nothing was proven).
     for e in rec.events.lock().unwrap().iter() {
         assert!(e.source.is_some() && e.meter_id.is_none(), "{e:?}");
     }
     assert!(rec.conns().is_empty());
-    assert!(srv.ep.stats().handshake_failures >= 6);
+    assert!(srv.ep.stats().handshake_failures >= 9);
+    assert_eq!(
+        rec.reasons(),
+        [
+            Reason::CertificateMissing,
+            Reason::CertificateUntrusted,
+            Reason::CertificateUntrusted,
+            Reason::CertificateWrongPurpose,
+            Reason::CertificateExpired,
+            Reason::CertificateNotYetValid,
+            Reason::BadIdentity,
+            Reason::CertificateRevoked,
+            Reason::CrlUnavailable,
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -401,39 +401,9 @@ impl Headend {
             .collect()
     }
 
-    /// The stored counters of `meter`, in the order `gridward readings` lists them (the table
-    /// format; the JSON documents do not carry the envelope's counter).
+    /// The stored counters of `meter` (see [`stored_counters_in`]).
     pub fn stored_counters(&self, meter: &str) -> Vec<u64> {
-        let out = gridward_ok(&[
-            "readings",
-            "--db",
-            &self.db(),
-            "--meter",
-            meter,
-            "--format",
-            "table",
-            "--limit",
-            "1000000",
-        ]);
-        let mut lines = out.lines();
-        let header: Vec<&str> = lines
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .collect();
-        let col = header
-            .iter()
-            .position(|h| *h == "COUNTER")
-            .unwrap_or_else(|| panic!("no COUNTER column in `gridward readings`:\n{out}"));
-        lines
-            .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                l.split_whitespace()
-                    .nth(col)
-                    .and_then(|c| c.parse().ok())
-                    .unwrap_or_else(|| panic!("no counter in row {l:?}"))
-            })
-            .collect()
+        stored_counters_in(&self.db(), meter)
     }
 
     /// Whether `gridward meters` shows `meter` as connected.
@@ -467,12 +437,7 @@ impl Headend {
 
     /// `gridward events`, parsed.
     pub fn events(&self) -> Vec<EventRow> {
-        let out = gridward_ok(&["events", "--db", &self.db(), "--limit", "1000000"]);
-        out.lines()
-            .skip(1)
-            .filter(|l| !l.trim().is_empty())
-            .map(EventRow::parse)
-            .collect()
+        events_in(&self.db(), &[])
     }
 
     /// Waits until there are more than `before` security events and returns the new ones.
@@ -487,6 +452,45 @@ impl Headend {
             || format!("events: {:#?}\nserver log:\n{}", self.events(), self.log()),
         )
     }
+}
+
+/// The stored counters of `meter` in the database `db`, in the order `gridward readings` lists
+/// them (the table format; the JSON documents do not carry the envelope's counter).
+pub fn stored_counters_in(db: &str, meter: &str) -> Vec<u64> {
+    let out = gridward_ok(&[
+        "readings", "--db", db, "--meter", meter, "--format", "table", "--limit", "1000000",
+    ]);
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let col = header
+        .iter()
+        .position(|h| *h == "COUNTER")
+        .unwrap_or_else(|| panic!("no COUNTER column in `gridward readings`:\n{out}"));
+    lines
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            l.split_whitespace()
+                .nth(col)
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("no counter in row {l:?}"))
+        })
+        .collect()
+}
+
+/// `gridward events --db DB ARGS`, parsed.
+pub fn events_in(db: &str, args: &[&str]) -> Vec<EventRow> {
+    let mut all = vec!["events", "--db", db, "--limit", "1000000"];
+    all.extend_from_slice(args);
+    let out = gridward_ok(&all);
+    out.lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .map(EventRow::parse)
+        .collect()
 }
 
 /// A child process killed when dropped (a client left running by a failed test).
@@ -685,24 +689,29 @@ pub struct FleetSummary {
 }
 
 /// The unsigned integers in `s`, in order.
-fn numbers(s: &str) -> Vec<u64> {
+pub fn numbers(s: &str) -> Vec<u64> {
     s.split(|c: char| !c.is_ascii_digit())
         .filter(|w| !w.is_empty())
         .filter_map(|w| w.parse().ok())
         .collect()
 }
 
+/// The (at least `n`) numbers after `prefix` on the first line of `text` that starts with it;
+/// `what` names `text` in the failure message, which shows `all`.
+pub fn line_numbers(text: &str, prefix: &str, n: usize, what: &str, all: &str) -> Vec<u64> {
+    let l = text
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} line in {what}:\n{all}"));
+    let v = numbers(&l[prefix.len()..]);
+    assert!(v.len() >= n, "cannot read {prefix:?} line {l:?}");
+    v
+}
+
 impl FleetSummary {
     fn parse(stdout: &str, all: &str) -> Self {
-        let line = |prefix: &str, n: usize| -> Vec<u64> {
-            let l = stdout
-                .lines()
-                .find(|l| l.starts_with(prefix))
-                .unwrap_or_else(|| panic!("no {prefix:?} line in the fleet's summary:\n{all}"));
-            let v = numbers(&l[prefix.len()..]);
-            assert!(v.len() >= n, "cannot read {prefix:?} line {l:?}");
-            v
-        };
+        let line =
+            |prefix: &str, n: usize| line_numbers(stdout, prefix, n, "the fleet's summary", all);
         let c = line("connections", 3);
         let r = line("readings / events", 3);
         let p = line("published", 2);
@@ -723,4 +732,207 @@ impl FleetSummary {
             text: all.to_owned(),
         }
     }
+}
+
+// ----- the operator views -------------------------------------------------------------------
+
+/// `T` as the CLI's `--since` takes it: RFC 3339, whole seconds.
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).expect("format RFC 3339")
+}
+
+/// `gridward readings --meter METER --format FORMAT [--since SINCE]`: the output lines.
+fn readings_lines(h: &Headend, meter: &str, format: &str, since: Option<&str>) -> Vec<String> {
+    let db = h.db();
+    let mut args = vec![
+        "readings", "--db", &db, "--meter", meter, "--format", format,
+    ];
+    if let Some(s) = since {
+        args.extend(["--since", s]);
+    }
+    gridward_ok(&args)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `gridward events --since SINCE`, parsed.
+fn events_since(h: &Headend, since: &str) -> Vec<EventRow> {
+    events_in(&h.db(), &["--since", since])
+}
+
+#[test]
+fn readings_as_xml_and_since_filters_of_readings_and_events() {
+    use gridward_core::document::{Format, Limits, parse_reading};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = tmp.path().join("pki");
+    new_pki(&pki, "Gridward");
+    issue_meter(&pki, "v-1");
+    let h = Headend::start(tmp.path(), &pki, &[]);
+    let m = MeterFiles::new(&pki, "v-1");
+
+    // Three readings taken two minutes, one minute and zero seconds ago (inside the freshness
+    // window), all received now: `--since` filters on when a reading was taken. The first is
+    // sent as JSON, the others as XML; the XML view shows every one as XML.
+    let base = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .expect("0 ns is valid");
+    let taken = [
+        base - time::Duration::minutes(2),
+        base - time::Duration::minutes(1),
+        base,
+    ];
+    let kwh = [10.5, 11.25, 12.0];
+    for (i, (t, e)) in taken.iter().zip(kwh).enumerate() {
+        let ts = rfc3339(*t);
+        let doc = if i == 0 {
+            format!(r#"{{"MeterID":"v-1","Timestamp":"{ts}","EnergyConsumed":{e}}}"#)
+        } else {
+            format!(
+                "<EnergyUsageReport><MeterID>v-1</MeterID><Timestamp>{ts}</Timestamp>\
+                 <EnergyConsumed>{e}</EnergyConsumed></EnergyUsageReport>"
+            )
+        };
+        let file = tmp.path().join(format!("r{i}.cose"));
+        sign(&m.key, "v-1", i as u64 + 1, None, &doc, &file);
+        let mut pubc = Command::new("mosquitto_pub");
+        pubc.args(["-h", "127.0.0.1", "-p", &h.port.to_string()])
+            .args(["--cafile", &pki.join("ca/root.crt.pem").to_string_lossy()])
+            .args(["--cert", &m.chain, "--key", &m.key, "-i", "v-1", "-d"])
+            .args(["-t", "meters/v-1/readings", "-q", "1", "-f"])
+            .arg(&file);
+        let out = run_with_timeout(&mut pubc, Duration::from_secs(30), MOSQUITTO_HINT);
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("PUBACK"),
+            "reading {i} not acknowledged:\n{}",
+            show(&out)
+        );
+    }
+
+    // Every line of the XML view is an EnergyUsageReport document, the ones stored, oldest
+    // first, and the same readings as the JSON view.
+    let parse_xml = |lines: &[String]| -> Vec<(OffsetDateTime, f64)> {
+        lines
+            .iter()
+            .map(|l| {
+                let r = parse_reading(l.as_bytes(), Format::Xml, &Limits::default())
+                    .unwrap_or_else(|e| panic!("not an EnergyUsageReport document ({e}): {l}"));
+                assert_eq!(r.meter_id.as_str(), "v-1", "{l}");
+                (r.timestamp, r.energy_kwh)
+            })
+            .collect()
+    };
+    let expected = |from: usize| -> Vec<(OffsetDateTime, f64)> {
+        taken[from..]
+            .iter()
+            .copied()
+            .zip(kwh[from..].iter().copied())
+            .collect()
+    };
+    let xml = readings_lines(&h, "v-1", "xml", None);
+    assert_eq!(
+        parse_xml(&xml),
+        expected(0),
+        "gridward readings --format xml:\n{xml:#?}"
+    );
+    let json: Vec<(OffsetDateTime, f64)> = readings_lines(&h, "v-1", "json", None)
+        .iter()
+        .map(|l| {
+            let r = parse_reading(l.as_bytes(), Format::Json, &Limits::default())
+                .unwrap_or_else(|e| panic!("not a JSON reading ({e}): {l}"));
+            (r.timestamp, r.energy_kwh)
+        })
+        .collect();
+    assert_eq!(json, expected(0), "the JSON view differs from the XML view");
+
+    // --since T keeps the readings taken at or after T, in every format and whatever the
+    // offset T is written in.
+    let second = rfc3339(taken[1]);
+    let second_cet = taken[1]
+        .to_offset(time::UtcOffset::from_hms(1, 0, 0).expect("+01:00"))
+        .format(&Rfc3339)
+        .expect("format RFC 3339");
+    for since in [&second, &second_cet] {
+        let xml = readings_lines(&h, "v-1", "xml", Some(since));
+        assert_eq!(parse_xml(&xml), expected(1), "--since {since}:\n{xml:#?}");
+    }
+    let just_after = rfc3339(taken[1] + time::Duration::seconds(1));
+    let xml = readings_lines(&h, "v-1", "xml", Some(&just_after));
+    assert_eq!(
+        parse_xml(&xml),
+        expected(2),
+        "--since {just_after}:\n{xml:#?}"
+    );
+    let table = readings_lines(&h, "v-1", "table", Some(&just_after));
+    assert_eq!(
+        table.len(),
+        2,
+        "--since {just_after}, table: a header and one row:\n{table:#?}"
+    );
+    let later = rfc3339(base + time::Duration::seconds(1));
+    let none = readings_lines(&h, "v-1", "xml", Some(&later));
+    assert!(
+        none.is_empty(),
+        "--since {later} (after every reading):\n{none:#?}"
+    );
+    let out = crate::support::gridward(&[
+        "readings",
+        "--db",
+        &h.db(),
+        "--meter",
+        "v-1",
+        "--since",
+        "yesterday",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("RFC 3339") && !err.contains("panicked"),
+        "a bad --since: {}",
+        show(&out)
+    );
+
+    // `gridward events --since`: a refused connection, then, from a later whole second T on,
+    // another; `--since T` lists only the second one.
+    let refused_connection = |n: usize| {
+        let mut tcp = std::net::TcpStream::connect(("127.0.0.1", h.port)).expect("connect");
+        tcp.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("write");
+        let _ = std::io::Read::read_to_end(&mut tcp, &mut Vec::new());
+        wait_for(
+            Duration::from_secs(10),
+            &format!("{n} security event(s)"),
+            || {
+                let all = h.events();
+                (all.len() >= n).then_some(all)
+            },
+            || h.log(),
+        )
+    };
+    let first = refused_connection(1);
+    let start = rfc3339(base - time::Duration::minutes(10));
+    assert_eq!(
+        events_since(&h, &start),
+        first,
+        "--since before every event"
+    );
+    thread::sleep(Duration::from_millis(1100));
+    let t = OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .expect("0 ns is valid");
+    let both = refused_connection(2);
+    assert_eq!(
+        reasons(&both),
+        ["tls_handshake_failed", "tls_handshake_failed"],
+        "{both:#?}"
+    );
+    assert_eq!(events_since(&h, &start), both, "--since before every event");
+    assert_eq!(
+        events_since(&h, &rfc3339(t)),
+        both[1..],
+        "--since {} (between the two events)",
+        rfc3339(t)
+    );
+    let future = rfc3339(OffsetDateTime::now_utc() + time::Duration::minutes(1));
+    assert!(events_since(&h, &future).is_empty(), "--since {future}");
 }

@@ -2,12 +2,16 @@
 """An independent MQTT client for the interop tests: Eclipse Paho (paho-mqtt 2.x).
 
 Connects over mutual TLS with the given certificate, then publishes one file at QoS 1 and waits
-for its PUBACK, or subscribes to one topic filter and waits for its SUBACK. Prints one JSON line:
+for its PUBACK, or subscribes to one topic filter and waits for its SUBACK; with --hold, then
+stays connected until the server closes the connection or the time is up. Never reconnects.
+Prints one JSON line:
 
   {"connected": bool, "connack": int|null, "puback": int|null, "suback": [int]|null,
    "disconnected": int|null, "error": str|null}
 
-(reason codes as integers; for MQTT 3.1.1 a PUBACK has no reason code and is reported as 0).
+(reason codes as integers, MQTT 5 codes also under MQTT 3.1.1 as paho reports them: a refused
+3.1.1 CONNACK 5 is 135; a 3.1.1 PUBACK has no reason code and is reported as 0;
+"disconnected" is set only when the server or the network ended the connection).
 Exit status: 0 if the operation was acknowledged with success, 1 if it was refused or the
 connection failed, 3 if paho-mqtt is missing.
 """
@@ -46,16 +50,26 @@ def main():
     p.add_argument("--topic", required=True)
     p.add_argument("--file", help="payload to publish at QoS 1")
     p.add_argument("--subscribe", action="store_true", help="subscribe to --topic instead of publishing")
+    p.add_argument("--hold", type=float, default=0.0,
+                   help="after a successful operation, stay connected up to this many seconds "
+                        "or until the server closes the connection")
     p.add_argument("--timeout", type=float, default=10.0)
     a = p.parse_args()
+    if not a.subscribe and not a.file:
+        p.error("--file is required unless --subscribe is given")
 
     result = {"connected": False, "connack": None, "puback": None, "suback": None,
               "disconnected": None, "error": None}
     done = threading.Event()
     connected = threading.Event()
+    closed = threading.Event()
+    closing = threading.Event()
 
     protocol = mqtt.MQTTv5 if a.mqtt == "5" else mqtt.MQTTv311
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=a.client_id, protocol=protocol)
+    # No automatic reconnect: each connection attempt is one the test expects (and one security
+    # event when it is refused).
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=a.client_id, protocol=protocol,
+                         reconnect_on_failure=False)
     client.tls_set(ca_certs=a.cafile, certfile=a.cert, keyfile=a.key,
                    cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
 
@@ -75,9 +89,11 @@ def main():
         done.set()
 
     def on_disconnect(_c, _u, _flags, reason_code, _props):
-        result["disconnected"] = code(reason_code)
+        if not closing.is_set():
+            result["disconnected"] = code(reason_code)
         connected.set()
         done.set()
+        closed.set()
 
     client.on_connect = on_connect
     client.on_publish = on_publish
@@ -103,7 +119,11 @@ def main():
                 ok = bool(result["suback"]) and all(rc < 0x80 for rc in result["suback"])
             else:
                 ok = result["puback"] is not None and result["puback"] < 0x80
-            client.disconnect()
+            if ok and a.hold > 0:
+                closed.wait(a.hold)
+            if not closed.is_set():
+                closing.set()
+                client.disconnect()
         client.loop_stop()
     except (ssl.SSLError, OSError) as e:
         result["error"] = f"{type(e).__name__}: {e}"
