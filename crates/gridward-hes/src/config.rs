@@ -13,6 +13,7 @@ use gridward_core::replay::FreshnessPolicy;
 use gridward_mqtt::EndpointConfig;
 use serde::Deserialize;
 
+use crate::forward::{HttpVersion, TargetSettings, TargetTls};
 use crate::pipeline::PipelineConfig;
 use crate::writer::WriterConfig;
 
@@ -64,6 +65,49 @@ pub struct RawConfig {
     /// `[ingest]`
     #[serde(default)]
     pub ingest: RawIngest,
+    /// `[[forward]]`: downstream targets.
+    #[serde(default)]
+    pub forward: Vec<RawForward>,
+}
+
+/// `[[forward]]`: one downstream target.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForward {
+    /// Short, stable name.
+    pub name: Option<String>,
+    /// `https://` URL readings are posted to.
+    pub url: Option<String>,
+    /// A client certificate of the PKI (DIR/clients/NAME).
+    pub client: Option<String>,
+    /// Or: our certificate chain file.
+    pub cert: Option<PathBuf>,
+    /// Or: its key file.
+    pub key: Option<PathBuf>,
+    /// Or: trust anchors for the target.
+    pub ca: Option<Vec<PathBuf>>,
+    /// Or: CRLs of those CAs.
+    pub crl: Option<Vec<PathBuf>>,
+    /// Request signing key (default: the client certificate's key).
+    pub signing_key: Option<PathBuf>,
+    /// `keyid` of the signatures.
+    pub key_id: Option<String>,
+    /// Rows read per batch.
+    pub batch_size: Option<usize>,
+    /// Requests in flight.
+    pub concurrency: Option<usize>,
+    /// Connection deadline, seconds.
+    pub connect_timeout_secs: Option<u64>,
+    /// Request deadline, seconds.
+    pub request_timeout_secs: Option<u64>,
+    /// Signature validity, seconds.
+    pub signature_validity_secs: Option<u64>,
+    /// `auto`, `http1` or `http2`.
+    pub http: Option<String>,
+    /// First retry delay, milliseconds.
+    pub retry_initial_ms: Option<u64>,
+    /// Longest retry delay, seconds.
+    pub retry_max_secs: Option<u64>,
 }
 
 /// `[pki]`
@@ -147,6 +191,8 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     /// Writer queue and batch sizes.
     pub writer: WriterConfig,
+    /// Downstream targets (none: readings are stored, not forwarded).
+    pub forward: Vec<TargetSettings>,
 }
 
 /// The commented default configuration that `gridward config init` writes.
@@ -197,6 +243,40 @@ max_document_bytes = 65536
 batch_size = 1000
 # Messages waiting for the store before the endpoint slows down (back-pressure, nothing dropped).
 queue_depth = 8192
+
+# Downstream targets (billing, MDM): every stored reading is queued for each target in the same
+# transaction and POSTed as signed JSON over HTTPS with mutual TLS until the target answers 2xx.
+# A 4xx other than 408/429 makes it a dead letter (`gridward outbox`, `gridward outbox retry`).
+# No [[forward]] section: readings are stored only. One section per target:
+#
+# [[forward]]
+# # Short, stable name: the outbox keeps each target's rows under it.
+# name = "billing"
+# url = "https://127.0.0.1:8443/readings"
+# # Our client certificate: one of this PKI's (DIR/clients/NAME, `gridward pki issue client`);
+# # the target's server certificate is checked against this PKI's CA and CRLs.
+# client = "hes"
+# # ... or files, for a target under another CA (all four together):
+# # cert = "client-chain.pem"
+# # key = "client-key.pem"
+# # ca = ["billing-ca.pem"]
+# # crl = ["billing-ca.crl.pem"]
+# # RFC 9421 request signatures: the key (PKCS#8 PEM, Ed25519 or P-256; default: the client
+# # certificate's key) and the keyid the target knows it by (default: the client name).
+# # signing_key = "pki/clients/hes/key.pem"
+# # key_id = "hes"
+# # Rows read from the outbox at once, and requests in flight (one meter's rows go in order).
+# batch_size = 256
+# concurrency = 32
+# connect_timeout_secs = 5
+# request_timeout_secs = 10
+# # Each request's signature expires this many seconds after it was made.
+# signature_validity_secs = 60
+# # "auto" (HTTP/2 or HTTP/1.1 by ALPN), "http1" or "http2".
+# http = "auto"
+# # Retries: exponential backoff with full jitter, from retry_initial_ms up to retry_max_secs.
+# retry_initial_ms = 500
+# retry_max_secs = 30
 "#;
 
 impl Config {
@@ -300,6 +380,18 @@ impl Config {
                 format!("{queue_depth} is outside 1..=10000000"),
             ));
         }
+        let pki_dir = resolve(raw.pki.dir.unwrap_or_else(|| PathBuf::from("pki")));
+        let mut forward: Vec<TargetSettings> = Vec::new();
+        for (i, f) in raw.forward.into_iter().enumerate() {
+            let target = forward_target(f, i, &pki_dir, &resolve, path)?;
+            if forward.iter().any(|t| t.name == target.name) {
+                return Err(invalid(
+                    "forward.name",
+                    format!("two targets are named {:?}", target.name),
+                ));
+            }
+            forward.push(target);
+        }
         let server_name = raw
             .pki
             .server_name
@@ -308,7 +400,7 @@ impl Config {
             return Err(invalid("pki.server_name", "must not be empty".to_owned()));
         }
         Ok(Self {
-            pki_dir: resolve(raw.pki.dir.unwrap_or_else(|| PathBuf::from("pki"))),
+            pki_dir,
             server_name,
             listen,
             endpoint,
@@ -330,8 +422,153 @@ impl Config {
                 queue_depth,
                 ..WriterConfig::default()
             },
+            forward,
         })
     }
+}
+
+/// Checks the `index`-th `[[forward]]` section.
+fn forward_target(
+    f: RawForward,
+    index: usize,
+    pki_dir: &Path,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+    path: &Path,
+) -> Result<TargetSettings, ConfigError> {
+    let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+        path: path.to_owned(),
+        key,
+        message: format!("[[forward]] #{}: {message}", index + 1),
+    };
+    let name = f
+        .name
+        .ok_or_else(|| invalid("forward.name", "missing".to_owned()))?;
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    {
+        return Err(invalid(
+            "forward.name",
+            format!("{name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    let url = f
+        .url
+        .ok_or_else(|| invalid("forward.url", "missing".to_owned()))?;
+    let url = crate::forward::normalize_https_url(&url)
+        .map_err(|m| invalid("forward.url", format!("{url:?}: {m}")))?;
+    let tls = match (f.client, f.cert, f.key, f.ca, f.crl) {
+        (Some(client), None, None, None, None) => {
+            if client.is_empty() {
+                return Err(invalid("forward.client", "must not be empty".to_owned()));
+            }
+            TargetTls::Pki {
+                dir: pki_dir.to_owned(),
+                client,
+            }
+        }
+        (None, Some(cert), Some(key), Some(ca), Some(crl)) if !ca.is_empty() && !crl.is_empty() => {
+            TargetTls::Files {
+                cert: resolve(cert),
+                key: resolve(key),
+                ca: ca.into_iter().map(resolve).collect(),
+                crl: crl.into_iter().map(resolve).collect(),
+            }
+        }
+        _ => {
+            return Err(invalid(
+                "forward.client",
+                "give either `client` (a client certificate of the PKI) or all of `cert`, `key`, \
+                 `ca` and `crl` (non-empty lists)"
+                    .to_owned(),
+            ));
+        }
+    };
+    let mut t = TargetSettings::new(name, url, tls);
+    if let Some(k) = f.signing_key {
+        t.signing_key = Some(resolve(k));
+    }
+    if let Some(id) = f.key_id {
+        if id.is_empty() || id.len() > 256 || !id.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+            return Err(invalid(
+                "forward.key_id",
+                format!("{id:?}: use 1 to 256 printable ASCII characters"),
+            ));
+        }
+        t.key_id = id;
+    }
+    let range = |key: &'static str, v: Option<u64>, default: u64, lo: u64, hi: u64| {
+        let v = v.unwrap_or(default);
+        if (lo..=hi).contains(&v) {
+            Ok(v)
+        } else {
+            Err(invalid(key, format!("{v} is outside {lo}..={hi}")))
+        }
+    };
+    let d = TargetSettings::new("", "", t.tls.clone());
+    t.batch_size = range(
+        "forward.batch_size",
+        f.batch_size.map(|v| v as u64),
+        d.batch_size as u64,
+        1,
+        10_000,
+    )? as usize;
+    t.concurrency = range(
+        "forward.concurrency",
+        f.concurrency.map(|v| v as u64),
+        d.concurrency as u64,
+        1,
+        1024,
+    )? as usize;
+    t.connect_timeout = Duration::from_secs(range(
+        "forward.connect_timeout_secs",
+        f.connect_timeout_secs,
+        d.connect_timeout.as_secs(),
+        1,
+        300,
+    )?);
+    t.request_timeout = Duration::from_secs(range(
+        "forward.request_timeout_secs",
+        f.request_timeout_secs,
+        d.request_timeout.as_secs(),
+        1,
+        600,
+    )?);
+    t.signature_validity = Duration::from_secs(range(
+        "forward.signature_validity_secs",
+        f.signature_validity_secs,
+        d.signature_validity.as_secs(),
+        1,
+        3600,
+    )?);
+    t.retry_initial = Duration::from_millis(range(
+        "forward.retry_initial_ms",
+        f.retry_initial_ms,
+        500,
+        1,
+        600_000,
+    )?);
+    t.retry_max = Duration::from_secs(range(
+        "forward.retry_max_secs",
+        f.retry_max_secs,
+        d.retry_max.as_secs(),
+        1,
+        86_400,
+    )?);
+    t.http = match f.http.as_deref() {
+        None | Some("auto") => HttpVersion::Auto,
+        Some("http1") => HttpVersion::Http1,
+        Some("http2") => HttpVersion::Http2,
+        Some(other) => {
+            return Err(invalid(
+                "forward.http",
+                format!("{other:?}: use \"auto\", \"http1\" or \"http2\""),
+            ));
+        }
+    };
+    Ok(t)
 }
 
 #[cfg(test)]
@@ -353,6 +590,60 @@ mod tests {
         assert_eq!(c.writer.batch_size, 1000);
         assert_eq!(c.pipeline.freshness.max_skew, time::Duration::minutes(5));
         assert_eq!(c.endpoint, EndpointConfig::default());
+        assert!(c.forward.is_empty());
+    }
+
+    #[test]
+    fn forward_targets_are_checked_and_resolved() {
+        // The commented example in the default file, uncommented, is a valid target.
+        let example: String = DEFAULT_TOML
+            .split_once("# [[forward]]")
+            .map(|(_, rest)| format!("# [[forward]]{rest}"))
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("# # "))
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = parse(&example).unwrap();
+        assert_eq!(c.forward.len(), 1);
+        let t = &c.forward[0];
+        assert_eq!(t.name, "billing");
+        assert_eq!(t.url, "https://127.0.0.1:8443/readings");
+        assert_eq!(
+            t.tls,
+            TargetTls::Pki {
+                dir: PathBuf::from("/etc/gridward/pki"),
+                client: "hes".into()
+            }
+        );
+        assert_eq!(t.key_id, "hes");
+        let d = TargetSettings::new("billing", "https://127.0.0.1:8443/readings", t.tls.clone());
+        assert_eq!(*t, d, "the example shows the defaults");
+
+        let c = parse(
+            "[[forward]]\nname = \"mdm\"\nurl = \"https://mdm.example:9443/in\"\n\
+             cert = \"c.pem\"\nkey = \"k.pem\"\nca = [\"ca.pem\"]\ncrl = [\"ca.crl\"]\n\
+             signing_key = \"/keys/sign.pem\"\nkey_id = \"gridward-2026\"\nhttp = \"http1\"\n\
+             batch_size = 10\nconcurrency = 2\nretry_initial_ms = 100\nretry_max_secs = 5\n",
+        )
+        .unwrap();
+        let t = &c.forward[0];
+        assert_eq!(
+            t.tls,
+            TargetTls::Files {
+                cert: "/etc/gridward/c.pem".into(),
+                key: "/etc/gridward/k.pem".into(),
+                ca: vec!["/etc/gridward/ca.pem".into()],
+                crl: vec!["/etc/gridward/ca.crl".into()],
+            }
+        );
+        assert_eq!(t.signing_key.as_deref(), Some(Path::new("/keys/sign.pem")));
+        assert_eq!(t.key_id, "gridward-2026");
+        assert_eq!(t.http, HttpVersion::Http1);
+        assert_eq!((t.batch_size, t.concurrency), (10, 2));
+        assert_eq!(t.retry_initial, Duration::from_millis(100));
+        assert_eq!(t.retry_max, Duration::from_secs(5));
     }
 
     #[test]
@@ -399,6 +690,104 @@ mod tests {
             ),
             "{e}"
         );
+        let e = parse("[[forward]]\nname = \"b\"\nurl = \"http://x/\"\nclient = \"hes\"\n")
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "forward.url",
+                    ..
+                }
+            ) && e.to_string().contains("https://"),
+            "{e}"
+        );
+        let e = parse("[[forward]]\nname = \"b\"\nurl = \"https://x/\"\n").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "forward.client",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = parse(
+            "[[forward]]\nname = \"b\"\nurl = \"https://x/\"\nclient = \"hes\"\ncert = \"c.pem\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "forward.client",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = parse("[[forward]]\nname = \"b c\"\nurl = \"https://x/\"\nclient = \"hes\"\n")
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "forward.name",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = parse(
+            "[[forward]]\nname = \"b\"\nurl = \"https://x/\"\nclient = \"hes\"\nhttp = \"spdy\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "forward.http",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = parse(
+            "[[forward]]\nname = \"b\"\nurl = \"https://x/\"\nclient = \"hes\"\nconcurrency = 0\n",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Invalid {
+                    key: "forward.concurrency",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        for (given, normalized) in [
+            (
+                "https://billing.example:443/in",
+                "https://billing.example/in",
+            ),
+            ("https://billing.example", "https://billing.example/"),
+            (
+                "https://127.0.0.1:8443/readings?x=1",
+                "https://127.0.0.1:8443/readings?x=1",
+            ),
+            ("https://[::1]:443/r", "https://[::1]/r"),
+        ] {
+            let c = parse(&format!(
+                "[[forward]]\nname = \"b\"\nurl = \"{given}\"\nclient = \"hes\"\n"
+            ))
+            .unwrap();
+            assert_eq!(c.forward[0].url, normalized, "{given}");
+        }
+        let two = "[[forward]]\nname = \"b\"\nurl = \"https://x/\"\nclient = \"hes\"\n";
+        let e = parse(&format!("{two}{two}")).unwrap_err();
+        assert!(e.to_string().contains("two targets"), "{e}");
         let e = Config::load(Path::new("/nonexistent/gridward.toml")).unwrap_err();
         assert!(e.to_string().contains("gridward config init"), "{e}");
     }

@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod forward;
 pub mod metrics;
 pub mod pipeline;
 pub mod service;

@@ -125,16 +125,16 @@ impl Pipeline {
     /// current, for [`Writer::start`](crate::writer::Writer::start).
     pub fn last_counters_table(
         counters: impl IntoIterator<Item = (MeterId, u64)>,
-    ) -> (LastCounters, crate::writer::OnCommit) {
+    ) -> (LastCounters, impl Fn(&[(MeterId, u64)]) + Send + 'static) {
         let table: LastCounters = Arc::new(Mutex::new(counters.into_iter().collect()));
         let t = Arc::clone(&table);
-        let on_commit = Box::new(move |advanced: &[(MeterId, u64)]| {
+        let on_commit = move |advanced: &[(MeterId, u64)]| {
             let mut map = t.lock().unwrap_or_else(PoisonError::into_inner);
             for (meter, counter) in advanced {
                 let entry = map.entry(meter.clone()).or_insert(*counter);
                 *entry = (*entry).max(*counter);
             }
-        });
+        };
         (table, on_commit)
     }
 

@@ -11,9 +11,11 @@ use gridward_pki::{LeafKind, Pki, PkiError};
 use gridward_store::{SqliteStore, Store, StoreError};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::forward::{ForwardContext, ForwardError, Forwarders, TargetSnapshot};
 use crate::metrics::Metrics;
 use crate::pipeline::{Clock, Decision, Message, Pipeline};
 use crate::writer::{Writer, WriterThreads};
@@ -34,6 +36,9 @@ pub enum ServiceError {
     /// The endpoint refused its configuration, or reloading failed.
     #[error("MQTT endpoint: {0}")]
     Endpoint(#[from] EndpointError),
+    /// A downstream target's certificates or keys could not be loaded.
+    #[error("downstream {0}")]
+    Forward(#[from] ForwardError),
     /// The listen address could not be bound, or a thread could not start.
     #[error("cannot listen on {addr}: {source}")]
     Io {
@@ -101,6 +106,7 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// The store.
     pub store: Arc<SqliteStore>,
+    forwarders: Forwarders,
     config: Config,
     task: JoinHandle<Result<(), EndpointError>>,
     writer_threads: WriterThreads,
@@ -111,18 +117,48 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
     let material =
         Pki::open(&config.pki_dir, None)?.tls_material(LeafKind::Server, &config.server_name)?;
     let tls = gridward_pki::tls::server_config(&material)?;
+    // Every target's certificates and keys load before anything starts.
+    let mut loaded = Vec::with_capacity(config.forward.len());
+    for target in &config.forward {
+        loaded.push(target.clone().load()?);
+    }
     let store = Arc::new(SqliteStore::open(&config.store_path)?);
     store.disconnect_all(clock())?;
+    let mut targets = Vec::with_capacity(loaded.len());
+    for t in loaded {
+        let id = store.register_outbox_target(&t.settings.name)?;
+        targets.push((id, t, Arc::new(Notify::new())));
+    }
+    let target_ids = targets.iter().map(|(id, _, _)| *id).collect();
+    let notifies: Vec<Arc<Notify>> = targets.iter().map(|(_, _, n)| Arc::clone(n)).collect();
     let metrics = Arc::new(Metrics::new());
-    let (last, on_commit) = Pipeline::last_counters_table(store.last_counters()?);
+    let (last, update_last) = Pipeline::last_counters_table(store.last_counters()?);
+    let on_commit: crate::writer::OnCommit = Box::new(move |advanced: &[(MeterId, u64)]| {
+        update_last(advanced);
+        if !advanced.is_empty() {
+            crate::forward::wake_all(&notifies);
+        }
+    });
     let dyn_store: Arc<dyn Store> = store.clone();
-    let (writer, writer_threads) =
-        Writer::start(dyn_store, config.writer, Arc::clone(&metrics), on_commit).map_err(
-            |source| ServiceError::Io {
-                addr: "writer thread".into(),
-                source,
-            },
-        )?;
+    let (writer, writer_threads) = Writer::start(
+        Arc::clone(&dyn_store),
+        config.writer,
+        Arc::clone(&metrics),
+        on_commit,
+        target_ids,
+    )
+    .map_err(|source| ServiceError::Io {
+        addr: "writer thread".into(),
+        source,
+    })?;
+    let forwarders = Forwarders::start(
+        ForwardContext {
+            store: dyn_store,
+            writer: writer.clone(),
+            clock: Arc::clone(&clock),
+        },
+        targets,
+    );
     let pipeline = Arc::new(Pipeline::new(
         config.pipeline,
         writer.clone(),
@@ -158,6 +194,7 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
         endpoint,
         metrics,
         store,
+        forwarders,
         config: config.clone(),
         task,
         writer_threads,
@@ -168,10 +205,27 @@ impl Running {
     /// Re-reads the server certificate, the roots and the CRLs from the PKI directory: new
     /// handshakes use them, and connected meters whose certificate is now revoked are
     /// disconnected. Returns how many were.
+    ///
+    /// Downstream targets rebuild their HTTPS clients from their files the same way; a target
+    /// whose files fail to load keeps its current client and the failure is returned.
     pub fn reload(&self) -> Result<usize, ServiceError> {
-        Ok(self
+        let closed = self
             .endpoint
-            .reload_from_pki(&self.config.pki_dir, &self.config.server_name)?)
+            .reload_from_pki(&self.config.pki_dir, &self.config.server_name)?;
+        if let Some((_, e)) = self
+            .forwarders
+            .reload(crate::forward::client::HttpsClient::load)
+            .into_iter()
+            .next()
+        {
+            return Err(e.into());
+        }
+        Ok(closed)
+    }
+
+    /// Delivery metrics of every downstream target.
+    pub fn forward_snapshot(&self) -> Vec<TargetSnapshot> {
+        self.forwarders.snapshot()
     }
 
     /// Stops accepting, lets connections drain, writes what is queued, and returns when all is
@@ -184,8 +238,11 @@ impl Running {
         let Running {
             endpoint,
             writer_threads,
+            forwarders,
             ..
         } = self;
+        // The forwarders hold writer handles (for dead-letter events): stop them first.
+        forwarders.shutdown().await;
         drop(endpoint);
         let _ = tokio::task::spawn_blocking(move || writer_threads.join()).await;
     }

@@ -14,7 +14,7 @@ use std::thread;
 
 use gridward_core::MeterId;
 use gridward_core::security::SecurityEvent;
-use gridward_store::{Accepted, Outcome, Store, StoreError};
+use gridward_store::{Accepted, Outcome, Store, StoreError, TargetId};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
@@ -82,12 +82,14 @@ impl Default for WriterConfig {
 
 impl Writer {
     /// Starts the writer threads over `store`. They stop when every [`Writer`] clone is dropped,
-    /// after writing what was queued.
+    /// after writing what was queued. Every stored reading is queued in the outbox for each of
+    /// `outbox` in its own transaction.
     pub fn start(
         store: Arc<dyn Store>,
         config: WriterConfig,
         metrics: Arc<Metrics>,
         on_commit: OnCommit,
+        outbox: Vec<TargetId>,
     ) -> std::io::Result<(Self, WriterThreads)> {
         let (jobs_tx, jobs_rx) = mpsc::channel(config.queue_depth.max(1));
         let (events_tx, events_rx) = mpsc::channel(config.event_queue_depth.max(1));
@@ -96,7 +98,7 @@ impl Writer {
         let m = Arc::clone(&metrics);
         let readings = thread::Builder::new()
             .name("gridward-writer".into())
-            .spawn(move || write_loop(s.as_ref(), jobs_rx, batch_size, &m, &on_commit))?;
+            .spawn(move || write_loop(s.as_ref(), jobs_rx, batch_size, &m, &on_commit, &outbox))?;
         let events = thread::Builder::new()
             .name("gridward-events".into())
             .spawn(move || event_loop(store.as_ref(), events_rx, batch_size))?;
@@ -172,6 +174,7 @@ fn write_loop(
     batch_size: usize,
     metrics: &Metrics,
     on_commit: &OnCommit,
+    outbox: &[TargetId],
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(batch_size);
     while let Some(first) = rx.blocking_recv() {
@@ -183,7 +186,7 @@ fn write_loop(
             }
         }
         let batch: Vec<Accepted> = jobs.iter().map(|j| j.accepted.clone()).collect();
-        match store.commit(&batch) {
+        match store.commit_with_outbox(&batch, outbox) {
             Ok(outcomes) => {
                 metrics.batch();
                 let advanced: Vec<(MeterId, u64)> = batch
