@@ -45,6 +45,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::meter_cmd::FormatArg;
+use crate::sys::{check_nofile, raise_nofile};
 
 /// Marks a work directory made by `gridward bench`, so a later run may reuse and clear it.
 const MARKER: &str = ".gridward-bench";
@@ -73,6 +74,9 @@ enum BenchCommand {
     Idle(IdleArgs),
     /// Reconnect storm: N meters complete mTLS + CONNECT from cold, against Mosquitto.
     Storm(StormArgs),
+    /// Forward: readings/s delivered as signed JSON over mutual TLS to a `gridward sink`, and
+    /// what signing costs of it.
+    Forward(crate::bench_forward::ForwardArgs),
     /// (internal) Create or extend the bench PKI.
     #[command(hide = true)]
     Setup(SetupArgs),
@@ -300,6 +304,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchCommand::Ingest(a) => rt.block_on(ingest(a, nofile)),
         BenchCommand::Idle(a) => rt.block_on(idle(a, nofile)),
         BenchCommand::Storm(a) => rt.block_on(storm(a, nofile)),
+        BenchCommand::Forward(a) => rt.block_on(crate::bench_forward::run(a)),
         BenchCommand::Setup(a) => setup(&a),
         BenchCommand::Load(a) => rt.block_on(load(a)),
     }
@@ -307,43 +312,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 // ----- machine ----------------------------------------------------------------------------
 
-/// Raises the soft limit of open files to the hard limit; returns (soft, hard) afterwards.
-fn raise_nofile() -> Option<(u64, u64)> {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
-    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        return Some((hard, hard));
-    }
-    Some((soft, hard))
-}
-
-/// Checks that `connections` sockets (plus slack) fit under the open-file limit of one process.
-fn check_nofile(nofile: Option<(u64, u64)>, connections: usize) -> Result<()> {
-    let need = connections as u64 + 256;
-    if let Some((soft, hard)) = nofile
-        && soft < need
-    {
-        bail!(
-            "{connections} connections need about {need} open files per process, but the limit is \
-             {soft} (hard limit {hard}); raise it (e.g. `ulimit -Hn {need}` as root, or \
-             LimitNOFILE= in a systemd unit) or use fewer meters"
-        );
-    }
-    Ok(())
-}
-
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".to_owned())
 }
 
-fn cores() -> usize {
+pub(crate) fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// CPU time (user + system) of this process, seconds.
-fn self_cpu() -> f64 {
+pub(crate) fn self_cpu() -> f64 {
     use nix::sys::resource::{UsageWho, getrusage};
     match getrusage(UsageWho::RUSAGE_SELF) {
         Ok(u) => {
@@ -356,17 +336,17 @@ fn self_cpu() -> f64 {
 
 /// What `/proc/PID` says about a process.
 #[derive(Debug, Clone, Copy, Default)]
-struct ProcSample {
+pub(crate) struct ProcSample {
     /// utime + stime, seconds.
-    cpu: f64,
+    pub(crate) cpu: f64,
     /// VmRSS, bytes.
-    rss: u64,
+    pub(crate) rss: u64,
     /// VmHWM (peak RSS), bytes.
-    hwm: u64,
+    pub(crate) hwm: u64,
 }
 
 /// Reads `/proc/{pid}` (`None`: this process; CPU then from getrusage, finer than clock ticks).
-fn proc_sample(pid: Option<u32>) -> Result<ProcSample> {
+pub(crate) fn proc_sample(pid: Option<u32>) -> Result<ProcSample> {
     let dir = pid.map_or_else(
         || PathBuf::from("/proc/self"),
         |p| PathBuf::from(format!("/proc/{p}")),
@@ -414,13 +394,13 @@ fn proc_sample(pid: Option<u32>) -> Result<ProcSample> {
 // ----- work directory and PKI --------------------------------------------------------------
 
 /// The work directory: given, or temporary (removed on drop).
-struct Work {
-    path: PathBuf,
+pub(crate) struct Work {
+    pub(crate) path: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
 
 impl Work {
-    fn new(dir: Option<&Path>) -> Result<Self> {
+    pub(crate) fn new(dir: Option<&Path>) -> Result<Self> {
         match dir {
             Some(d) => {
                 if d.exists() {
@@ -986,7 +966,7 @@ impl Table {
     }
 }
 
-fn write_json(path: Option<&Path>, value: &Value) -> Result<()> {
+pub(crate) fn write_json(path: Option<&Path>, value: &Value) -> Result<()> {
     if let Some(path) = path {
         let text = serde_json::to_string_pretty(value)?;
         std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
@@ -1007,11 +987,11 @@ fn ms_us(us: f64) -> String {
     format!("{:.2} ms", us / 1000.0)
 }
 
-fn mib(bytes: u64) -> String {
+pub(crate) fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
 
-fn rate_str(r: f64) -> String {
+pub(crate) fn rate_str(r: f64) -> String {
     format!("{r:.0}/s")
 }
 

@@ -1,8 +1,10 @@
-//! `gridward demo`: the whole ingest path on one machine, in one command.
+//! `gridward demo`: the whole path on one machine, in one command.
 //!
-//! Creates a PKI in a work directory, starts the head-end on a free loopback port, runs a
-//! fleet of simulated meters (plus a few misbehaving devices) for a bounded time with live
-//! progress, and ends with a report and the commands to look at the data.
+//! Creates a PKI in a work directory, starts a downstream receiver (`gridward sink`, standing
+//! in for billing) and the head-end on free loopback ports, runs a fleet of simulated meters
+//! (plus a few misbehaving devices, and tamper and power events) for a bounded time with live
+//! progress, lets the forwarder catch up, and ends with a report and the commands to look at
+//! the data.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,9 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use gridward_core::MeterId;
-use gridward_core::document::Format;
+use gridward_core::document::{EventKind, Format};
 use gridward_core::security::Reason;
-use gridward_hes::config::{Config, RawConfig};
+use gridward_hes::config::{Config, RawConfig, RawForward};
+use gridward_hes::forward::TargetSnapshot;
 use gridward_hes::metrics::Snapshot;
 use gridward_hes::pipeline::system_clock;
 use gridward_meter::fleet::{Fleet, FleetConfig, FleetReport, MeterSpec};
@@ -20,7 +23,7 @@ use gridward_meter::identity::{MeterIdentity, Trust, load_many};
 use gridward_meter::meter::Misbehaviour;
 use gridward_pki::tls::TlsOptions;
 use gridward_pki::{InitOptions, IssueOptions, LeafKind, Pki, RevocationReason, RevokeTarget};
-use gridward_store::Store;
+use gridward_store::{OutboxStats, Store};
 use time::OffsetDateTime;
 
 /// Marks a directory as made by `gridward demo`, so a later run may clear it.
@@ -64,11 +67,23 @@ const BAD_DEVICES: [(&str, Misbehaviour, bool); 4] = [
     ("retrying", Misbehaviour::ReplayVerbatim, false),
 ];
 
+/// Meter events the demo asks for, a third of the way into the run: (meter, event).
+const DEMO_EVENTS: [(&str, EventKind); 3] = [
+    ("m000002", EventKind::CoverOpened),
+    ("m000003", EventKind::PowerFail),
+    ("m000003", EventKind::PowerRestore),
+];
+
+/// Longest wait, after the meters stop, for the forwarder to deliver what is pending.
+const FORWARD_DRAIN: Duration = Duration::from_secs(30);
+
 /// Runs the demo.
 pub fn run(args: DemoArgs) -> Result<()> {
     if args.meters == 0 || args.duration == 0 || args.interval == 0 {
         bail!("--meters, --duration and --interval must be at least 1");
     }
+    // Meters and head-end in one process: two sockets per meter.
+    crate::sys::check_nofile(crate::sys::raise_nofile(), 2 * args.meters + 64)?;
     prepare_dir(&args.dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -110,9 +125,11 @@ async fn demo(args: DemoArgs) -> Result<()> {
     let now = OffsetDateTime::now_utc();
     println!("Gridward demo in {}", dir.display());
 
-    // 1. The PKI: CA, the head-end's server certificate, the meters.
+    // 1. The PKI: CA, the head-end's server certificate, the sink's, the head-end's client
+    //    certificate for delivering downstream, the meters.
     println!(
-        "1. PKI: root and issuing CA, a server certificate, {} meters and {} misbehaving devices",
+        "1. PKI: root and issuing CA, server certificates for the head-end and the sink, a client \
+         certificate for deliveries, {} meters and {} misbehaving devices",
         args.meters,
         BAD_DEVICES.len()
     );
@@ -124,6 +141,13 @@ async fn demo(args: DemoArgs) -> Result<()> {
         &opts,
         now,
     )?;
+    pki.issue_server(
+        "sink",
+        &["localhost".to_owned(), "127.0.0.1".to_owned()],
+        &opts,
+        now,
+    )?;
+    pki.issue_client("hes", &opts, now)?;
     let bar = indicatif::ProgressBar::new(args.meters as u64).with_style(style(
         "   {bar:40} {pos}/{len} meter certificates ({per_sec})",
     ));
@@ -148,8 +172,33 @@ async fn demo(args: DemoArgs) -> Result<()> {
         }
     }
 
-    // 2. The head-end, on a free loopback port.
-    let mut raw = RawConfig::default();
+    // 2. The downstream receiver (billing), then the head-end, on free loopback ports.
+    let mut keys = gridward_sink::Keys::new();
+    keys.insert(gridward_sink::Keys::load(
+        "hes",
+        &pki_dir.join("clients/hes/cert.pem"),
+    )?);
+    let sink_db = dir.join("sink.db");
+    let sink = gridward_sink::start(gridward_sink::SinkConfig::new(
+        "127.0.0.1:0".parse()?,
+        gridward_sink::tls_from_pki(&pki_dir, "sink", &[], &[])?,
+        keys,
+        sink_db.clone(),
+    ))
+    .await?;
+    let mut raw = RawConfig {
+        forward: vec![RawForward {
+            name: Some("billing".to_owned()),
+            url: Some(format!(
+                "https://127.0.0.1:{}/readings",
+                sink.local_addr().port()
+            )),
+            client: Some("hes".to_owned()),
+            retry_max_secs: Some(5),
+            ..RawForward::default()
+        }],
+        ..RawConfig::default()
+    };
     raw.pki.dir = Some(pki_dir.clone());
     raw.mqtt.listen = Some("127.0.0.1:0".to_owned());
     // Every demo meter comes from 127.0.0.1: the misbehaving ones must not get it banned.
@@ -161,6 +210,11 @@ async fn demo(args: DemoArgs) -> Result<()> {
         "2. head-end listening on {} (MQTT over mutual TLS), store {}",
         running.local_addr,
         config.store_path.display()
+    );
+    println!(
+        "   forwarding to a sink on https://{}/readings (mutual TLS, signed JSON), store {}",
+        sink.local_addr(),
+        sink_db.display()
     );
 
     // 3. The fleet.
@@ -217,22 +271,33 @@ async fn demo(args: DemoArgs) -> Result<()> {
         .with_style(style("   {bar:30} {pos:>3}/{len} s  {msg}"));
     let mut last = (Instant::now(), 0u64);
     let mut peak_connected = 0;
+    let mut events_requested = false;
     while started.elapsed() < run_for {
         tokio::time::sleep(Duration::from_millis(500)).await;
+        if !events_requested && started.elapsed() >= run_for / 3 {
+            events_requested = true;
+            for (meter, kind) in DEMO_EVENTS {
+                if let Ok(id) = MeterId::new(meter) {
+                    fleet.request_event(&id, kind);
+                }
+            }
+        }
         let m = running.metrics.snapshot();
+        let forwarded: u64 = running.forward_snapshot().iter().map(|t| t.delivered).sum();
         let f = fleet.stats().snapshot();
         peak_connected = peak_connected.max(f.connected);
         let rate = (m.accepted - last.1) as f64 / last.0.elapsed().as_secs_f64().max(0.001);
         last = (Instant::now(), m.accepted);
         bar.set_position(started.elapsed().as_secs().min(args.duration));
         bar.set_message(format!(
-            "{} connected · {} sent · {} stored ({:.0}/s) · {} refused · p99 {:.1} ms",
+            "{} connected · {} sent · {} stored ({:.0}/s) · {} refused · p99 {:.1} ms · {} forwarded",
             f.connected,
             f.sent,
             m.accepted,
             rate,
             m.rejected_total(),
-            m.p99.as_secs_f64() * 1000.0
+            m.p99.as_secs_f64() * 1000.0,
+            forwarded
         ));
     }
     bar.finish_and_clear();
@@ -240,28 +305,98 @@ async fn demo(args: DemoArgs) -> Result<()> {
     println!("4. stopping: waiting for the last acknowledgements");
     let report = fleet.stop(Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+    println!(
+        "5. letting the forwarder deliver what is pending (at most {} s)",
+        FORWARD_DRAIN.as_secs()
+    );
+    let outbox = drain_outbox(&running.store).await?;
     let metrics = running.metrics.snapshot();
     let counts = running.store.counts()?;
+    let forward = running.forward_snapshot();
     let store_path = config.store_path.clone();
     running.shutdown().await;
+    let sink_stats = sink.shutdown().await;
     print_report(
         &report,
         &metrics,
         counts.readings,
+        counts.meter_events,
         peak_connected,
         elapsed,
-        &store_path,
     );
+    print_forward_report(&forward, &outbox, &sink_stats);
+    print_commands(&store_path, &sink_db);
     Ok(())
+}
+
+/// Waits until no outbox row is pending (or [`FORWARD_DRAIN`] has passed), showing progress;
+/// returns the outbox state at the end.
+async fn drain_outbox(store: &gridward_store::SqliteStore) -> Result<Vec<OutboxStats>> {
+    let started = Instant::now();
+    let bar = indicatif::ProgressBar::new_spinner().with_style(style("   {spinner} {msg}"));
+    loop {
+        let stats = store.outbox_stats()?;
+        let pending: u64 = stats.iter().map(|s| s.pending).sum();
+        let delivered: u64 = stats.iter().map(|s| s.delivered).sum();
+        bar.set_message(format!("{delivered} delivered, {pending} pending"));
+        bar.tick();
+        if pending == 0 || started.elapsed() >= FORWARD_DRAIN {
+            bar.finish_and_clear();
+            return Ok(stats);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn print_forward_report(
+    forward: &[TargetSnapshot],
+    outbox: &[OutboxStats],
+    sink: &gridward_sink::StatsSnapshot,
+) {
+    println!("\ndownstream (signed JSON over mutual TLS):");
+    for t in forward {
+        let o = outbox.iter().find(|o| o.target == t.name);
+        println!(
+            "  {:<12} {} readings forwarded, {} still pending, {} dead letters, {} failed attempts retried",
+            t.name,
+            o.map_or(t.delivered, |o| o.delivered),
+            o.map_or(0, |o| o.pending),
+            o.map_or(t.dead, |o| o.dead),
+            t.failed_attempts
+        );
+        println!(
+            "  {:<12} delivery lag (received → 2xx) p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            "",
+            ms(t.lag_p50),
+            ms(t.lag_p99),
+            ms(t.lag_max)
+        );
+    }
+    println!("  sink         {sink}");
+}
+
+fn print_commands(store: &Path, sink_db: &Path) {
+    let db = store.display();
+    println!("\nlook at the data:");
+    println!("  gridward readings --db {db} --meter m000001");
+    println!("  gridward readings --db {db} --meter m000001 --format json");
+    println!("  gridward events --db {db}");
+    println!("  gridward events --db {db} --meter-events");
+    println!("  gridward meters --db {db}");
+    println!("  gridward outbox --db {db}");
+    println!(
+        "  gridward sink show --store {} --meter m000001",
+        sink_db.display()
+    );
 }
 
 fn print_report(
     report: &FleetReport,
     m: &Snapshot,
     stored_readings: u64,
+    stored_events: u64,
     peak_connected: u64,
     elapsed: Duration,
-    store: &Path,
 ) {
     let f = &report.stats;
     let secs = elapsed.as_secs_f64().max(0.001);
@@ -275,6 +410,7 @@ fn print_report(
         "accepted and stored            {} ({} readings in the store)",
         m.accepted, stored_readings
     );
+    println!("meter events stored            {stored_events} (tamper and power events)");
     println!("duplicates (acknowledged)      {}", m.duplicates);
     println!("refused                        {}", m.rejected_total());
     for (reason, n) in &m.rejected {
@@ -313,12 +449,6 @@ fn print_report(
         "  retrying     resends an acknowledged message     → {} acknowledged as duplicates, not stored twice",
         m.duplicates
     );
-    let db = store.display();
-    println!("\nlook at the data:");
-    println!("  gridward readings --db {db} --meter m000001");
-    println!("  gridward readings --db {db} --meter m000001 --format json");
-    println!("  gridward events --db {db}");
-    println!("  gridward meters --db {db}");
 }
 
 fn ms(d: Duration) -> f64 {

@@ -6,6 +6,8 @@
 //! - [`pki_cmd`]: `gridward pki ...`, the certificate authority.
 //! - [`meter_cmd`]: `gridward meter sign` and `gridward meter run`, simulated meters.
 //! - [`serve_cmd`]: `gridward serve`, `gridward config`, and `readings`, `events`, `meters`.
+//! - [`outbox_cmd`]: `gridward outbox`, the downstream deliveries: status, dead letters, retry.
+//! - [`sink_cmd`]: `gridward sink`, the reference downstream service, and `sink show`.
 
 #![forbid(unsafe_code)]
 
@@ -14,10 +16,14 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench_cmd;
+mod bench_forward;
 mod demo_cmd;
 mod meter_cmd;
+mod outbox_cmd;
 mod pki_cmd;
 mod serve_cmd;
+mod sink_cmd;
+mod sys;
 
 /// Gridward: a secure smart-metering head-end system.
 #[derive(Debug, Parser)]
@@ -42,10 +48,16 @@ enum Command {
     Config(serve_cmd::ConfigCommand),
     /// Show a meter's stored readings.
     Readings(serve_cmd::ReadingsArgs),
-    /// Show the security events (every refusal, with its reason).
+    /// Show the security events (every refusal, with its reason), or the meters' tamper and
+    /// power events (--meter-events).
     Events(serve_cmd::EventsArgs),
     /// Show the meters: last seen, last counter, connection state.
     Meters(serve_cmd::MetersArgs),
+    /// Show and retry downstream deliveries: pending, delivered, dead letters, lag per target.
+    Outbox(outbox_cmd::OutboxArgs),
+    /// Receive forwarded readings like a billing service: HTTPS with mutual TLS, signatures
+    /// (RFC 9421) and digests checked, replays refused, each reading stored once.
+    Sink(sink_cmd::SinkArgs),
     /// Benchmarks on this machine: ingest throughput and latency, memory per idle meter,
     /// reconnect storm; each next to a Mosquitto broker doing the relay job.
     Bench(bench_cmd::BenchArgs),
@@ -62,6 +74,8 @@ fn main() -> ExitCode {
         Command::Readings(args) => serve_cmd::readings(args),
         Command::Events(args) => serve_cmd::events(args),
         Command::Meters(args) => serve_cmd::meters(args),
+        Command::Outbox(args) => outbox_cmd::run(args),
+        Command::Sink(args) => sink_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
     };
     match result {

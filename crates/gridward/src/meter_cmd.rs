@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use gridward_core::MeterId;
-use gridward_core::document::{Format, parse_timestamp};
+use gridward_core::document::{EventKind, Format, parse_timestamp};
 use gridward_core::envelope::SigningKey;
 use gridward_meter::fleet::{Clock, Fleet, FleetConfig, FleetReport, MeterSpec};
 use gridward_meter::identity::{self, Trust};
@@ -166,6 +166,44 @@ struct RunArgs {
     /// Do not keep unacknowledged messages on disk.
     #[arg(long)]
     no_outbox: bool,
+    /// Have a meter report an event SECONDS after the start (default 1): METER:KIND[@SECONDS],
+    /// KIND one of CoverOpened, MagneticField, PowerFail, PowerRestore, ReverseEnergy
+    /// (e.g. `--event m000001:CoverOpened@30`). Repeatable.
+    #[arg(long = "event", value_name = "METER:KIND[@S]", value_parser = parse_event_request)]
+    events: Vec<EventRequest>,
+}
+
+/// `--event METER:KIND[@SECONDS]`
+#[derive(Debug, Clone, PartialEq)]
+struct EventRequest {
+    meter: MeterId,
+    kind: EventKind,
+    after: Duration,
+}
+
+fn parse_event_request(s: &str) -> Result<EventRequest, String> {
+    let (spec, after) = match s.rsplit_once('@') {
+        Some((spec, secs)) => {
+            let secs: f64 = secs
+                .parse()
+                .map_err(|_| format!("{secs:?} is not a number of seconds"))?;
+            let after = Duration::try_from_secs_f64(secs)
+                .map_err(|_| format!("{secs} is not a non-negative number of seconds"))?;
+            (spec, after)
+        }
+        None => (s, Duration::from_secs(1)),
+    };
+    let (meter, kind) = spec
+        .split_once(':')
+        .ok_or_else(|| "expected METER:KIND[@SECONDS], e.g. m000001:CoverOpened@30".to_owned())?;
+    let meter = MeterId::new(meter).map_err(|e| format!("meter {meter:?}: {e}"))?;
+    let kind = kind.parse::<EventKind>().map_err(|_| {
+        format!(
+            "event {kind:?}: one of {}",
+            EventKind::ALL.map(EventKind::as_str).join(", ")
+        )
+    })?;
+    Ok(EventRequest { meter, kind, after })
 }
 
 /// Runs `gridward meter ...`.
@@ -267,6 +305,7 @@ async fn run_fleet(a: RunArgs) -> Result<()> {
             a.dir.display()
         );
     }
+    crate::sys::check_nofile(crate::sys::raise_nofile(), ids.len() + 16)?;
     let trust = Trust::load(&a.dir)?;
     let bar = progress_bar(ids.len() as u64, "loading meters");
     let loaded = {
@@ -324,6 +363,15 @@ async fn run_fleet(a: RunArgs) -> Result<()> {
     );
     let started = tokio::time::Instant::now();
     let deadline = duration.map(|d| started + d);
+    for e in &a.events {
+        if !ids.contains(&e.meter) {
+            eprintln!(
+                "warning: --event for {}, which is not in this fleet",
+                e.meter
+            );
+        }
+    }
+    let mut events = a.events.clone();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last = (started, 0u64);
     let ctrl_c = tokio::signal::ctrl_c();
@@ -334,6 +382,15 @@ async fn run_fleet(a: RunArgs) -> Result<()> {
             _ = &mut ctrl_c => break,
         }
         let now = tokio::time::Instant::now();
+        events.retain(|e| {
+            if now < started + e.after {
+                return true;
+            }
+            if fleet.request_event(&e.meter, e.kind) {
+                bar.println(format!("{}: {} event requested", e.meter, e.kind));
+            }
+            false
+        });
         let s = fleet.stats().snapshot();
         let rate = (s.acked - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-3);
         if now - last.0 >= Duration::from_secs(1) {

@@ -56,7 +56,8 @@ pub struct StoreArg {
 }
 
 impl StoreArg {
-    fn open(&self) -> Result<SqliteStore> {
+    /// Opens the store the arguments name; fails with a hint if there is none yet.
+    pub(crate) fn open(&self) -> Result<SqliteStore> {
         let path = match &self.db {
             Some(p) => p.clone(),
             None => load_config(&self.config)?.store_path,
@@ -106,6 +107,12 @@ pub struct ReadingsArgs {
 pub struct EventsArgs {
     #[command(flatten)]
     store: StoreArg,
+    /// Show the events meters reported (tamper, power) instead of the security events.
+    #[arg(long)]
+    meter_events: bool,
+    /// With --meter-events: only this meter's.
+    #[arg(long, value_name = "ID", requires = "meter_events")]
+    meter: Option<String>,
     /// Only events at or after this time (RFC 3339).
     #[arg(long, value_name = "TIME")]
     since: Option<String>,
@@ -129,20 +136,26 @@ pub const EXIT_CONFIG: u8 = 2;
 #[error(transparent)]
 pub struct BadConfig(#[from] gridward_hes::config::ConfigError);
 
+/// A downstream target whose certificates or keys cannot be loaded: also a configuration
+/// error (exit code 2), found when the head-end starts.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct BadTarget(#[from] gridward_hes::forward::ForwardError);
+
 fn load_config(path: &Path) -> Result<Config> {
     Ok(Config::load(path).map_err(BadConfig)?)
 }
 
 /// The exit code for `err`: 2 for a bad configuration, 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> ExitCode {
-    if err.downcast_ref::<BadConfig>().is_some() {
+    if err.downcast_ref::<BadConfig>().is_some() || err.downcast_ref::<BadTarget>().is_some() {
         ExitCode::from(EXIT_CONFIG)
     } else {
         ExitCode::FAILURE
     }
 }
 
-fn parse_time(s: &str, flag: &str) -> Result<OffsetDateTime> {
+pub(crate) fn parse_time(s: &str, flag: &str) -> Result<OffsetDateTime> {
     OffsetDateTime::parse(s, &Rfc3339)
         .with_context(|| format!("{flag} {s:?} is not an RFC 3339 time like 2024-02-06T12:00:00Z"))
 }
@@ -150,11 +163,28 @@ fn parse_time(s: &str, flag: &str) -> Result<OffsetDateTime> {
 /// `gridward serve`: runs until Ctrl-C / SIGTERM; SIGHUP reloads certificates and CRLs.
 pub fn serve(args: ServeArgs) -> Result<()> {
     let config = load_config(&args.config)?;
+    if let Some((soft, _)) = crate::sys::raise_nofile()
+        && soft < config.endpoint.max_connections as u64 + 256
+    {
+        eprintln!(
+            "gridward: warning: the open-file limit ({soft}) is below mqtt.max_connections ({}) + 256; \
+             meters beyond it will be refused at accept (raise LimitNOFILE / ulimit -n)",
+            config.endpoint.max_connections
+        );
+    }
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
-        let running = gridward_hes::service::start(&config, system_clock())
-            .await
-            .with_context(|| format!("starting the head-end from {}", args.config.display()))?;
+        let running = match gridward_hes::service::start(&config, system_clock()).await {
+            Ok(r) => r,
+            Err(gridward_hes::service::ServiceError::Forward(e)) => {
+                return Err(anyhow::Error::new(BadTarget(e))
+                    .context(format!("[[forward]] in {}", args.config.display())));
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("starting the head-end from {}", args.config.display())));
+            }
+        };
         eprintln!(
             "gridward: MQTT over mutual TLS on {} (server certificate {:?} from {}), store {}",
             running.local_addr,
@@ -162,6 +192,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
             config.pki_dir.display(),
             config.store_path.display()
         );
+        for t in &config.forward {
+            eprintln!("gridward: forwarding readings to {} at {} (client certificate and signature key id {:?})", t.name, t.url, t.key_id);
+        }
         eprintln!("gridward: SIGHUP reloads certificates and CRLs; Ctrl-C stops");
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
@@ -185,6 +218,14 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                         );
                     }
                     last_accepted = m.accepted;
+                    for t in running.forward_snapshot() {
+                        if t.delivered > 0 || t.failed_attempts > 0 || t.dead > 0 {
+                            eprintln!(
+                                "gridward: forward {}: {} delivered, {} failed attempts, {} dead, lag p50 {:?} p99 {:?}",
+                                t.name, t.delivered, t.failed_attempts, t.dead, t.lag_p50, t.lag_p99
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -225,6 +266,12 @@ pub fn config(cmd: ConfigCommand) -> Result<()> {
                 c.pipeline.freshness.max_skew.whole_seconds()
             );
             println!("  connections  at most {}", c.endpoint.max_connections);
+            for t in &c.forward {
+                println!(
+                    "  forward      {} → {} (key id {:?})",
+                    t.name, t.url, t.key_id
+                );
+            }
             Ok(())
         }
     }
@@ -278,6 +325,9 @@ pub fn readings(a: ReadingsArgs) -> Result<()> {
 /// `gridward events`
 pub fn events(a: EventsArgs) -> Result<()> {
     let store = a.store.open()?;
+    if a.meter_events {
+        return meter_events(&store, &a);
+    }
     let mut q = SecurityEventQuery {
         limit: a.limit,
         ..SecurityEventQuery::default()
@@ -306,6 +356,41 @@ pub fn events(a: EventsArgs) -> Result<()> {
         )?;
     }
     eprintln!("{} security event(s)", rows.len());
+    Ok(())
+}
+
+/// `gridward events --meter-events`
+fn meter_events(store: &SqliteStore, a: &EventsArgs) -> Result<()> {
+    let mut q = gridward_store::MeterEventQuery {
+        limit: a.limit,
+        ..gridward_store::MeterEventQuery::default()
+    };
+    if let Some(m) = &a.meter {
+        q.meter = Some(MeterId::new(m).with_context(|| format!("--meter {m:?}"))?);
+    }
+    if let Some(s) = &a.since {
+        q.since = Some(parse_time(s, "--since")?);
+    }
+    let rows = store.meter_events(&q)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:>10}  {:<20}  {:<16}  {:<14}  {:>10}  RECEIVED",
+        "ID", "TIME", "METER", "EVENT", "COUNTER"
+    )?;
+    for e in &rows {
+        writeln!(
+            out,
+            "{:>10}  {:<20}  {:<16}  {:<14}  {:>10}  {}",
+            e.id,
+            format_timestamp(e.taken_at),
+            e.meter_id.as_str(),
+            e.kind.as_str(),
+            e.counter,
+            format_timestamp(e.received_at)
+        )?;
+    }
+    eprintln!("{} meter event(s)", rows.len());
     Ok(())
 }
 

@@ -1,5 +1,10 @@
 //! The CLI as a user meets it: the README's quick start, help texts, errors.
 
+use std::collections::BTreeMap;
+
+use gridward_core::security::Reason;
+
+use crate::headend::{events_in, line_numbers, numbers, stored_counters_in};
 use crate::support::{gridward, gridward_ok};
 
 #[test]
@@ -96,24 +101,192 @@ fn config_init_writes_a_valid_file_and_bad_config_exits_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("gridward config init"));
 }
 
+/// The numbers of `gridward demo`'s report.
+#[derive(Debug, Default)]
+struct DemoReport {
+    peak_connected: u64,
+    sent: u64,
+    accepted: u64,
+    /// Readings in the store.
+    stored: u64,
+    /// Meter events stored (0 when the report has no such line).
+    meter_events: u64,
+    duplicates: u64,
+    refused: u64,
+    /// The per-reason lines under "refused": (code, count).
+    by_reason: BTreeMap<String, u64>,
+    /// The misbehaving devices' lines: (device, count).
+    by_device: BTreeMap<String, u64>,
+}
+
+impl DemoReport {
+    fn parse(out: &str) -> Self {
+        let body = &out[out
+            .find("== Gridward demo report ==")
+            .unwrap_or_else(|| panic!("no report in:\n{out}"))..];
+        let field = |label: &str, n: usize| line_numbers(body, label, n, "the report", out);
+        let sent = field("readings and events sent", 2);
+        let accepted = field("accepted and stored", 2);
+        let mut r = Self {
+            peak_connected: field("meters connected (peak)", 1)[0],
+            sent: sent[0],
+            accepted: accepted[0],
+            stored: accepted[1],
+            meter_events: if body.lines().any(|l| l.starts_with("meter events stored")) {
+                field("meter events stored", 1)[0]
+            } else {
+                0
+            },
+            duplicates: field("duplicates (acknowledged)", 1)[0],
+            refused: field("refused", 1)[0],
+            ..Self::default()
+        };
+        let section = |title: &'static str| {
+            body.lines()
+                .skip_while(move |l| !l.starts_with(title))
+                .skip(1)
+                .take_while(|l| l.starts_with("  "))
+        };
+        for l in section("refused") {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 2, "bad reason line {l:?}");
+            let n = f[1]
+                .parse()
+                .unwrap_or_else(|_| panic!("bad count in {l:?}"));
+            r.by_reason.insert(f[0].to_owned(), n);
+        }
+        for l in section("the misbehaving devices") {
+            let device = l.split_whitespace().next().unwrap_or_default();
+            let after = &l[l.find('→').unwrap_or_else(|| panic!("no count in {l:?}"))..];
+            r.by_device.insert(device.to_owned(), numbers(after)[0]);
+        }
+        r
+    }
+
+    fn reason(&self, code: &str) -> u64 {
+        self.by_reason.get(code).copied().unwrap_or(0)
+    }
+}
+
 #[test]
-fn demo_runs_and_reports() {
+fn demo_runs_and_reports_consistent_numbers() {
+    const METERS: usize = 10;
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("demo");
     let dir = dir.to_str().expect("utf-8");
-    let out = gridward_ok(&["demo", "--dir", dir, "--meters", "10", "--duration", "3"]);
-    for needle in [
-        "Gridward demo report",
-        "meters connected (peak)",
-        "replay",
-        "bad_signature",
-        "certificate_revoked",
-        "acknowledged as duplicates",
-        "gridward readings --db",
-    ] {
-        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    // 4 s: every misbehaving device misbehaves after its third reading (one a second), with a
+    // second to spare.
+    let out = gridward_ok(&[
+        "demo",
+        "--dir",
+        dir,
+        "--meters",
+        &METERS.to_string(),
+        "--duration",
+        "4",
+    ]);
+    let r = DemoReport::parse(&out);
+    let ctx = format!("{r:#?}\n{out}");
+
+    // The genuine meters and the three misbehaving devices that can connect (not the revoked one).
+    let meters = METERS as u64;
+    assert!(
+        (meters..=meters + 3).contains(&r.peak_connected),
+        "peak connections: {ctx}"
+    );
+    assert!(r.accepted > 0, "nothing accepted: {ctx}");
+    // Everything accepted is stored: a reading or a meter event.
+    assert_eq!(
+        r.accepted,
+        r.stored + r.meter_events,
+        "accepted vs stored readings and meter events: {ctx}"
+    );
+    assert_eq!(
+        r.refused,
+        r.by_reason.values().sum::<u64>(),
+        "refused vs the sum of its reasons: {ctx}"
+    );
+    for code in r.by_reason.keys() {
+        assert!(
+            Reason::from_code(code).is_some(),
+            "{code:?} is not a reason code: {ctx}"
+        );
     }
+    // Each misbehaving device shows up, non-zero, under its reason, and causes nothing else.
+    for (device, code) in [
+        ("bad-replay", "replay"),
+        ("bad-tamper", "bad_signature"),
+        ("bad-revoked", "certificate_revoked"),
+    ] {
+        assert!(r.reason(code) > 0, "no {code} refusal: {ctx}");
+        assert_eq!(
+            r.by_device.get(device),
+            Some(&r.reason(code)),
+            "{device}'s line vs the {code} count: {ctx}"
+        );
+    }
+    assert_eq!(
+        r.by_reason.len(),
+        3,
+        "refusals other than the misbehaving devices': {ctx}"
+    );
+    assert!(
+        r.duplicates > 0,
+        "the retrying device got no duplicate: {ctx}"
+    );
+    assert_eq!(
+        r.by_device.get("retrying"),
+        Some(&r.duplicates),
+        "retrying's line vs duplicates: {ctx}"
+    );
+    // Every publish got at most one verdict (refused handshakes are not publishes); the ones
+    // unacknowledged when the fleet stopped got none.
+    let refused_publishes = r.refused - r.reason("certificate_revoked");
+    assert!(
+        r.sent >= r.accepted + r.duplicates + refused_publishes,
+        "more verdicts than publishes: {ctx}"
+    );
+
+    // The database agrees: the same security events, each refused message naming its device
+    // (a refused handshake proves no identity, so it names none) ...
     let db = format!("{dir}/gridward.db");
+    let events = events_in(&db, &[]);
+    let mut counted: BTreeMap<String, u64> = BTreeMap::new();
+    for e in &events {
+        *counted.entry(e.reason.clone()).or_default() += 1;
+        let meter = match e.reason.as_str() {
+            "replay" => "bad-replay",
+            "bad_signature" => "bad-tamper",
+            _ => "-",
+        };
+        assert_eq!(e.meter, meter, "{e:?}");
+    }
+    assert_eq!(
+        counted, r.by_reason,
+        "events in the database vs the report: {events:#?}\n{ctx}"
+    );
+    // ... and the stored readings: as many as reported, none of the revoked device, no counter
+    // twice (the retrying device's resends were acknowledged as duplicates, not stored).
+    let mut stored = 0;
+    let ids = (1..=METERS)
+        .map(|i| format!("m{i:06}"))
+        .chain(["bad-replay", "bad-tamper", "bad-revoked", "retrying"].map(String::from));
+    for id in ids {
+        let mut counters = stored_counters_in(&db, &id);
+        let n = counters.len();
+        counters.sort_unstable();
+        counters.dedup();
+        assert_eq!(counters.len(), n, "{id}: a counter stored twice");
+        if id == "bad-revoked" {
+            assert_eq!(n, 0, "the revoked device has stored readings");
+        }
+        stored += n as u64;
+    }
+    assert_eq!(
+        stored, r.stored,
+        "readings in the database vs the report: {ctx}"
+    );
+
     let readings = gridward_ok(&[
         "readings", "--db", &db, "--meter", "m000001", "--format", "json",
     ]);
