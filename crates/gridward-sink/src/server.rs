@@ -73,6 +73,11 @@ impl RunningSink {
         self.stats.snapshot()
     }
 
+    /// The live counters, to read from elsewhere while the sink runs.
+    pub fn stats_handle(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
     /// Stops accepting, waits (up to 10 s) for requests in flight, stops the writer after its
     /// last commit, and returns the final counters.
     pub async fn shutdown(self) -> StatsSnapshot {

@@ -1,0 +1,255 @@
+//! What is attacked: where the head-end (and its downstream sink) listen, where their records
+//! are, and — for a head-end the harness starts itself — the handles to reload it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use gridward_hes::config::{Config, RawConfig, RawForward};
+use gridward_hes::pipeline::system_clock;
+use gridward_hes::service::Running;
+use gridward_pki::{InitOptions, IssueOptions, Pki};
+use gridward_sink::{Keys, RunningSink, SinkConfig, StatsSnapshot, tls_from_pki};
+use time::OffsetDateTime;
+
+use crate::AttackError;
+
+/// Prefix of the genuine fleet's meter ids (`g000001`, ...).
+pub const FLEET_PREFIX: &str = "g";
+
+/// The head-end under attack.
+#[derive(Clone)]
+pub struct Target {
+    /// The MQTT over TLS endpoint.
+    pub mqtt: SocketAddr,
+    /// The name its server certificate carries.
+    pub server_name: String,
+    /// Its PKI directory: attack identities are issued there, as an operator would for a test.
+    pub pki_dir: PathBuf,
+    /// Its SQLite store, read for security events and stored readings.
+    pub store: PathBuf,
+    /// The downstream sink it forwards to, if the replay of downstream requests is to be tried.
+    pub sink: Option<SinkTarget>,
+    /// The head-end's process id, for its memory; `None`: it runs in this process.
+    pub pid: Option<u32>,
+    reload: Option<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("mqtt", &self.mqtt)
+            .field("server_name", &self.server_name)
+            .field("pki_dir", &self.pki_dir)
+            .field("store", &self.store)
+            .field("sink", &self.sink)
+            .field("pid", &self.pid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A downstream sink the head-end forwards to.
+#[derive(Clone)]
+pub struct SinkTarget {
+    /// Its HTTPS address.
+    pub addr: SocketAddr,
+    /// The client certificate (in the target's PKI) whose key the forwarder signs with, and
+    /// the key id the sink knows it by.
+    pub client: String,
+    /// Its refusal counters, when it runs in this process.
+    pub stats: Option<Arc<dyn Fn() -> StatsSnapshot + Send + Sync>>,
+}
+
+impl std::fmt::Debug for SinkTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SinkTarget")
+            .field("addr", &self.addr)
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Target {
+    /// A head-end running elsewhere on this machine (`gridward serve`): its address, server
+    /// name, PKI and store; `pid` lets the harness read its memory and reload it with SIGHUP.
+    pub fn external(
+        mqtt: SocketAddr,
+        server_name: impl Into<String>,
+        pki_dir: impl Into<PathBuf>,
+        store: impl Into<PathBuf>,
+        pid: Option<u32>,
+    ) -> Self {
+        let reload: Option<Arc<dyn Fn() -> Result<(), String> + Send + Sync>> = pid.map(|pid| {
+            Arc::new(move || {
+                let status = std::process::Command::new("kill")
+                    .args(["-HUP", &pid.to_string()])
+                    .status()
+                    .map_err(|e| format!("kill -HUP {pid}: {e}"))?;
+                if status.success() {
+                    // The head-end reloads asynchronously.
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    Ok(())
+                } else {
+                    Err(format!("kill -HUP {pid}: {status}"))
+                }
+            }) as Arc<dyn Fn() -> Result<(), String> + Send + Sync>
+        });
+        Self {
+            mqtt,
+            server_name: server_name.into(),
+            pki_dir: pki_dir.into(),
+            store: store.into(),
+            sink: None,
+            pid,
+            reload,
+        }
+    }
+
+    /// With the downstream sink it forwards to.
+    pub fn with_sink(mut self, sink: SinkTarget) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// Makes the head-end re-read its certificates and CRLs; `Err` if it cannot be asked to.
+    pub fn reload(&self) -> Result<(), String> {
+        match &self.reload {
+            Some(r) => r(),
+            None => Err("the harness cannot reload this head-end (give its pid)".to_owned()),
+        }
+    }
+
+    /// Whether [`Target::reload`] can work.
+    pub fn can_reload(&self) -> bool {
+        self.reload.is_some()
+    }
+
+    /// Resident memory of the head-end process, bytes (this process's if it runs here).
+    pub fn rss(&self) -> Option<u64> {
+        let path = match self.pid {
+            Some(pid) => PathBuf::from(format!("/proc/{pid}/status")),
+            None => PathBuf::from("/proc/self/status"),
+        };
+        let status = std::fs::read_to_string(path).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    }
+}
+
+/// A head-end and a sink started by the harness in this process, with a PKI of their own and
+/// `fleet` genuine meters issued (`g000001`, ...).
+pub struct InProcess {
+    /// How to attack them.
+    pub target: Target,
+    running: Arc<Running>,
+    sink: RunningSink,
+}
+
+impl std::fmt::Debug for InProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcess")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InProcess {
+    /// Creates `work/pki` (CA, server certificates `localhost` and `sink`, client `hes`,
+    /// `fleet` meters), starts a sink and a head-end forwarding to it, both on 127.0.0.1:0.
+    ///
+    /// The head-end runs with its default limits, bans included; only 127.0.0.1 is exempt from
+    /// bans, because the genuine fleet connects from there: every attack comes from another
+    /// loopback address (127.0.x.y), so a ban it earns never touches the fleet.
+    pub async fn start(work: &Path, fleet: usize) -> Result<Self, AttackError> {
+        let pki_dir = work.join("pki");
+        let now = OffsetDateTime::now_utc();
+        let pki = Pki::init(&pki_dir, &InitOptions::new("gridward-attack", now))?;
+        let opts = IssueOptions::new("gridward-attack");
+        let sans = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+        pki.issue_server("localhost", &sans, &opts, now)?;
+        pki.issue_server("sink", &sans, &opts, now)?;
+        pki.issue_client("hes", &opts, now)?;
+        pki.issue_meters(FLEET_PREFIX, fleet, &opts, now, &mut |_| {})?;
+
+        let mut keys = Keys::new();
+        keys.insert(Keys::load("hes", &pki_dir.join("clients/hes/cert.pem"))?);
+        let sink = gridward_sink::start(SinkConfig::new(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls_from_pki(&pki_dir, "sink", &[], &[])?,
+            keys,
+            work.join("sink.db"),
+        ))
+        .await?;
+
+        let mut raw = RawConfig {
+            forward: vec![RawForward {
+                name: Some("billing".to_owned()),
+                url: Some(format!(
+                    "https://127.0.0.1:{}/readings",
+                    sink.local_addr().port()
+                )),
+                client: Some("hes".to_owned()),
+                retry_max_secs: Some(2),
+                ..RawForward::default()
+            }],
+            ..RawConfig::default()
+        };
+        raw.pki.dir = Some(pki_dir.clone());
+        raw.mqtt.listen = Some("127.0.0.1:0".to_owned());
+        raw.mqtt.ban_exempt = Some(vec!["127.0.0.1".to_owned()]);
+        raw.store.path = Some(work.join("gridward.db"));
+        let config = Config::from_raw(raw, Path::new("(attack harness)"), work)
+            .map_err(|e| AttackError::Setup(e.to_string()))?;
+        let running = Arc::new(
+            gridward_hes::service::start(&config, system_clock())
+                .await
+                .map_err(|e| AttackError::Setup(e.to_string()))?,
+        );
+        let r = Arc::clone(&running);
+        let reload: Arc<dyn Fn() -> Result<(), String> + Send + Sync> =
+            Arc::new(move || r.reload().map(|_| ()).map_err(|e| e.to_string()));
+        let stats = sink.stats_handle();
+        let target = Target {
+            mqtt: running.local_addr,
+            server_name: "localhost".to_owned(),
+            pki_dir,
+            store: config.store_path.clone(),
+            sink: Some(SinkTarget {
+                addr: sink.local_addr(),
+                client: "hes".to_owned(),
+                stats: Some(Arc::new(move || stats.snapshot())),
+            }),
+            pid: None,
+            reload: Some(reload),
+        };
+        Ok(Self {
+            target,
+            running,
+            sink,
+        })
+    }
+
+    /// The running head-end (metrics, endpoint statistics).
+    pub fn headend(&self) -> &Running {
+        &self.running
+    }
+
+    /// Stops the head-end (writing what is queued) and the sink.
+    pub async fn shutdown(self) {
+        let Self {
+            target,
+            running,
+            sink,
+        } = self;
+        // The target's reload closure holds the other reference.
+        drop(target);
+        if let Ok(running) = Arc::try_unwrap(running) {
+            running.shutdown().await;
+        }
+        sink.shutdown().await;
+    }
+}
