@@ -260,7 +260,18 @@ async fn connection(
         service_fn(move |req| {
             let shared = Arc::clone(&shared);
             let peer = Arc::clone(&peer);
-            async move { Ok::<_, Infallible>(handle(&shared, &peer, req).await) }
+            // Each request runs to its end in a task of its own: a client that goes away
+            // mid-request (a crashed forwarder, a timeout) must not cancel a write the store
+            // is about to commit, nor its count and log line.
+            async move {
+                let task = tokio::spawn(async move { handle(&shared, &peer, req).await });
+                Ok::<_, Infallible>(task.await.unwrap_or_else(|_| {
+                    answer(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &serde_json::json!({"error": "internal"}),
+                    )
+                }))
+            }
         })
     };
     let conn = shared.http.serve_connection(TokioIo::new(tls), service);

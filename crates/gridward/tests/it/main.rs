@@ -6,6 +6,7 @@
 mod bench;
 mod cli;
 mod crash;
+mod downstream;
 mod headend;
 mod keytool;
 mod mqtt_peers;
