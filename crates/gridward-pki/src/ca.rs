@@ -60,6 +60,11 @@ pub struct InitOptions {
     pub issuing_validity_days: u32,
     /// Organisation name (the O of both CA subjects, and the start of their CNs).
     pub org: String,
+    /// Where the CRLs are published (an `http://` or `https://` URL of a directory): leaves
+    /// then carry a CRL distribution point `{url}/issuing.crl.pem`, so relying parties other
+    /// than Gridward (and scanners such as testssl.sh) find their revocation status. `None`:
+    /// CRLs are distributed with the PKI directory only.
+    pub crl_url: Option<String>,
 }
 
 impl InitOptions {
@@ -73,6 +78,7 @@ impl InitOptions {
             root_validity_days: DEFAULT_ROOT_VALIDITY_DAYS,
             issuing_validity_days: DEFAULT_ISSUING_VALIDITY_DAYS,
             org: DEFAULT_ORG.into(),
+            crl_url: None,
         }
     }
 }
@@ -90,6 +96,7 @@ impl fmt::Debug for InitOptions {
             .field("root_validity_days", &self.root_validity_days)
             .field("issuing_validity_days", &self.issuing_validity_days)
             .field("org", &self.org)
+            .field("crl_url", &self.crl_url)
             .finish()
     }
 }
@@ -208,6 +215,17 @@ pub(crate) fn serial_hex(raw: &[u8]) -> String {
         "00".to_owned()
     } else {
         hex::encode(trimmed)
+    }
+}
+
+/// Checks a CRL publication URL: `http://` or `https://`, a host, no spaces or quotes.
+fn check_crl_url(url: &str) -> Result<(), PkiError> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    match rest {
+        Some(r) if !r.is_empty() && !r.starts_with('/') && r.bytes().all(|b| b.is_ascii_graphic() && b != b'"') => Ok(()),
+        _ => Err(PkiError::InvalidCrlUrl(url.to_owned())),
     }
 }
 
@@ -379,6 +397,9 @@ impl Pki {
         }
         check_validity(opts.root_validity_days)?;
         check_validity(opts.issuing_validity_days)?;
+        if let Some(url) = &opts.crl_url {
+            check_crl_url(url)?;
+        }
         ensure_dir(dir, 0o755)?;
         let layout = Layout::new(dir);
         let _lock = DirLock::acquire(&layout)?;
@@ -438,6 +459,9 @@ impl Pki {
                 None => keys::private_key_pem(key),
             };
             write_atomic(&path, pem.as_bytes(), PRIVATE_MODE, true)?;
+        }
+        if let Some(url) = &opts.crl_url {
+            write_atomic(&layout.crl_url(), url.trim().as_bytes(), PUBLIC_MODE, true)?;
         }
         let root_pem = cert_pem(root_cert.der());
         let issuing_pem = cert_pem(issuing_cert.der());
@@ -574,6 +598,20 @@ impl Pki {
     /// The PKI directory.
     pub fn dir(&self) -> &Path {
         self.layout.dir()
+    }
+
+    /// Where the CRLs are published ([`InitOptions::crl_url`]), if set.
+    pub fn crl_url(&self) -> Result<Option<String>, PkiError> {
+        let path = self.layout.crl_url();
+        match std::fs::read_to_string(&path) {
+            Ok(s) if s.trim().is_empty() => Ok(None),
+            Ok(s) => {
+                check_crl_url(s.trim())?;
+                Ok(Some(s.trim().to_owned()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(PkiError::bad_file(path, e.to_string())),
+        }
     }
 
     /// The root CA certificate.
@@ -909,11 +947,15 @@ impl Pki {
             });
         }
         let serial = ctx.fresh_serial();
+        let crl_dp = self
+            .crl_url()?
+            .map(|u| format!("{}/issuing.crl.pem", u.trim_end_matches('/')));
+        let crl_dp = crl_dp.as_deref();
 
         let (cert, private, key_alg) = match key {
             KeySource::Generate(alg) => {
                 let kp = alg.generate()?;
-                let params = spec.params(alg.is_rsa(), &serial, not_before, not_after)?;
+                let params = spec.params(alg.is_rsa(), &serial, not_before, not_after, crl_dp)?;
                 (
                     sign_leaf(&params, &kp, issuer)?,
                     Some(kp),
@@ -923,7 +965,7 @@ impl Pki {
             KeySource::Keep(kp) => {
                 let key_alg = keys::describe_public_key(&kp.subject_public_key_info())?;
                 let params =
-                    spec.params(key_alg.starts_with("rsa"), &serial, not_before, not_after)?;
+                    spec.params(key_alg.starts_with("rsa"), &serial, not_before, not_after, crl_dp)?;
                 (sign_leaf(&params, &kp, issuer)?, Some(kp), key_alg)
             }
             KeySource::PublicKey { spki_der, key_alg } => {
@@ -933,7 +975,7 @@ impl Pki {
                     }
                 })?;
                 let params =
-                    spec.params(key_alg.starts_with("rsa"), &serial, not_before, not_after)?;
+                    spec.params(key_alg.starts_with("rsa"), &serial, not_before, not_after, crl_dp)?;
                 (sign_leaf(&params, &spki, issuer)?, None, key_alg)
             }
         };

@@ -75,6 +75,9 @@ pub enum PkiError {
         /// The encrypted key file.
         path: PathBuf,
     },
+    /// A CRL publication URL is not an `http://` or `https://` URL with a host.
+    #[error("{0:?} is not a CRL publication URL: give http://host/path or https://host/path")]
+    InvalidCrlUrl(String),
     /// An empty passphrase or password was given.
     #[error("the passphrase is empty; an empty passphrase protects nothing")]
     EmptyPassphrase,

@@ -33,6 +33,10 @@ impl Layout {
     pub(crate) fn ca_dir(&self) -> PathBuf {
         self.dir.join("ca")
     }
+    /// Where the CRL publication URL is kept (`gridward pki init --crl-url`).
+    pub(crate) fn crl_url(&self) -> PathBuf {
+        self.dir.join("ca/crl-url.txt")
+    }
     pub(crate) fn root_cert(&self) -> PathBuf {
         self.dir.join("ca/root.crt.pem")
     }

@@ -275,8 +275,14 @@ impl LeafSpec {
         serial: &[u8],
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
+        crl_distribution_point: Option<&str>,
     ) -> Result<CertificateParams, PkiError> {
         let mut params = CertificateParams::default();
+        if let Some(uri) = crl_distribution_point {
+            params.crl_distribution_points = vec![rcgen::CrlDistributionPoint {
+                uris: vec![uri.to_owned()],
+            }];
+        }
         params.serial_number = Some(SerialNumber::from_slice(serial));
         params.not_before = not_before;
         params.not_after = not_after;

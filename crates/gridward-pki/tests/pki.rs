@@ -1419,3 +1419,68 @@ fn corrupt_inventory_is_named() {
     assert!(matches!(err, PkiError::MissingFile { .. }), "{err}");
     assert!(err.to_string().contains("issuing.key.pem"), "{err}");
 }
+
+/// The CRL distribution point URIs of a certificate.
+fn crl_distribution_points(cert: &X509Certificate<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    for ext in cert.extensions() {
+        if let ParsedExtension::CRLDistributionPoints(points) = ext.parsed_extension() {
+            for point in points.iter() {
+                if let Some(x509_parser::extensions::DistributionPointName::FullName(names)) =
+                    &point.distribution_point
+                {
+                    for name in names {
+                        if let GeneralName::URI(u) = name {
+                            out.push((*u).to_owned());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_crl_url_gives_every_leaf_a_distribution_point() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = init_with(&tmp.path().join("pki"), |o| {
+        o.crl_url = Some("https://pki.example.net/gridward/crl/".to_owned());
+    });
+    assert_eq!(
+        pki.crl_url().expect("read").as_deref(),
+        Some("https://pki.example.net/gridward/crl/")
+    );
+    let server = pki
+        .issue_server("hes", &["hes.example.net".to_owned()], &opts(), NOW)
+        .expect("server");
+    let m = pki.issue_meter(&meter("m1"), &opts(), NOW).expect("meter");
+    for issued in [&server, &m] {
+        let der = read_cert(&issued.cert_path);
+        assert_eq!(
+            crl_distribution_points(&parse(&der)),
+            ["https://pki.example.net/gridward/crl/issuing.crl.pem"],
+            "{}",
+            issued.name
+        );
+    }
+    // Without a URL, no distribution point (CRLs travel with the PKI directory).
+    let (_tmp2, plain) = new_pki();
+    let s = plain
+        .issue_server("hes", &["hes.example.net".to_owned()], &opts(), NOW)
+        .expect("server");
+    assert!(crl_distribution_points(&parse(&read_cert(&s.cert_path))).is_empty());
+    assert_eq!(plain.crl_url().expect("read"), None);
+}
+
+#[test]
+fn a_crl_url_that_is_not_http_is_refused() {
+    for bad in ["ftp://x/crl", "https://", "https:///crl", "https://a b/", "crl.example"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut o = InitOptions::new(ACTOR, NOW);
+        o.crl_url = Some(bad.to_owned());
+        let err = Pki::init(&tmp.path().join("pki"), &o).expect_err(bad);
+        assert!(matches!(err, PkiError::InvalidCrlUrl(_)), "{bad}: {err}");
+        assert!(!tmp.path().join("pki/ca/root.crt.pem").exists(), "{bad}: nothing created");
+    }
+}

@@ -127,6 +127,11 @@ struct InitArgs {
     /// Issuing CA validity in days (never beyond the root's).
     #[arg(long, value_name = "DAYS", default_value_t = gridward_pki::ca::DEFAULT_ISSUING_VALIDITY_DAYS)]
     issuing_days: u32,
+    /// Where the CRLs in DIR/crl will be published (http:// or https:// URL of a directory):
+    /// every leaf then names {URL}/issuing.crl.pem as its CRL distribution point, for relying
+    /// parties and scanners outside Gridward.
+    #[arg(long, value_name = "URL")]
+    crl_url: Option<String>,
     /// Name recorded as the actor in the log and inventory [default: $USER, else gridward-cli].
     #[arg(long, value_name = "NAME")]
     actor: Option<String>,
@@ -579,6 +584,7 @@ fn init(a: InitArgs, now: OffsetDateTime) -> Result<()> {
     opts.org = a.org;
     opts.root_validity_days = a.root_days;
     opts.issuing_validity_days = a.issuing_days;
+    opts.crl_url = a.crl_url;
     let pki = Pki::init(&a.dir.dir, &opts)?;
     let dir = pki.dir().display();
     say!("created a CA in {dir}");
