@@ -47,7 +47,7 @@ pub enum Reason {
     MalformedPacket,
     /// A packet larger than the maximum packet size.
     PacketTooLarge,
-    /// The per-connection message rate was exceeded.
+    /// The meter's message rate was exceeded.
     RateLimited,
     /// The connection limit was reached.
     ConnectionLimit,

@@ -136,9 +136,9 @@ pub struct RawMqtt {
     pub max_keep_alive_secs: Option<u64>,
     /// Messages of one connection awaiting their verdict.
     pub max_inflight: Option<u16>,
-    /// Sustained packets per second per connection.
+    /// Sustained packets per second per meter (across its connections).
     pub rate_per_second: Option<f64>,
-    /// Burst of the per-connection rate limit, packets.
+    /// Burst of the per-meter rate limit, packets.
     pub rate_burst: Option<u32>,
     /// Failures from one address that ban it (0: never ban).
     pub ban_after_failures: Option<u32>,
@@ -218,11 +218,13 @@ connect_timeout_secs = 10
 max_keep_alive_secs = 1200
 # Messages of one connection waiting for their verdict; at the limit the endpoint stops reading.
 max_inflight = 32
-# Per-connection rate limit: sustained packets per second, and the burst allowed above it.
+# Rate limit of each meter (kept across its reconnections): sustained packets per second, and
+# the burst allowed above it.
 rate_per_second = 50.0
 rate_burst = 200
-# Failed handshakes or CONNECTs from one address within ban_window_secs that ban it for
-# ban_duration_secs (0 never bans). Exempt addresses (a concentrator, a NAT gateway) are listed.
+# Failed handshakes or CONNECTs, and sessions cut for abuse (rate limit, oversize or malformed
+# packets), from one address within ban_window_secs that ban it for ban_duration_secs (0 never
+# bans). Exempt addresses (a concentrator, a NAT gateway) are listed.
 ban_after_failures = 10
 ban_window_secs = 60
 ban_duration_secs = 300

@@ -26,13 +26,17 @@ pub struct EndpointConfig {
     /// (default 32). At the limit the endpoint stops reading from that connection (back-pressure);
     /// announced to MQTT 5 clients as Receive Maximum.
     pub max_inflight: u16,
-    /// Sustained per-connection packet rate, packets per second (default 50).
-    /// Exceeded beyond the burst: security event `rate_limited`, disconnect.
+    /// Sustained packet rate of one meter, packets per second (default 50).
+    /// Exceeded beyond the burst: security event `rate_limited`, disconnect. The bucket is the
+    /// meter's, not the connection's: a reconnecting meter continues with what its last
+    /// connection left (for up to [`Self::max_connections`] meters at once; beyond, meters that
+    /// are not quiet get a full bucket per connection).
     pub rate_per_second: f64,
-    /// Token-bucket depth of the per-connection rate limit, packets (default 200).
+    /// Token-bucket depth of the per-meter rate limit, packets (default 200).
     pub rate_burst: u32,
-    /// Failed TLS handshakes / CONNECTs from one source IP within [`Self::ban_window`] that trigger
-    /// a ban (default 10; 0 disables banning).
+    /// Failed TLS handshakes / CONNECTs, and sessions cut for abuse (`rate_limited`,
+    /// `packet_too_large`, `malformed_packet`), from one source IP within [`Self::ban_window`]
+    /// that trigger a ban (default 10; 0 disables banning).
     pub ban_after_failures: u32,
     /// Window over which failures are counted (default 60 s).
     pub ban_window: Duration,

@@ -43,7 +43,7 @@ use tokio_util::task::TaskTracker;
 use crate::codec::{self, frame_len};
 use crate::config::{ConfigError, EndpointConfig};
 use crate::handler::{EventSink, InboundPublish, PublishHandler, Verdict};
-use crate::limits::{Admission, BanList, BanPolicy};
+use crate::limits::{Admission, BanList, BanPolicy, MeterBuckets};
 use crate::peer::{PeerCert, RevocationError, Revocations, handshake_reason};
 use crate::session::{Action, Cancel, Session};
 
@@ -126,6 +126,8 @@ struct Inner<H> {
     clock: Clock,
     registry: Mutex<Registry>,
     bans: Mutex<BanList>,
+    /// Each meter's rate-limit bucket, kept across its connections.
+    buckets: Mutex<MeterBuckets>,
     permits: Arc<Semaphore>,
     shutdown: CancellationToken,
     next_conn_id: AtomicU64,
@@ -181,9 +183,11 @@ impl<H: PublishHandler> Endpoint<H> {
             exempt: config.ban_exempt.clone(),
             max_tracked: config.ban_max_tracked,
         });
+        let buckets = MeterBuckets::new(config.max_connections);
         Ok(Self {
             inner: Arc::new(Inner {
                 permits: Arc::new(Semaphore::new(config.max_connections)),
+                buckets: Mutex::new(buckets),
                 config,
                 tls: RwLock::new(tls),
                 handler,
@@ -545,10 +549,10 @@ async fn serve<H: PublishHandler>(
         return;
     }
 
-    let connected = SessionLoop::new(&inner, &peer, addr, accepted_at)
+    let well_behaved = SessionLoop::new(&inner, &peer, addr, accepted_at)
         .run(&mut tls, &shutdown)
         .await;
-    if !connected {
+    if !well_behaved {
         inner.failure(addr);
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
@@ -567,6 +571,10 @@ struct SessionLoop<'a, H> {
     control_rx: oneshot::Receiver<Cancel>,
     /// CONNECT accepted and the session entered the registry.
     connected: bool,
+    /// The session was cut for abuse (rate limit, oversize or malformed packet): it counts
+    /// towards a ban of the source like a failed CONNECT, so that reconnecting to abuse again
+    /// (a full mutual-TLS handshake and a security event each time) ends in a ban.
+    abused: bool,
     closing: bool,
     wbuf: BytesMut,
 }
@@ -589,17 +597,19 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
             control_tx: Some(control_tx),
             control_rx,
             connected: false,
+            abused: false,
             closing: false,
             wbuf: BytesMut::new(),
         }
     }
 
-    /// Runs the session to its end; returns whether CONNECT was accepted.
+    /// Runs the session to its end; returns whether it went well: CONNECT accepted and the
+    /// session not cut for abuse.
     async fn run(mut self, tls: &mut TlsStream<TcpStream>, shutdown: &CancellationToken) -> bool {
         self.drive(tls, shutdown).await;
         self.finish();
         self.orphan_pending().await;
-        self.connected
+        self.connected && !self.abused
     }
 
     /// Runs until the session closes or the connection fails.
@@ -620,9 +630,11 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
 
         loop {
             // Feed complete frames already buffered, as long as the session takes them.
+            let mut fed = false;
             while self.session.wants_read() && !self.closing {
                 match frame_len(&rbuf, cfg.max_packet_size) {
                     Ok(Some(n)) => {
+                        fed = true;
                         let frame = rbuf.split_to(n);
                         match codec::decode(self.session.protocol(), &frame) {
                             Ok(packet) => {
@@ -635,6 +647,10 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
                     Err(e) => self.session.on_decode_error(&e, &mut actions),
                 }
                 self.apply(&mut actions);
+            }
+            if fed && self.connected {
+                // The meter's bucket as this connection leaves it, for its next connection.
+                lock(&inner.buckets).put(&self.peer.meter, self.session.bucket(), Instant::now());
             }
             if rbuf.is_empty() && rbuf.capacity() > 16 * 1024 {
                 rbuf = BytesMut::new();
@@ -751,6 +767,12 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
                     self.pending.push((d.seq, Box::pin(fut)));
                 }
                 Action::Event { reason, detail } => {
+                    if matches!(
+                        reason,
+                        Reason::RateLimited | Reason::PacketTooLarge | Reason::MalformedPacket
+                    ) {
+                        self.abused = true;
+                    }
                     self.inner
                         .event(reason, Some(&self.peer.meter), self.addr, detail);
                 }
@@ -774,6 +796,11 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
             self.session.on_cancel(Cancel::Revoked, &mut actions);
             self.apply(&mut actions);
             return;
+        }
+        // The meter's message rate is limited per meter, not per connection: this connection
+        // continues with the bucket the meter's earlier ones left (reconnecting refills nothing).
+        if let Some(bucket) = lock(&self.inner.buckets).get(&meter) {
+            self.session.set_bucket(bucket);
         }
         let old = reg.live.insert(
             meter.clone(),

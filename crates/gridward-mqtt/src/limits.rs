@@ -1,9 +1,12 @@
-//! Sans-IO abuse limits: a per-connection [`TokenBucket`] and the per-source [`BanList`].
-//! Both take the (monotonic) time as an argument.
+//! Sans-IO abuse limits: the per-meter [`TokenBucket`] (kept across a meter's connections in
+//! [`MeterBuckets`]) and the per-source [`BanList`]. All take the (monotonic) time as an
+//! argument.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
+
+use gridward_core::MeterId;
 
 /// A token bucket: `burst` tokens, refilled at `rate` tokens per second.
 #[derive(Debug, Clone)]
@@ -38,6 +41,66 @@ impl TokenBucket {
             false
         }
     }
+
+    /// Whether the bucket would be full at `now` (its owner has been quiet long enough that
+    /// forgetting the bucket changes nothing).
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate >= self.burst
+    }
+}
+
+/// The rate-limit buckets of meters, kept across their connections: a meter that reconnects
+/// continues with the bucket its last connection left, so reconnecting does not refill it.
+///
+/// Bounded: at most `max` meters are tracked. When the table is full, meters whose bucket has
+/// refilled (quiet for `burst / rate` seconds) are forgotten; if none has, a new meter is not
+/// tracked and its connections each start with a full bucket (the per-connection limit still
+/// holds).
+#[derive(Debug, Clone)]
+pub struct MeterBuckets {
+    max: usize,
+    buckets: HashMap<MeterId, TokenBucket>,
+}
+
+impl MeterBuckets {
+    /// An empty table of at most `max` meters.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// The bucket `meter`'s connections left, if it is tracked.
+    pub fn get(&self, meter: &MeterId) -> Option<TokenBucket> {
+        self.buckets.get(meter).cloned()
+    }
+
+    /// Records `bucket` as `meter`'s at `now`.
+    pub fn put(&mut self, meter: &MeterId, bucket: &TokenBucket, now: Instant) {
+        if let Some(b) = self.buckets.get_mut(meter) {
+            *b = bucket.clone();
+            return;
+        }
+        if self.buckets.len() >= self.max {
+            self.buckets.retain(|_, b| !b.is_full(now));
+            if self.buckets.len() >= self.max {
+                return;
+            }
+        }
+        self.buckets.insert(meter.clone(), bucket.clone());
+    }
+
+    /// Number of meters tracked.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Whether no meter is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
 }
 
 /// What [`BanList::admit`] says about a new connection.
@@ -68,7 +131,7 @@ pub struct BanPolicy {
 }
 
 /// Temporary bans of source addresses after repeated failures (failed TLS handshakes, refused or
-/// missing CONNECTs).
+/// missing CONNECTs, sessions cut for abuse).
 #[derive(Debug, Clone)]
 pub struct BanList {
     policy: BanPolicy,
@@ -169,6 +232,47 @@ mod tests {
         let later = t0 + Duration::from_secs(100);
         assert!(b.take(later) && b.take(later) && b.take(later));
         assert!(!b.take(later));
+    }
+
+    #[test]
+    fn a_bucket_is_full_again_after_burst_over_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10.0, 5, t0);
+        assert!(b.is_full(t0));
+        assert!(b.take(t0) && b.take(t0));
+        assert!(!b.is_full(t0));
+        assert!(!b.is_full(t0 + Duration::from_millis(150)));
+        assert!(b.is_full(t0 + Duration::from_millis(200)));
+    }
+
+    #[test]
+    fn meter_buckets_keep_state_and_stay_bounded() {
+        let t0 = Instant::now();
+        let m = |s: &str| MeterId::new(s).unwrap_or_else(|e| panic!("{e}"));
+        let mut t = MeterBuckets::new(2);
+        let mut b = TokenBucket::new(1.0, 2, t0);
+        assert!(b.take(t0) && b.take(t0));
+        t.put(&m("M-1"), &b, t0);
+        // The next connection of M-1 continues with an empty bucket.
+        let mut again = t.get(&m("M-1")).unwrap_or_else(|| panic!("tracked"));
+        assert!(!again.take(t0));
+        assert!(t.get(&m("M-2")).is_none());
+        let full = TokenBucket::new(1.0, 2, t0);
+        t.put(&m("M-2"), &full, t0);
+        assert_eq!(t.len(), 2);
+        // Full table: M-2's bucket is full, so it makes room for M-3; M-1's is not.
+        t.put(&m("M-3"), &full, t0);
+        assert_eq!(t.len(), 2);
+        assert!(t.get(&m("M-1")).is_some() && t.get(&m("M-2")).is_none());
+        // Nothing can go: M-4 is not tracked.
+        let mut busy = TokenBucket::new(1.0, 2, t0);
+        assert!(busy.take(t0));
+        t.put(&m("M-3"), &busy, t0);
+        t.put(&m("M-4"), &busy, t0);
+        assert!(t.get(&m("M-4")).is_none());
+        // Later every bucket has refilled and M-4 finds room.
+        t.put(&m("M-4"), &busy, t0 + Duration::from_secs(5));
+        assert!(t.get(&m("M-4")).is_some());
     }
 
     fn policy(threshold: u32) -> BanPolicy {

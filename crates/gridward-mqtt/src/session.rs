@@ -179,6 +179,17 @@ impl Session {
         &self.meter
     }
 
+    /// The rate-limit bucket (the endpoint keeps it per meter across connections).
+    pub fn bucket(&self) -> &TokenBucket {
+        &self.bucket
+    }
+
+    /// Continues with `bucket`: the one the meter's earlier connections left, so that
+    /// reconnecting does not refill it.
+    pub fn set_bucket(&mut self, bucket: TokenBucket) {
+        self.bucket = bucket;
+    }
+
     /// The protocol (3.1.1 until a CONNECT says otherwise).
     pub fn protocol(&self) -> Protocol {
         self.protocol
@@ -308,7 +319,7 @@ impl Session {
                     self.event(
                         out,
                         Reason::RateLimited,
-                        "per-connection message rate exceeded".to_owned(),
+                        "message rate of the meter exceeded".to_owned(),
                     );
                     self.state = State::Draining(Some(rc::MESSAGE_RATE_TOO_HIGH));
                     self.flush_ready(out);
@@ -951,6 +962,25 @@ mod tests {
             vec![Packet::Disconnect { reason_code: 0x9B }]
         );
         assert!(s.is_closed());
+    }
+
+    #[test]
+    fn a_session_continues_with_the_bucket_it_is_given() {
+        // The first connection spends the burst (5) ...
+        let (mut first, t0) = connected(Protocol::V5);
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            first.on_packet(Packet::PingReq, t0, &mut out);
+        }
+        assert!(events(&out).is_empty());
+        // ... and the next one, given that bucket, is refused at once.
+        let mut next = Session::new(meter(), &cfg(), t0);
+        next.on_packet(connect(Protocol::V5, "MTR-1", 30), t0, &mut out);
+        next.set_bucket(first.bucket().clone());
+        let mut out = Vec::new();
+        next.on_packet(Packet::PingReq, t0, &mut out);
+        assert_eq!(events(&out), vec![Reason::RateLimited]);
+        assert!(next.is_closed());
     }
 
     #[test]

@@ -1014,6 +1014,61 @@ async fn message_rate_limit_disconnects() {
     assert_eq!(rec.publishes().len(), 5);
 }
 
+/// Found by the attack harness (dos, publish flood): the bucket was the connection's, so a
+/// meter that reconnected after each `rate_limited` got a full burst again and pushed some
+/// 2,800 messages/s through a limit of 50/s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_does_not_refill_the_rate_limit() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let mut cfg = EndpointConfig::default();
+    cfg.rate_per_second = 1.0;
+    cfg.rate_burst = 5;
+    let srv = start(&fx, cfg, &rec).await;
+    let mut acks = Vec::new();
+    for round in 1..=3 {
+        let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V5)
+            .await
+            .unwrap();
+        for i in 1..=10u16 {
+            if c.publish(&readings("M-1"), b"r".to_vec(), QoS::AtLeastOnce, i)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let mut n = 0;
+        loop {
+            match next(&mut c).await {
+                Some(Packet::PubAck { .. }) => n += 1,
+                Some(Packet::Disconnect { reason_code }) => {
+                    assert_eq!(reason_code, 0x96, "round {round}");
+                }
+                Some(p) => panic!("{p:?}"),
+                None => break,
+            }
+        }
+        acks.push(n);
+    }
+    // The burst on the first connection; the reconnections find the bucket (nearly) empty:
+    // at 1/s, a reconnection within a second or so earns at most a token or two.
+    assert_eq!(acks[0], 5, "{acks:?}");
+    assert!(acks[1] + acks[2] <= 4, "{acks:?}");
+    wait_until("events", || rec.count(Reason::RateLimited) == 3).await;
+    // Another meter has a bucket of its own.
+    let (mut c, _) = connect_as(&srv, &fx, "M-2", "M-2", Protocol::V5)
+        .await
+        .unwrap();
+    c.publish(&readings("M-2"), b"r".to_vec(), QoS::AtLeastOnce, 1)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut c).await,
+        Some(Packet::PubAck { pkid: 1, .. })
+    ));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_failures_ban_the_source() {
     let fx = Fixture::new();
@@ -1047,6 +1102,43 @@ async fn repeated_failures_ban_the_source() {
     assert_eq!(rec.count(Reason::SourceBanned), 1, "one event per ban");
     assert_eq!(rec.count(Reason::ClientIdMismatch), 3);
     assert_eq!(rec.reasons().len(), 4, "{:?}", rec.reasons());
+}
+
+/// Found by the attack harness (dos, oversize packets and publish flood): a meter cut for
+/// abuse could reconnect at once and abuse again, some 500 times a second from one source, each
+/// time a full mutual-TLS handshake and a security event, never banned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_cut_for_abuse_count_towards_a_ban() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let mut cfg = EndpointConfig::default();
+    cfg.ban_after_failures = 3;
+    cfg.max_packet_size = 1024;
+    let srv = start(&fx, cfg, &rec).await;
+    // Oversize, malformed (QoS 2 is refused as malformed), oversize again.
+    for qos in [QoS::AtLeastOnce, QoS::ExactlyOnce, QoS::AtLeastOnce] {
+        let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V5)
+            .await
+            .unwrap();
+        let size = if qos == QoS::ExactlyOnce { 10 } else { 2000 };
+        c.publish(&readings("M-1"), vec![b'x'; size], qos, 1)
+            .await
+            .ok();
+        assert!(matches!(
+            next(&mut c).await,
+            Some(Packet::Disconnect { .. })
+        ));
+    }
+    wait_until("ban", || rec.count(Reason::SourceBanned) == 1).await;
+    assert_eq!(rec.count(Reason::PacketTooLarge), 2);
+    assert_eq!(rec.count(Reason::MalformedPacket), 1);
+    assert!(
+        connect_as(&srv, &fx, "M-1", "M-1", Protocol::V5)
+            .await
+            .is_err(),
+        "banned"
+    );
+    assert_eq!(srv.ep.stats().refused_banned, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
