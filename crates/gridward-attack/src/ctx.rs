@@ -145,7 +145,7 @@ impl Ctx {
         &self.store
     }
 
-    /// A loopback source address no case has used yet (127.0.1.1, 127.0.1.2, ...): a ban one
+    /// A loopback source address no case has used yet (127.1.0.1, 127.1.0.2, ...): a ban one
     /// attack earns never falls on another, nor on the genuine fleet (127.0.0.1).
     pub fn fresh_source(&self) -> IpAddr {
         let n = self.next_source.fetch_add(1, Ordering::Relaxed);

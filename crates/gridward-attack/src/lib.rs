@@ -8,7 +8,7 @@
 //!  run(target) ── GenuineFleet (g000001.. from 127.0.0.1, a reading every 200 ms each)
 //!      │
 //!      ├─ scenarios::eavesdropping  ┐  each: fn run(&Ctx) -> Vec<Check>
-//!      ├─ scenarios::mitm           │  attacks come from 127.0.x.y (a fresh loopback
+//!      ├─ scenarios::mitm           │  attacks come from 127.1.x.y (a fresh loopback
 //!      ├─ scenarios::spoofing       │  address per case, so bans never hit the fleet)
 //!      ├─ scenarios::replay         │  and are judged by what the attacker saw and by
 //!      ├─ scenarios::tampering      │  the head-end's security events (Ctx::refusal)

@@ -163,7 +163,7 @@ impl InProcess {
     ///
     /// The head-end runs with its default limits, bans included; only 127.0.0.1 is exempt from
     /// bans, because the genuine fleet connects from there: every attack comes from another
-    /// loopback address (127.0.x.y), so a ban it earns never touches the fleet.
+    /// loopback address (127.1.x.y), so a ban it earns never touches the fleet.
     pub async fn start(work: &Path, fleet: usize) -> Result<Self, AttackError> {
         let pki_dir = work.join("pki");
         let now = OffsetDateTime::now_utc();

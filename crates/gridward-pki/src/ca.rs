@@ -224,7 +224,13 @@ fn check_crl_url(url: &str) -> Result<(), PkiError> {
         .strip_prefix("http://")
         .or_else(|| url.strip_prefix("https://"));
     match rest {
-        Some(r) if !r.is_empty() && !r.starts_with('/') && r.bytes().all(|b| b.is_ascii_graphic() && b != b'"') => Ok(()),
+        Some(r)
+            if !r.is_empty()
+                && !r.starts_with('/')
+                && r.bytes().all(|b| b.is_ascii_graphic() && b != b'"') =>
+        {
+            Ok(())
+        }
         _ => Err(PkiError::InvalidCrlUrl(url.to_owned())),
     }
 }
@@ -964,8 +970,13 @@ impl Pki {
             }
             KeySource::Keep(kp) => {
                 let key_alg = keys::describe_public_key(&kp.subject_public_key_info())?;
-                let params =
-                    spec.params(key_alg.starts_with("rsa"), &serial, not_before, not_after, crl_dp)?;
+                let params = spec.params(
+                    key_alg.starts_with("rsa"),
+                    &serial,
+                    not_before,
+                    not_after,
+                    crl_dp,
+                )?;
                 (sign_leaf(&params, &kp, issuer)?, Some(kp), key_alg)
             }
             KeySource::PublicKey { spki_der, key_alg } => {
@@ -974,8 +985,13 @@ impl Pki {
                         reason: e.to_string(),
                     }
                 })?;
-                let params =
-                    spec.params(key_alg.starts_with("rsa"), &serial, not_before, not_after, crl_dp)?;
+                let params = spec.params(
+                    key_alg.starts_with("rsa"),
+                    &serial,
+                    not_before,
+                    not_after,
+                    crl_dp,
+                )?;
                 (sign_leaf(&params, &spki, issuer)?, None, key_alg)
             }
         };

@@ -1475,12 +1475,21 @@ fn a_crl_url_gives_every_leaf_a_distribution_point() {
 
 #[test]
 fn a_crl_url_that_is_not_http_is_refused() {
-    for bad in ["ftp://x/crl", "https://", "https:///crl", "https://a b/", "crl.example"] {
+    for bad in [
+        "ftp://x/crl",
+        "https://",
+        "https:///crl",
+        "https://a b/",
+        "crl.example",
+    ] {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut o = InitOptions::new(ACTOR, NOW);
         o.crl_url = Some(bad.to_owned());
         let err = Pki::init(&tmp.path().join("pki"), &o).expect_err(bad);
         assert!(matches!(err, PkiError::InvalidCrlUrl(_)), "{bad}: {err}");
-        assert!(!tmp.path().join("pki/ca/root.crt.pem").exists(), "{bad}: nothing created");
+        assert!(
+            !tmp.path().join("pki/ca/root.crt.pem").exists(),
+            "{bad}: nothing created"
+        );
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! CLI definition and glue only; all logic lives in the library crates.
 //!
+//! - [`attack_cmd`]: `gridward attack`, the attack harness.
 //! - [`demo_cmd`]: `gridward demo`, the whole ingest path on one machine.
 //! - [`pki_cmd`]: `gridward pki ...`, the certificate authority.
 //! - [`meter_cmd`]: `gridward meter sign` and `gridward meter run`, simulated meters.
@@ -15,6 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod attack_cmd;
 mod bench_cmd;
 mod bench_forward;
 mod demo_cmd;
@@ -58,6 +60,9 @@ enum Command {
     /// Receive forwarded readings like a billing service: HTTPS with mutual TLS, signatures
     /// (RFC 9421) and digests checked, replays refused, each reading stored once.
     Sink(sink_cmd::SinkArgs),
+    /// Attack a head-end (its own, or a running one) with every threat of the design while a
+    /// genuine fleet sends; report what was stopped and the security event each left.
+    Attack(attack_cmd::AttackArgs),
     /// Benchmarks on this machine: ingest throughput and latency, memory per idle meter,
     /// reconnect storm; each next to a Mosquitto broker doing the relay job.
     Bench(bench_cmd::BenchArgs),
@@ -76,6 +81,7 @@ fn main() -> ExitCode {
         Command::Meters(args) => serve_cmd::meters(args),
         Command::Outbox(args) => outbox_cmd::run(args),
         Command::Sink(args) => sink_cmd::run(args),
+        Command::Attack(args) => attack_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
     };
     match result {

@@ -134,7 +134,7 @@ pub const EXIT_CONFIG: u8 = 2;
 /// A configuration error, carried to `main` so it can exit with code 2.
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
-pub struct BadConfig(#[from] gridward_hes::config::ConfigError);
+pub struct BadConfig(#[from] pub gridward_hes::config::ConfigError);
 
 /// A downstream target whose certificates or keys cannot be loaded: also a configuration
 /// error (exit code 2), found when the head-end starts.

@@ -13,7 +13,14 @@ use std::pin::Pin;
 use crate::check::Check;
 use crate::ctx::Ctx;
 
+pub mod dos;
+pub mod eavesdropping;
+pub mod malformed;
+pub mod mitm;
 pub mod replay;
+pub mod revocation;
+pub mod spoofing;
+pub mod tampering;
 
 /// A boxed future borrowing the context.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -30,8 +37,45 @@ pub struct Scenario {
 }
 
 /// Every scenario, in the order they run.
-pub const ALL: &[Scenario] = &[Scenario {
-    name: replay::NAME,
-    threat: "replay: a captured or withheld message sent again",
-    run: |c| Box::pin(replay::run(c)),
-}];
+pub const ALL: &[Scenario] = &[
+    Scenario {
+        name: eavesdropping::NAME,
+        threat: "eavesdropping: reading the traffic between meter and head-end",
+        run: |c| Box::pin(eavesdropping::run(c)),
+    },
+    Scenario {
+        name: mitm::NAME,
+        threat: "man-in-the-middle: a rogue server or client, or a weakened TLS",
+        run: |c| Box::pin(mitm::run(c)),
+    },
+    Scenario {
+        name: spoofing::NAME,
+        threat: "spoofing: one meter posing as another",
+        run: |c| Box::pin(spoofing::run(c)),
+    },
+    Scenario {
+        name: replay::NAME,
+        threat: "replay: a captured or withheld message sent again",
+        run: |c| Box::pin(replay::run(c)),
+    },
+    Scenario {
+        name: tampering::NAME,
+        threat: "tampering in transit: a changed message",
+        run: |c| Box::pin(tampering::run(c)),
+    },
+    Scenario {
+        name: revocation::NAME,
+        threat: "revoked, expired and not yet valid certificates; an expired CRL",
+        run: |c| Box::pin(revocation::run(c)),
+    },
+    Scenario {
+        name: malformed::NAME,
+        threat: "malformed input: garbage, truncated and oversized frames, hostile XML",
+        run: |c| Box::pin(malformed::run(c)),
+    },
+    Scenario {
+        name: dos::NAME,
+        threat: "denial of service: floods, oversize packets, slow and half-open connections",
+        run: |c| Box::pin(dos::run(c)),
+    },
+];

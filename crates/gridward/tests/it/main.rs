@@ -12,3 +12,4 @@ mod keytool;
 mod mqtt_peers;
 mod openssl;
 mod support;
+mod testssl;
