@@ -410,6 +410,42 @@ impl Pki {
         })
     }
 
+    /// The CRLs on disk now (root's, then issuing's), as read back from their files: what a
+    /// server loading them would enforce. A running head-end uses this to warn before a CRL's
+    /// nextUpdate passes (after which every handshake is refused: fail closed).
+    pub fn current_crls(&self) -> Result<Vec<CrlInfo>, PkiError> {
+        let mut out = Vec::with_capacity(2);
+        for (issuer, path) in [
+            (CrlIssuer::Root, self.layout().root_crl()),
+            (CrlIssuer::Issuing, self.layout().issuing_crl()),
+        ] {
+            let bytes = std::fs::read(&path)
+                .map_err(|e| PkiError::bad_file(path.clone(), e.to_string()))?;
+            let der = <rustls_pki_types::CertificateRevocationListDer<'_> as rustls_pki_types::pem::PemObject>::from_pem_slice(&bytes)
+                .map_err(|e| PkiError::bad_file(path.clone(), format!("not a PEM CRL: {e}")))?;
+            let (_, crl) = x509_parser::parse_x509_crl(&der)
+                .map_err(|e| PkiError::bad_file(path.clone(), format!("not a CRL: {e}")))?;
+            let time = |t: x509_parser::time::ASN1Time| t.to_datetime();
+            let next_update = crl
+                .next_update()
+                .map(time)
+                .ok_or_else(|| PkiError::bad_file(path.clone(), "the CRL has no nextUpdate"))?;
+            let number = crl
+                .crl_number()
+                .and_then(|n| u64::try_from(n).ok())
+                .unwrap_or(0);
+            out.push(CrlInfo {
+                issuer,
+                number,
+                this_update: time(crl.last_update()),
+                next_update,
+                revoked: crl.iter_revoked_certificates().count(),
+                path,
+            });
+        }
+        Ok(out)
+    }
+
     /// Writes both CRLs (root and issuing): thisUpdate = `now`, nextUpdate = `now` +
     /// `next_update_days`, each with the next CRL number.
     pub fn write_crls(

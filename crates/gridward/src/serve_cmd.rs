@@ -195,10 +195,16 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         for t in &config.forward {
             eprintln!("gridward: forwarding readings to {} at {} (client certificate and signature key id {:?})", t.name, t.url, t.key_id);
         }
-        eprintln!("gridward: SIGHUP reloads certificates and CRLs; Ctrl-C stops");
+        eprintln!(
+            "gridward: SIGHUP reloads certificates and CRLs (so does a change of them on disk, within {} s); Ctrl-C stops",
+            PKI_WATCH.as_secs()
+        );
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
         let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut watch = tokio::time::interval(PKI_WATCH);
+        let mut seen = pki_fingerprint(&config.pki_dir, &config.server_name);
+        let mut crl_warned: Option<(CrlState, std::time::Instant)> = None;
         let mut last_accepted = 0;
         loop {
             tokio::select! {
@@ -208,6 +214,17 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                     Ok(n) => eprintln!("gridward: reloaded certificates and CRLs; {n} revoked meter(s) disconnected"),
                     Err(e) => eprintln!("gridward: reload failed, keeping the previous configuration: {e}"),
                 },
+                _ = watch.tick() => {
+                    let now = pki_fingerprint(&config.pki_dir, &config.server_name);
+                    if now != seen {
+                        seen = now;
+                        match running.reload() {
+                            Ok(n) => eprintln!("gridward: certificates or CRLs changed on disk: reloaded; {n} revoked meter(s) disconnected"),
+                            Err(e) => eprintln!("gridward: certificates or CRLs changed on disk, but the reload failed, keeping the previous configuration: {e}"),
+                        }
+                    }
+                    warn_about_crls(&config.pki_dir, &mut crl_warned);
+                }
                 _ = tick.tick() => {
                     let m = running.metrics.snapshot();
                     let s = running.endpoint.stats();
@@ -233,6 +250,98 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         running.shutdown().await;
         Ok(())
     })
+}
+
+/// How often `serve` looks at the PKI files it loaded (and at the CRLs' nextUpdate).
+const PKI_WATCH: Duration = Duration::from_secs(5);
+
+/// The files the head-end loads from the PKI directory, with their modification time and size:
+/// a change means `gridward pki revoke`, `pki crl`, `pki renew` or an import ran.
+fn pki_fingerprint(dir: &Path, server: &str) -> Vec<(PathBuf, Option<std::time::SystemTime>, u64)> {
+    let mut files = vec![
+        dir.join("ca/root.crt.pem"),
+        dir.join("ca/chain.pem"),
+        dir.join("crl/root.crl.pem"),
+        dir.join("crl/issuing.crl.pem"),
+        dir.join("servers").join(server).join("cert.pem"),
+        dir.join("servers").join(server).join("key.pem"),
+    ];
+    if let Ok(entries) = std::fs::read_dir(dir.join("trusted")) {
+        let mut trusted: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        trusted.sort();
+        files.extend(trusted);
+    }
+    files
+        .into_iter()
+        .map(|p| {
+            let meta = std::fs::metadata(&p).ok();
+            let modified = meta.as_ref().and_then(|m| m.modified().ok());
+            let len = meta.map_or(0, |m| m.len());
+            (p, modified, len)
+        })
+        .collect()
+}
+
+/// What the CRLs on disk mean for new connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CrlState {
+    /// Valid for more than a day.
+    Fine,
+    /// Valid for less than a day: renew now.
+    ExpiresSoon(String),
+    /// Past nextUpdate: every new handshake is refused (fail closed).
+    Expired(String),
+    /// Cannot be read.
+    Unreadable(String),
+}
+
+/// Warns when a CRL is about to expire or has expired: once when that becomes so, then hourly.
+fn warn_about_crls(dir: &Path, warned: &mut Option<(CrlState, std::time::Instant)>) {
+    let state = crl_state(dir, OffsetDateTime::now_utc());
+    let repeat = match warned {
+        Some((s, at)) => *s != state || at.elapsed() >= Duration::from_secs(3600),
+        None => state != CrlState::Fine,
+    };
+    if !repeat {
+        return;
+    }
+    let fix = format!("run `gridward pki crl --dir {}`", dir.display());
+    match &state {
+        CrlState::Fine => {}
+        CrlState::ExpiresSoon(what) => eprintln!(
+            "gridward: warning: {what}; {fix} before then (after it, every new connection is refused)"
+        ),
+        CrlState::Expired(what) => eprintln!(
+            "gridward: error: {what}: every new connection is refused (revocation status unknown, fail closed); {fix}"
+        ),
+        CrlState::Unreadable(e) => eprintln!("gridward: error: cannot read the CRLs: {e}"),
+    }
+    *warned = Some((state, std::time::Instant::now()));
+}
+
+/// What the CRLs of the PKI at `dir` mean for new connections at `now`.
+fn crl_state(dir: &Path, now: OffsetDateTime) -> CrlState {
+    match gridward_pki::Pki::open(dir, None).and_then(|p| p.current_crls()) {
+        Err(e) => CrlState::Unreadable(e.to_string()),
+        Ok(crls) => {
+            let soonest = crls.iter().min_by_key(|c| c.next_update);
+            match soonest {
+                Some(c) if c.next_update <= now => CrlState::Expired(format!(
+                    "the {:?} CRL expired at {}",
+                    c.issuer,
+                    format_timestamp(c.next_update)
+                )),
+                Some(c) if c.next_update <= now + time::Duration::days(1) => {
+                    CrlState::ExpiresSoon(format!(
+                        "the {:?} CRL expires at {}",
+                        c.issuer,
+                        format_timestamp(c.next_update)
+                    ))
+                }
+                _ => CrlState::Fine,
+            }
+        }
+    }
 }
 
 /// `gridward config ...`
@@ -426,4 +535,53 @@ pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
         e.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use gridward_pki::{CrlIssuer, InitOptions, Pki};
+
+    use super::*;
+
+    #[test]
+    fn crl_states_follow_next_update() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("pki");
+        let now = OffsetDateTime::now_utc();
+        let pki = Pki::init(&dir, &InitOptions::new("test", now)).expect("init");
+        assert_eq!(crl_state(&dir, now), CrlState::Fine);
+        assert!(matches!(
+            crl_state(
+                &dir,
+                now + time::Duration::days(7) - time::Duration::hours(1)
+            ),
+            CrlState::ExpiresSoon(_)
+        ));
+        pki.write_crl(
+            CrlIssuer::Issuing,
+            now - time::Duration::days(3),
+            now - time::Duration::days(1),
+            "test",
+        )
+        .expect("expired CRL");
+        match crl_state(&dir, now) {
+            CrlState::Expired(what) => assert!(what.contains("Issuing"), "{what}"),
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(dir.join("crl/root.crl.pem"), "garbage").expect("write");
+        assert!(matches!(crl_state(&dir, now), CrlState::Unreadable(_)));
+    }
+
+    #[test]
+    fn the_fingerprint_changes_when_a_crl_is_rewritten() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("pki");
+        let now = OffsetDateTime::now_utc();
+        let pki = Pki::init(&dir, &InitOptions::new("test", now)).expect("init");
+        let before = pki_fingerprint(&dir, "localhost");
+        assert_eq!(before, pki_fingerprint(&dir, "localhost"));
+        std::thread::sleep(Duration::from_millis(20));
+        pki.write_crls(now, 7, "test").expect("crls");
+        assert_ne!(before, pki_fingerprint(&dir, "localhost"));
+    }
 }

@@ -936,3 +936,81 @@ fn readings_as_xml_and_since_filters_of_readings_and_events() {
     let future = rfc3339(OffsetDateTime::now_utc() + time::Duration::minutes(1));
     assert!(events_since(&h, &future).is_empty(), "--since {future}");
 }
+
+/// `gridward pki revoke` with no signal: the running head-end sees the new CRL on disk within
+/// seconds, reloads, and closes the revoked meter's open session; a new connection of that
+/// meter is refused while the other meter keeps sending.
+#[test]
+fn a_revocation_on_disk_takes_effect_without_a_signal() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let work = tmp.path();
+    let pki = work.join("pki");
+    new_pki(&pki, "Gridward");
+    let d = pki.to_str().expect("utf-8 path");
+    gridward_ok(&[
+        "pki", "issue", "meter", "--dir", d, "--count", "2", "--prefix", "w",
+    ]);
+    let h = Headend::start(work, &pki, &[]);
+    let port = h.port.to_string();
+    let fleet = FleetProcess::start(
+        work,
+        &[
+            "--dir",
+            d,
+            "--port",
+            &port,
+            "--server-name",
+            "localhost",
+            "--prefix",
+            "w",
+            "--interval",
+            "0.2",
+            "--duration",
+            "30",
+            "--drain",
+            "5",
+        ],
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "both meters to connect",
+        || (h.is_connected("w000001") && h.is_connected("w000002")).then_some(()),
+        || h.log(),
+    );
+    let before = h.events().len();
+    gridward_ok(&[
+        "pki",
+        "revoke",
+        "--dir",
+        d,
+        "--id",
+        "w000001",
+        "--reason",
+        "keyCompromise",
+    ]);
+    wait_for(
+        Duration::from_secs(20),
+        "the head-end to notice the new CRL and close w000001's session",
+        || {
+            (h.log().contains("changed on disk: reloaded") && !h.is_connected("w000001"))
+                .then_some(())
+        },
+        || h.log(),
+    );
+    // Its reconnection attempts are refused; the other meter keeps getting through.
+    let stored = h.stored_counters("w000002").len();
+    wait_for(
+        Duration::from_secs(20),
+        "w000001's reconnection to be refused and w000002 to keep sending",
+        || {
+            let refused = h
+                .events()
+                .iter()
+                .skip(before)
+                .any(|e| e.reason == "certificate_revoked");
+            (refused && h.stored_counters("w000002").len() > stored + 5).then_some(())
+        },
+        || format!("{:#?}\n{}", h.events(), h.log()),
+    );
+    drop(fleet);
+}
