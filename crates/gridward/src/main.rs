@@ -37,11 +37,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run everything on this machine: a PKI, the head-end, 1,000 simulated meters, a report.
+    /// Run everything on this machine: a PKI, the head-end, a downstream sink, 1,000 simulated
+    /// meters, a report.
     Demo(demo_cmd::DemoArgs),
     /// Run the certificate authority: CA set-up, issuance, CSR signing, revocation, CRLs, PKCS#12.
     Pki(pki_cmd::PkiArgs),
-    /// Run the head-end: MQTT over mutual TLS, verification, durable store (SIGHUP reloads CRLs).
+    /// Run the head-end: MQTT over mutual TLS, verification, durable store, downstream delivery
+    /// (certificates and CRLs reload on SIGHUP or when they change on disk).
     Serve(serve_cmd::ServeArgs),
     /// Simulated meters: sign a document, or run a fleet against a head-end.
     Meter(meter_cmd::MeterArgs),
@@ -64,7 +66,8 @@ enum Command {
     /// genuine fleet sends; report what was stopped and the security event each left.
     Attack(attack_cmd::AttackArgs),
     /// Benchmarks on this machine: ingest throughput and latency, memory per idle meter,
-    /// reconnect storm; each next to a Mosquitto broker doing the relay job.
+    /// reconnect storm (each next to a Mosquitto broker doing the relay job), and signed
+    /// deliveries to a sink.
     Bench(bench_cmd::BenchArgs),
 }
 

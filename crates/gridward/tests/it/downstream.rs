@@ -1372,3 +1372,115 @@ fn python_verifies_what_gridward_signs_and_the_sink_verifies_what_python_signs()
     assert_eq!(stored[0].key_id, "pyclient");
     sink.stop();
 }
+
+/// An operator's mistake and its repair: the sink has the wrong key under the head-end's key id,
+/// so it refuses every reading (401); each becomes a dead letter with a `downstream_rejected`
+/// event, `gridward outbox dead` shows them with the answer; once the sink has the right key,
+/// `gridward outbox retry` sends them again and every one is delivered, once.
+#[test]
+fn dead_letters_are_listed_and_delivered_after_outbox_retry() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let work = tmp.path();
+    let pki = work.join("pki");
+    new_pki(&pki, "Gridward");
+    issue_sink_server(&pki);
+    issue_client(&pki, "hes", "p256");
+    issue_client(&pki, "other", "p256");
+    gridward_ok(&[
+        "pki",
+        "issue",
+        "meter",
+        "--dir",
+        s(&pki),
+        "--count",
+        "2",
+        "--prefix",
+        "d",
+    ]);
+    // The sink's idea of the key "hes": another client's certificate, for now.
+    let key_file = work.join("hes-as-configured.pem");
+    fs::copy(client_file(&pki, "other", "cert.pem"), &key_file).expect("copy");
+    let mut sink = SinkProcess::start(work, &pki, &work.join("sink.db"), &[("hes", &key_file)]);
+    let forward = forward_edit(
+        "billing",
+        &sink.url(),
+        "client = \"hes\"\nretry_initial_ms = 100\nretry_max_secs = 2",
+    );
+    let h = Headend::start(work, &pki, &[(LAST_DEFAULT_LINE, &forward)]);
+    let db = h.db.clone();
+    let fleet = FleetProcess::start(
+        work,
+        &[
+            "--dir",
+            s(&pki),
+            "--port",
+            &h.port.to_string(),
+            "--server-name",
+            "localhost",
+            "--prefix",
+            "d",
+            "--interval",
+            "0.3",
+            "--duration",
+            "1.5",
+            "--drain",
+            "10",
+        ],
+    );
+    let _ = fleet.wait(Duration::from_secs(60));
+    let stored = stored_count(&db);
+    assert!(stored >= 4, "only {stored} readings stored");
+    wait_for(
+        Duration::from_secs(30),
+        "every reading to be a dead letter",
+        || {
+            let o = outbox(&db, "billing");
+            (o.dead == stored && o.pending == 0).then_some(())
+        },
+        || context(work, &sink),
+    );
+    assert_eq!(
+        sink.count(),
+        0,
+        "the sink stored a reading it should have refused"
+    );
+    let dead = gridward_ok(&["outbox", "dead", "--db", s(&db), "--target", "billing"]);
+    let rows: Vec<&str> = dead.lines().skip(1).collect();
+    assert_eq!(rows.len() as u64, stored, "{dead}");
+    assert!(
+        rows.iter()
+            .all(|r| r.contains("HTTP 401") && r.contains("bad_signature")),
+        "{dead}"
+    );
+    let events = h.events();
+    let rejected = events
+        .iter()
+        .filter(|e| e.reason == "downstream_rejected")
+        .count() as u64;
+    assert_eq!(rejected, stored, "{events:#?}");
+
+    // The repair: the right key, a restart of the sink, a retry.
+    fs::copy(client_file(&pki, "hes", "cert.pem"), &key_file).expect("copy");
+    sink.stop();
+    sink.restart();
+    let out = gridward_ok(&["outbox", "retry", "--db", s(&db), "--target", "billing"]);
+    assert!(
+        out.contains(&format!("{stored} dead letter(s) back to pending")),
+        "{out}"
+    );
+    wait_for(
+        Duration::from_secs(30),
+        "the retried readings to be delivered",
+        || {
+            let o = outbox(&db, "billing");
+            (o.delivered == stored && o.dead == 0 && o.pending == 0).then_some(())
+        },
+        || context(work, &sink),
+    );
+    assert_eq!(sink.count(), stored, "{}", sink.log());
+    let status = gridward_ok(&["outbox", "--db", s(&db)]);
+    assert!(status.lines().any(|l| l.starts_with("billing")), "{status}");
+    // Nothing left to retry.
+    let out = gridward_ok(&["outbox", "retry", "--db", s(&db)]);
+    assert!(out.starts_with("0 dead letter(s)"), "{out}");
+}
