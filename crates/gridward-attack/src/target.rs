@@ -165,6 +165,9 @@ impl InProcess {
     /// bans, because the genuine fleet connects from there: every attack comes from another
     /// loopback address (127.1.x.y), so a ban it earns never touches the fleet.
     pub async fn start(work: &Path, fleet: usize) -> Result<Self, AttackError> {
+        // Absolute: the configuration resolves relative paths against `work` itself.
+        let work = &std::fs::canonicalize(work)
+            .map_err(|e| AttackError::Setup(format!("{}: {e}", work.display())))?;
         let pki_dir = work.join("pki");
         let now = OffsetDateTime::now_utc();
         let pki = Pki::init(&pki_dir, &InitOptions::new("gridward-attack", now))?;

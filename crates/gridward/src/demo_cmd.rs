@@ -120,7 +120,10 @@ fn style(template: &str) -> indicatif::ProgressStyle {
 }
 
 async fn demo(args: DemoArgs) -> Result<()> {
-    let dir = args.dir.clone();
+    // Absolute from here on: the configuration resolves relative paths against this directory,
+    // and the commands printed at the end must work from wherever they are pasted.
+    let dir = std::fs::canonicalize(&args.dir)
+        .with_context(|| format!("resolving {}", args.dir.display()))?;
     let pki_dir = dir.join("pki");
     let now = OffsetDateTime::now_utc();
     println!("Gridward demo in {}", dir.display());

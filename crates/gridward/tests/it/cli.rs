@@ -172,19 +172,32 @@ impl DemoReport {
 fn demo_runs_and_reports_consistent_numbers() {
     const METERS: usize = 10;
     let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = tmp.path().join("demo");
-    let dir = dir.to_str().expect("utf-8");
+    // A relative --dir, as in the README's `cargo run --release -- demo` (regression: the
+    // configuration resolved it twice, gridward-demo/gridward-demo/pki).
     // 4 s: every misbehaving device misbehaves after its third reading (one a second), with a
     // second to spare.
-    let out = gridward_ok(&[
-        "demo",
-        "--dir",
-        dir,
-        "--meters",
-        &METERS.to_string(),
-        "--duration",
-        "4",
-    ]);
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_gridward"))
+        .args([
+            "demo",
+            "--dir",
+            "demo",
+            "--meters",
+            &METERS.to_string(),
+            "--duration",
+            "4",
+        ])
+        .current_dir(tmp.path())
+        .output()
+        .expect("run gridward demo");
+    let out = String::from_utf8_lossy(&run.stdout).into_owned();
+    let dir = tmp.path().join("demo");
+    let dir = dir.to_str().expect("utf-8");
+    assert!(
+        run.status.success(),
+        "gridward demo failed ({}):\n{out}\n{}",
+        run.status,
+        String::from_utf8_lossy(&run.stderr)
+    );
     let r = DemoReport::parse(&out);
     let ctx = format!("{r:#?}\n{out}");
 
@@ -294,6 +307,8 @@ fn demo_runs_and_reports_consistent_numbers() {
         readings.lines().count() >= 1 && readings.contains("\"MeterID\":\"m000001\""),
         "{readings}"
     );
+    // The commands the report shows work from anywhere: its paths are absolute.
+    assert!(out.contains(&format!("--db {db}")), "{out}");
     // A second run clears the first one's directory (it carries the demo's marker).
     gridward_ok(&["demo", "--dir", dir, "--meters", "2", "--duration", "1"]);
 }
