@@ -236,11 +236,6 @@ impl InProcess {
         })
     }
 
-    /// The running head-end (metrics, endpoint statistics).
-    pub fn headend(&self) -> &Running {
-        &self.running
-    }
-
     /// Stops the head-end (writing what is queued) and the sink.
     pub async fn shutdown(self) {
         let Self {

@@ -14,6 +14,8 @@
 //!
 //! - [`meter_id`]: the validated [`MeterId`] shared by certificates, topics and documents.
 //! - [`document`]: reading and event documents in XML and JSON, strict parsing, XML → JSON.
+//! - [`downstream`]: the JSON body of a reading forwarded to billing/MDM, shared by sender
+//!   and receiver.
 //! - [`envelope`]: the COSE_Sign1 (RFC 9052) envelope every meter message travels in;
 //!   only verification produces a [`envelope::VerifiedEnvelope`].
 //! - [`replay`]: the per-meter counter and time-window check.
@@ -29,6 +31,7 @@
 
 pub mod backoff;
 pub mod document;
+pub mod downstream;
 pub mod envelope;
 pub mod httpsig;
 pub mod meter_id;

@@ -19,9 +19,9 @@
 
 use gridward_core::MeterId;
 use gridward_core::document::{self, DocumentError, MAX_ENERGY_KWH};
+use gridward_core::downstream::{self, ForwardedReading};
 use gridward_core::httpsig::{self, HttpSigError, KeyLookup, Request, VerifyPolicy};
 use gridward_core::meter_id::MeterIdError;
-use serde::Deserialize;
 use time::OffsetDateTime;
 
 /// The path readings are posted to unless configured otherwise.
@@ -356,27 +356,11 @@ fn is_json(value: &str) -> bool {
         })
 }
 
-/// The body as sent: exactly these five members.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WireReading {
-    #[serde(rename = "ReadingID")]
-    reading_id: String,
-    #[serde(rename = "MeterID")]
-    meter_id: String,
-    #[serde(rename = "Counter")]
-    counter: u64,
-    #[serde(rename = "Timestamp")]
-    timestamp: String,
-    #[serde(rename = "EnergyConsumed")]
-    energy_consumed: f64,
-}
-
 /// Parses and checks a reading body; returns it with the body as text.
 pub fn parse_reading(body: &[u8]) -> Result<(Reading, String), Refusal> {
     let text =
         std::str::from_utf8(body).map_err(|e| Refusal::BodyMalformed(format!("not UTF-8: {e}")))?;
-    let wire: WireReading =
+    let wire: ForwardedReading =
         serde_json::from_str(text).map_err(|e| Refusal::BodyMalformed(e.to_string()))?;
     let meter_id = MeterId::new(&wire.meter_id).map_err(Refusal::MeterIdInvalid)?;
     if i64::try_from(wire.counter).is_err() {
@@ -387,7 +371,7 @@ pub fn parse_reading(body: &[u8]) -> Result<(Reading, String), Refusal> {
     if !(energy.is_finite() && (0.0..=MAX_ENERGY_KWH).contains(&energy)) {
         return Err(Refusal::EnergyInvalid(energy));
     }
-    let expected = format!("{}-{}", meter_id.as_str(), wire.counter);
+    let expected = downstream::reading_id(meter_id.as_str(), wire.counter);
     if wire.reading_id != expected {
         return Err(Refusal::ReadingIdMismatch {
             found: wire.reading_id,

@@ -49,7 +49,7 @@ impl OutboxItem {
     /// counter (counters are never reused), the same on every retry, so receivers de-duplicate
     /// on it.
     pub fn reading_id(&self) -> String {
-        format!("{}-{}", self.meter_id, self.counter)
+        gridward_core::downstream::reading_id(self.meter_id.as_str(), self.counter)
     }
 }
 

@@ -11,9 +11,9 @@
 //! `expires`, `nonce`, `keyid` and `alg`.
 
 use gridward_core::document::format_timestamp;
+use gridward_core::downstream::ForwardedReading;
 use gridward_core::httpsig::{self, HttpSigError, HttpSigningKey, Request, SignParams};
 use gridward_store::OutboxItem;
-use serde::Serialize;
 use time::OffsetDateTime;
 
 /// The components every delivery signs, in order.
@@ -26,26 +26,11 @@ pub const SIGNATURE_LABEL: &str = "gridward";
 /// The body's media type.
 pub const CONTENT_TYPE: &str = "application/json";
 
-/// The JSON body of one reading.
-#[derive(Debug, Serialize)]
-struct ForwardedReading<'a> {
-    #[serde(rename = "ReadingID")]
-    reading_id: String,
-    #[serde(rename = "MeterID")]
-    meter_id: &'a str,
-    #[serde(rename = "Counter")]
-    counter: u64,
-    #[serde(rename = "Timestamp")]
-    timestamp: String,
-    #[serde(rename = "EnergyConsumed")]
-    energy_consumed: f64,
-}
-
 /// The JSON body for `item` (see the module documentation).
 pub fn reading_json(item: &OutboxItem) -> Vec<u8> {
     let doc = ForwardedReading {
         reading_id: item.reading_id(),
-        meter_id: item.meter_id.as_str(),
+        meter_id: item.meter_id.to_string(),
         counter: item.counter,
         timestamp: format_timestamp(item.taken_at),
         energy_consumed: item.energy_kwh,

@@ -351,13 +351,6 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-impl HttpsClient {
-    /// `(alg, keyid)` of the signing key.
-    pub fn signing_key(&self) -> (&'static str, &str) {
-        (self.key.alg().name(), self.key.key_id())
-    }
-}
-
 /// Checks that `url` is an absolute `https://host[:port]/path` URL without user info or
 /// fragment, and returns it as the request will carry it: without the default port 443 (an
 /// HTTP/1.1 client sends `Host: host` then, and the receiver rebuilds the signed `@target-uri`

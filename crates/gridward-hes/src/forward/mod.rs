@@ -131,7 +131,6 @@ pub struct Forwarders {
 
 #[derive(Debug)]
 struct TargetHandle {
-    id: TargetId,
     metrics: Arc<TargetMetrics>,
     target: Arc<Target>,
 }
@@ -188,31 +187,13 @@ impl Forwarders {
                 Arc::clone(&metrics),
                 cancel.clone(),
             ));
-            handles.push(TargetHandle {
-                id,
-                metrics,
-                target,
-            });
+            handles.push(TargetHandle { metrics, target });
         }
         Self {
             targets: handles,
             cancel,
             tasks,
         }
-    }
-
-    /// No targets: nothing runs.
-    pub fn none() -> Self {
-        Self {
-            targets: Vec::new(),
-            cancel: CancellationToken::new(),
-            tasks: JoinSet::new(),
-        }
-    }
-
-    /// The registered ids of the targets, for the writer's commits.
-    pub fn target_ids(&self) -> Vec<TargetId> {
-        self.targets.iter().map(|t| t.id).collect()
     }
 
     /// Delivery metrics per target.
