@@ -12,6 +12,7 @@ use gridward_core::MeterId;
 use gridward_core::document::format_timestamp;
 use gridward_hes::config::{Config, DEFAULT_TOML};
 use gridward_hes::pipeline::system_clock;
+use gridward_pki::CrlInfo;
 use gridward_store::{ReadingQuery, SecurityEventQuery, SqliteStore, Store};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -204,6 +205,9 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(10));
         let mut watch = tokio::time::interval(PKI_WATCH);
         let mut seen = pki_fingerprint(&config.pki_dir, &config.server_name);
+        // The CRLs are read again only when the files change; their nextUpdate is compared with
+        // the clock at every look.
+        let mut crls = read_crls(&config.pki_dir);
         let mut crl_warned: Option<(CrlState, std::time::Instant)> = None;
         let mut last_accepted = 0;
         loop {
@@ -218,12 +222,13 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                     let now = pki_fingerprint(&config.pki_dir, &config.server_name);
                     if now != seen {
                         seen = now;
+                        crls = read_crls(&config.pki_dir);
                         match running.reload() {
                             Ok(n) => eprintln!("gridward: certificates or CRLs changed on disk: reloaded; {n} revoked meter(s) disconnected"),
                             Err(e) => eprintln!("gridward: certificates or CRLs changed on disk, but the reload failed, keeping the previous configuration: {e}"),
                         }
                     }
-                    warn_about_crls(&config.pki_dir, &mut crl_warned);
+                    warn_about_crls(&config.pki_dir, &crls, &mut crl_warned);
                 }
                 _ = tick.tick() => {
                     let m = running.metrics.snapshot();
@@ -296,8 +301,12 @@ enum CrlState {
 }
 
 /// Warns when a CRL is about to expire or has expired: once when that becomes so, then hourly.
-fn warn_about_crls(dir: &Path, warned: &mut Option<(CrlState, std::time::Instant)>) {
-    let state = crl_state(dir, OffsetDateTime::now_utc());
+fn warn_about_crls(
+    dir: &Path,
+    crls: &Result<Vec<CrlInfo>, String>,
+    warned: &mut Option<(CrlState, std::time::Instant)>,
+) {
+    let state = crl_state(crls, OffsetDateTime::now_utc());
     let repeat = match warned {
         Some((s, at)) => *s != state || at.elapsed() >= Duration::from_secs(3600),
         None => state != CrlState::Fine,
@@ -319,10 +328,17 @@ fn warn_about_crls(dir: &Path, warned: &mut Option<(CrlState, std::time::Instant
     *warned = Some((state, std::time::Instant::now()));
 }
 
-/// What the CRLs of the PKI at `dir` mean for new connections at `now`.
-fn crl_state(dir: &Path, now: OffsetDateTime) -> CrlState {
-    match gridward_pki::Pki::open(dir, None).and_then(|p| p.current_crls()) {
-        Err(e) => CrlState::Unreadable(e.to_string()),
+/// The CRLs of the PKI at `dir`, as on disk now.
+fn read_crls(dir: &Path) -> Result<Vec<CrlInfo>, String> {
+    gridward_pki::Pki::open(dir, None)
+        .and_then(|p| p.current_crls())
+        .map_err(|e| e.to_string())
+}
+
+/// What `crls` mean for new connections at `now`.
+fn crl_state(crls: &Result<Vec<CrlInfo>, String>, now: OffsetDateTime) -> CrlState {
+    match crls {
+        Err(e) => CrlState::Unreadable(e.clone()),
         Ok(crls) => {
             let soonest = crls.iter().min_by_key(|c| c.next_update);
             match soonest {
@@ -549,10 +565,10 @@ mod tests {
         let dir = tmp.path().join("pki");
         let now = OffsetDateTime::now_utc();
         let pki = Pki::init(&dir, &InitOptions::new("test", now)).expect("init");
-        assert_eq!(crl_state(&dir, now), CrlState::Fine);
+        assert_eq!(crl_state(&read_crls(&dir), now), CrlState::Fine);
         assert!(matches!(
             crl_state(
-                &dir,
+                &read_crls(&dir),
                 now + time::Duration::days(7) - time::Duration::hours(1)
             ),
             CrlState::ExpiresSoon(_)
@@ -564,12 +580,15 @@ mod tests {
             "test",
         )
         .expect("expired CRL");
-        match crl_state(&dir, now) {
+        match crl_state(&read_crls(&dir), now) {
             CrlState::Expired(what) => assert!(what.contains("Issuing"), "{what}"),
             other => panic!("{other:?}"),
         }
         std::fs::write(dir.join("crl/root.crl.pem"), "garbage").expect("write");
-        assert!(matches!(crl_state(&dir, now), CrlState::Unreadable(_)));
+        assert!(matches!(
+            crl_state(&read_crls(&dir), now),
+            CrlState::Unreadable(_)
+        ));
     }
 
     #[test]
