@@ -188,23 +188,13 @@ impl InProcess {
         ))
         .await?;
 
-        let mut raw = RawConfig {
-            forward: vec![RawForward {
-                name: Some("billing".to_owned()),
-                url: Some(format!(
-                    "https://127.0.0.1:{}/readings",
-                    sink.local_addr().port()
-                )),
-                client: Some("hes".to_owned()),
-                retry_max_secs: Some(2),
-                ..RawForward::default()
-            }],
-            ..RawConfig::default()
-        };
-        raw.pki.dir = Some(pki_dir.clone());
-        raw.mqtt.listen = Some("127.0.0.1:0".to_owned());
-        raw.mqtt.ban_exempt = Some(vec!["127.0.0.1".to_owned()]);
-        raw.store.path = Some(work.join("gridward.db"));
+        let mut raw = RawConfig::loopback(&pki_dir, &work.join("gridward.db"));
+        raw.forward = vec![RawForward::pki_client(
+            "billing",
+            format!("https://127.0.0.1:{}/readings", sink.local_addr().port()),
+            "hes",
+            2,
+        )];
         let config = Config::from_raw(raw, Path::new("(attack harness)"), work)
             .map_err(|e| AttackError::Setup(e.to_string()))?;
         let running = Arc::new(

@@ -70,6 +70,34 @@ pub struct RawConfig {
     pub forward: Vec<RawForward>,
 }
 
+impl RawConfig {
+    /// A head-end on this machine alone: the PKI at `pki_dir`, MQTT on a free loopback port,
+    /// 127.0.0.1 exempt from bans (the meters and tools of a demo, benchmark or harness all
+    /// come from there), the store at `store`. Everything else default; adjust the fields.
+    pub fn loopback(pki_dir: &Path, store: &Path) -> Self {
+        let mut raw = Self::default();
+        raw.pki.dir = Some(pki_dir.to_owned());
+        raw.mqtt.listen = Some("127.0.0.1:0".to_owned());
+        raw.mqtt.ban_exempt = Some(vec!["127.0.0.1".to_owned()]);
+        raw.store.path = Some(store.to_owned());
+        raw
+    }
+}
+
+impl RawForward {
+    /// A target `name` at `url`, reached with the PKI's client certificate `client` (which also
+    /// signs), retrying at most every `retry_max_secs`.
+    pub fn pki_client(name: &str, url: String, client: &str, retry_max_secs: u64) -> Self {
+        Self {
+            name: Some(name.to_owned()),
+            url: Some(url),
+            client: Some(client.to_owned()),
+            retry_max_secs: Some(retry_max_secs),
+            ..Self::default()
+        }
+    }
+}
+
 /// `[[forward]]`: one downstream target.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

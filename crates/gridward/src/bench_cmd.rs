@@ -545,19 +545,15 @@ async fn start_headend(
         p.push(suffix);
         let _ = std::fs::remove_file(PathBuf::from(p));
     }
-    let mut raw = RawConfig::default();
-    raw.pki.dir = Some(pki_dir.to_owned());
+    let mut raw = RawConfig::loopback(pki_dir, &db);
     raw.pki.server_name = Some(SERVER_NAME.to_owned());
-    raw.mqtt.listen = Some("127.0.0.1:0".to_owned());
     raw.mqtt.max_connections = Some(meters.saturating_add(1000).max(20_000));
     raw.mqtt.connect_timeout_secs = Some(60);
     raw.mqtt.max_inflight = Some(window.max(32));
     raw.mqtt.rate_per_second = Some(1_000_000.0);
     raw.mqtt.rate_burst = Some(1_000_000);
     raw.mqtt.ban_after_failures = Some(0);
-    raw.mqtt.ban_exempt = Some(vec!["127.0.0.1".to_owned()]);
     raw.ingest.max_skew_secs = Some(3600);
-    raw.store.path = Some(db);
     let config = Config::from_raw(raw, Path::new("(bench)"), &work.path)?;
     let running = gridward_hes::service::start(&config, system_clock())
         .await

@@ -189,24 +189,15 @@ async fn demo(args: DemoArgs) -> Result<()> {
         sink_db.clone(),
     ))
     .await?;
-    let mut raw = RawConfig {
-        forward: vec![RawForward {
-            name: Some("billing".to_owned()),
-            url: Some(format!(
-                "https://127.0.0.1:{}/readings",
-                sink.local_addr().port()
-            )),
-            client: Some("hes".to_owned()),
-            retry_max_secs: Some(5),
-            ..RawForward::default()
-        }],
-        ..RawConfig::default()
-    };
-    raw.pki.dir = Some(pki_dir.clone());
-    raw.mqtt.listen = Some("127.0.0.1:0".to_owned());
-    // Every demo meter comes from 127.0.0.1: the misbehaving ones must not get it banned.
-    raw.mqtt.ban_exempt = Some(vec!["127.0.0.1".to_owned()]);
-    raw.store.path = Some(dir.join("gridward.db"));
+    // Every demo meter comes from 127.0.0.1 (exempt from bans): the misbehaving ones must not
+    // get it banned.
+    let mut raw = RawConfig::loopback(&pki_dir, &dir.join("gridward.db"));
+    raw.forward = vec![RawForward::pki_client(
+        "billing",
+        format!("https://127.0.0.1:{}/readings", sink.local_addr().port()),
+        "hes",
+        5,
+    )];
     let config = Config::from_raw(raw, Path::new("(demo)"), &dir)?;
     let running = gridward_hes::service::start(&config, system_clock()).await?;
     println!(
