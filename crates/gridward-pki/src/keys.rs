@@ -156,9 +156,31 @@ pub(crate) fn describe_public_key(spki_der: &[u8]) -> Result<String, PkiError> {
     }
 }
 
-/// PEM of an unencrypted PKCS#8 private key.
+/// PEM of an unencrypted PKCS#8 private key, in the form every tool reads
+/// ([`interoperable_pkcs8`]).
 pub(crate) fn private_key_pem(key: &KeyPair) -> String {
-    key.serialize_pem()
+    pkcs8_der_to_pem(key.serialized_der())
+}
+
+/// The PKCS#8 DER of a private key as version 1 (`PrivateKeyInfo`, RFC 5208; for Ed25519 the
+/// form of RFC 8410 §7), which OpenSSL, Java, Python's `ssl` and pyca/cryptography all read.
+///
+/// aws-lc-rs, and so rcgen, writes Ed25519 keys as version 2 (`OneAsymmetricKey`, RFC 5958,
+/// with the public key), which OpenSSL 3.0 (`openssl pkey`: "unsupported"), Python's `ssl`
+/// (and so paho-mqtt) and pyca/cryptography refuse. Dropping the public key loses nothing: it
+/// follows from the private key. Version 1 keys, and anything that does not parse as PKCS#8
+/// (left for the caller's own error), come back unchanged.
+pub(crate) fn interoperable_pkcs8(der: &[u8]) -> Vec<u8> {
+    use pkcs8::der::Encode;
+    match PrivateKeyInfo::from_der(der) {
+        Ok(info) if info.public_key.is_some() => PrivateKeyInfo {
+            public_key: None,
+            ..info
+        }
+        .to_der()
+        .unwrap_or_else(|_| der.to_vec()),
+        _ => der.to_vec(),
+    }
 }
 
 /// PEM of a PKCS#8 private key encrypted with `passphrase`: PBES2, PBKDF2-HMAC-SHA256
@@ -244,9 +266,9 @@ pub(crate) fn load_private_key(
         .map_err(|e| PkiError::bad_file(path, format!("unusable private key: {e}")))
 }
 
-/// The PEM of an unencrypted PKCS#8 key given as DER.
+/// The PEM of an unencrypted PKCS#8 key given as DER, as version 1 ([`interoperable_pkcs8`]).
 pub(crate) fn pkcs8_der_to_pem(der: &[u8]) -> String {
-    pem_encode(PRIVATE_KEY_LABEL, der)
+    pem_encode(PRIVATE_KEY_LABEL, &interoperable_pkcs8(der))
 }
 
 #[cfg(test)]
@@ -296,6 +318,39 @@ mod tests {
             load_private_key(Path::new("k"), b"nonsense", None),
             Err(PkiError::BadFile { .. })
         ));
+    }
+
+    /// Issue 17: Ed25519 key files were PKCS#8 version 2, which OpenSSL 3.0, Python's `ssl`
+    /// and pyca/cryptography refuse.
+    #[test]
+    fn ed25519_key_files_are_pkcs8_v1_and_v2_files_still_load() {
+        let key = LeafKeyAlg::Ed25519.generate().unwrap();
+        // What aws-lc-rs writes: version 2, with the public key.
+        let v2 = PrivateKeyInfo::from_der(key.serialized_der()).unwrap();
+        assert_eq!(v2.version(), pkcs8::Version::V2);
+
+        let pem = private_key_pem(&key);
+        let (_, der) = pem_block(pem.as_bytes(), |l| l == PRIVATE_KEY_LABEL).unwrap();
+        let v1 = PrivateKeyInfo::from_der(&der).unwrap();
+        assert_eq!(v1.version(), pkcs8::Version::V1);
+        assert_eq!(v1.public_key, None);
+        assert_eq!(v1.algorithm.oid.to_string(), "1.3.101.112", "id-Ed25519");
+        assert_eq!(v1.algorithm.parameters, None, "RFC 8410: parameters absent");
+        assert_eq!(v1.private_key, v2.private_key);
+        assert_eq!(der.len(), 48, "the RFC 8410 §10.3 layout");
+
+        // Both forms load, to the same key.
+        for pem in [pem, key.serialize_pem()] {
+            let back = load_private_key(Path::new("k"), pem.as_bytes(), None).unwrap();
+            assert_eq!(back.public_key_raw(), key.public_key_raw());
+        }
+        // Keys that are version 1 already are left as they are.
+        let p256 = LeafKeyAlg::P256.generate().unwrap();
+        assert_eq!(
+            interoperable_pkcs8(p256.serialized_der()),
+            p256.serialized_der()
+        );
+        assert_eq!(interoperable_pkcs8(b"not DER"), b"not DER");
     }
 
     #[test]

@@ -148,6 +148,8 @@ impl Pki {
             self.issuing_certificate().clone(),
             self.root_certificate().clone(),
         ];
+        // Keys written before version 1 was the rule may be version 2: export what every tool reads.
+        let key_der = keys::interoperable_pkcs8(&key_der);
         let bytes = p12::export_key_store(name, &key_der, &chain, password)?;
         ctx.log(
             now,
