@@ -380,6 +380,97 @@ fn genuine_envelopes_from_mosquitto_and_paho_are_stored() {
     );
 }
 
+/// Issue 17: `gridward pki issue meter --alg ed25519` wrote key.pem as PKCS#8 version 2, which
+/// OpenSSL 3.0 (`openssl pkey`: "unsupported"), Python's `ssl` (and so Paho) and
+/// pyca/cryptography refused, so the README's `mosquitto_pub --key` recipe failed for Ed25519
+/// meters. Every one of them now reads the key, and each client's EdDSA envelope is stored.
+#[test]
+fn ed25519_meter_keys_work_with_openssl_cryptography_mosquitto_and_paho() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = tmp.path().join("pki");
+    new_pki(&pki, "Gridward");
+    let id = |(client, v): (Client, V)| format!("ed-{client}-{v}");
+    let pki_s = pki.to_str().expect("utf-8");
+    for client in CLIENTS {
+        gridward_ok(&[
+            "pki",
+            "issue",
+            "meter",
+            "--dir",
+            pki_s,
+            "--id",
+            &id(client),
+            "--alg",
+            "ed25519",
+        ]);
+    }
+    let first = MeterFiles::new(&pki, &id(CLIENTS[0]));
+
+    // OpenSSL reads the key, and it is the certificate's.
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("run openssl (Debian: openssl)");
+        assert!(out.status.success(), "openssl {args:?}:\n{}", show(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = openssl(&["pkey", "-in", &first.key, "-noout", "-text"]);
+    assert!(text.contains("ED25519 Private-Key"), "{text}");
+    let from_key = openssl(&["pkey", "-in", &first.key, "-pubout"]);
+    // The chain's first certificate is the meter's.
+    let from_cert = openssl(&["x509", "-in", &first.chain, "-noout", "-pubkey"]);
+    assert_eq!(from_key, from_cert, "key.pem is not the certificate's key");
+
+    // pyca/cryptography and Python's ssl (what Paho uses) load it.
+    let script = "import sys, ssl\n\
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key\n\
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey\n\
+        k = load_pem_private_key(open(sys.argv[2], 'rb').read(), None)\n\
+        assert isinstance(k, Ed25519PrivateKey), type(k)\n\
+        ssl.create_default_context().load_cert_chain(sys.argv[1], sys.argv[2])\n\
+        print('ok')\n";
+    let out = Command::new("python3")
+        .args(["-c", script, &first.chain, &first.key])
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "Python refused the Ed25519 key ({PAHO_HINT}):\n{}",
+        show(&out)
+    );
+
+    // mosquitto_pub (the README's recipe) and Paho, MQTT 3.1.1 and 5, publish EdDSA envelopes.
+    let h = Headend::start(tmp.path(), &pki, &[]);
+    let peer = Peer::new(&h, &pki);
+    for (i, client) in CLIENTS.into_iter().enumerate() {
+        let id = id(client);
+        let m = MeterFiles::new(&pki, &id);
+        let kwh = format!("{}.5", 2000 + i);
+        let payload = tmp.path().join(format!("{id}.cose"));
+        sign(&m.key, &id, 1, None, &reading_json(&id, &kwh), &payload);
+        let publish = Op::Publish {
+            topic: format!("meters/{id}/readings"),
+            payload,
+        };
+        assert_outcome(
+            &peer,
+            client,
+            Some(&m),
+            &id,
+            &publish,
+            Outcome::Acked,
+            "an EdDSA reading",
+        );
+        assert_eq!(h.stored_kwh(&id), [kwh], "{id}: stored documents");
+    }
+    let events = h.events();
+    assert!(
+        events.is_empty(),
+        "Ed25519 meters caused security events: {events:#?}"
+    );
+}
+
 /// Issues meter `id` valid for one day from `days` days from now (negative: in the past),
 /// through the library with an injected `now`: the CLI only issues from the present.
 fn issue_meter_at(pki: &Path, id: &str, days: i64) {
@@ -567,7 +658,7 @@ fn attacks<'a>(c: &'a Creds) -> Vec<Attack<'a>> {
                 counter: Some(1),
                 ..Message::of(ok)
             }),
-            [Acked, PubackRefused(0x80)],
+            [Acked, PubackRefused(0x83)],
             "replay",
         ),
         by_ok(
