@@ -87,6 +87,11 @@ pub struct ConnectInfo {
     pub has_will: bool,
     /// The user name, if one was given.
     pub username: Option<String>,
+    /// MQTT 5 Request Problem Information: whether the client accepts a Reason String on a
+    /// PUBACK (absent means yes). Always false for 3.1.1, which has no properties.
+    pub problem_information: bool,
+    /// MQTT 5 Maximum Packet Size the client accepts (absent: no limit but the protocol's).
+    pub max_packet_size: Option<u32>,
 }
 
 /// One MQTT control packet, either protocol version, reduced to the fields Gridward uses.
@@ -402,6 +407,8 @@ fn decode_v4(frame: &[u8], name: &'static str) -> Result<Packet, CodecError> {
                 clean_start: c.clean_session,
                 has_will: c.last_will.is_some(),
                 username: c.login.map(|l| l.username),
+                problem_information: false,
+                max_packet_size: None,
             })
         }
         v4::Packet::ConnAck(c) => Packet::ConnAck {
@@ -488,6 +495,9 @@ fn decode_v5(frame: &[u8], name: &'static str) -> Result<Packet, CodecError> {
     Ok(match packet {
         v5::Packet::Connect(c, will, login) => Packet::Connect(ConnectInfo {
             protocol: Protocol::V5,
+            problem_information: c.properties.as_ref().and_then(|p| p.request_problem_info)
+                != Some(0),
+            max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
             client_id: c.client_id,
             keep_alive: c.keep_alive,
             clean_start: c.clean_start,
@@ -723,6 +733,37 @@ pub fn encode_puback(buf: &mut BytesMut, protocol: Protocol, pkid: u16, reason_c
     }
 }
 
+/// MQTT 5 property identifier of a Reason String.
+const REASON_STRING: u8 = 0x1F;
+
+/// Appends an MQTT 5 PUBACK with `reason_code` and a Reason String property `reason` (a
+/// diagnostic for the client: Gridward sends the refusal's stable reason code, e.g. `replay`).
+///
+/// The caller checks that the client asked for problem information and that the packet fits the
+/// client's Maximum Packet Size ([`puback_with_reason_len`]).
+pub fn encode_puback_with_reason(buf: &mut BytesMut, pkid: u16, reason_code: u8, reason: &str) {
+    let reason = &reason.as_bytes()[..reason.len().min(usize::from(u16::MAX))];
+    // Property: identifier, two-byte length, the UTF-8 string.
+    let props_len = 1 + 2 + reason.len();
+    let mut props_len_bytes = BytesMut::new();
+    put_remaining_length(&mut props_len_bytes, props_len);
+    buf.put_u8(0x40);
+    put_remaining_length(buf, 2 + 1 + props_len_bytes.len() + props_len);
+    buf.put_u16(pkid);
+    buf.put_u8(reason_code);
+    buf.put_slice(&props_len_bytes);
+    buf.put_u8(REASON_STRING);
+    buf.put_u16(u16::try_from(reason.len()).unwrap_or(u16::MAX));
+    buf.put_slice(reason);
+}
+
+/// The size in bytes of the packet [`encode_puback_with_reason`] writes for `reason`.
+pub fn puback_with_reason_len(reason: &str) -> usize {
+    let mut buf = BytesMut::new();
+    encode_puback_with_reason(&mut buf, 1, 0x80, reason);
+    buf.len()
+}
+
 /// Appends a SUBACK with one return / reason code per filter.
 pub fn encode_suback(buf: &mut BytesMut, protocol: Protocol, pkid: u16, codes: &[u8]) {
     buf.put_u8(0x90);
@@ -944,6 +985,8 @@ mod tests {
                     clean_start: true,
                     has_will: false,
                     username: None,
+                    problem_information: protocol == Protocol::V5,
+                    max_packet_size: None,
                 })
             );
         }
@@ -1055,6 +1098,50 @@ mod tests {
             encode_unsuback(&mut buf, protocol, 9, 1, 0x11);
             assert_eq!(one(protocol, &buf).unwrap(), Packet::UnsubAck { pkid: 9 });
         }
+    }
+
+    #[test]
+    fn puback_with_reason_string_decodes_with_rumqttc() {
+        let mut buf = BytesMut::new();
+        encode_puback_with_reason(&mut buf, 9, 0x83, "replay");
+        assert_eq!(buf.len(), puback_with_reason_len("replay"));
+        assert_eq!(
+            one(Protocol::V5, &buf).unwrap(),
+            Packet::PubAck {
+                pkid: 9,
+                reason_code: 0x83
+            }
+        );
+        let p = v5::Packet::read(&mut buf.clone(), None).unwrap();
+        let v5::Packet::PubAck(ack) = p else {
+            panic!("a PUBACK: {p:?}")
+        };
+        assert_eq!(ack.pkid, 9);
+        assert_eq!(ack.reason, v5::PubAckReason::ImplementationSpecificError);
+        let reason = ack.properties.and_then(|p| p.reason_string);
+        assert_eq!(reason.as_deref(), Some("replay"));
+    }
+
+    #[test]
+    fn v5_connect_problem_information_and_maximum_packet_size() {
+        let mut buf = BytesMut::new();
+        let props = v5::ConnectProperties {
+            request_problem_info: Some(0),
+            max_packet_size: Some(128),
+            ..v5::ConnectProperties::new()
+        };
+        let c = v5::Connect {
+            keep_alive: 30,
+            client_id: "MTR-1".into(),
+            clean_start: true,
+            properties: Some(props),
+        };
+        c.write(&None, &None, &mut buf).unwrap();
+        let Packet::Connect(info) = one(Protocol::V5, &buf).unwrap() else {
+            panic!("a CONNECT")
+        };
+        assert!(!info.problem_information);
+        assert_eq!(info.max_packet_size, Some(128));
     }
 
     #[test]

@@ -55,9 +55,12 @@ impl Verdict {
     /// The PUBACK reason code for this verdict under `protocol`.
     ///
     /// Accepted / Duplicate → 0x00. Rejected under MQTT 5: 0x87 (not authorized) for signature and
-    /// identity problems, 0x99 (payload format invalid) for envelope and document problems,
-    /// 0x80 (unspecified) otherwise. Under MQTT 3.1.1 a PUBACK has no reason code: always 0x00
-    /// (the message is consumed and dropped).
+    /// identity problems, 0x99 (payload format invalid) for envelope and document problems, 0x83
+    /// (implementation specific error: "the PUBLISH is valid but the receiver is not willing to
+    /// accept it") for freshness (replay, stale, from the future), 0x97 (quota exceeded) for the
+    /// rate limit, 0x80 (unspecified) otherwise. The session adds the reason's code as Reason
+    /// String where the client allows it. Under MQTT 3.1.1 a PUBACK has no reason code: always
+    /// 0x00 (the message is consumed and dropped). `docs/wire-format.md` §4.1 lists them.
     pub fn puback_code(self, protocol: Protocol) -> u8 {
         match (self, protocol) {
             // Never sent: the session closes instead (see `Verdict::Unavailable`).
@@ -78,6 +81,8 @@ impl Verdict {
                 Reason::MalformedEnvelope
                 | Reason::InvalidDocument
                 | Reason::RegisterWentBackwards => 0x99,
+                Reason::Replay | Reason::Stale | Reason::FromTheFuture => 0x83,
+                Reason::RateLimited => 0x97,
                 _ => 0x80,
             },
         }
@@ -133,6 +138,57 @@ impl<T: PublishHandler> PublishHandler for Arc<T> {
 mod tests {
     use super::*;
 
+    /// Issue 17: `docs/wire-format.md` did not say that a register going backwards is refused,
+    /// nor with which PUBACK code. §4.1 must list every refusal of a message with the code
+    /// [`Verdict::puback_code`] sends, and name every other reason of the endpoint.
+    #[test]
+    fn wire_format_lists_every_refusal_with_its_puback_code() {
+        let spec = include_str!("../../../docs/wire-format.md");
+        let section = spec
+            .split("### 4.1 ")
+            .nth(1)
+            .and_then(|s| s.split("\n## ").next())
+            .expect("docs/wire-format.md has a §4.1");
+        let mut documented = Vec::new();
+        for row in section.lines().filter(|l| l.starts_with("| `")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let code = cells[1].trim_matches('`');
+            let reason = Reason::from_code(code).unwrap_or_else(|| panic!("unknown reason {code}"));
+            let puback = cells[3]
+                .get(2..4)
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            assert_eq!(
+                puback,
+                Some(Verdict::Rejected(reason).puback_code(Protocol::V5)),
+                "§4.1 row {code}: {row}"
+            );
+            documented.push(reason);
+        }
+        let message_refusals = [
+            Reason::TopicNotAuthorized,
+            Reason::MalformedEnvelope,
+            Reason::KeyMismatch,
+            Reason::BadSignature,
+            Reason::Replay,
+            Reason::Stale,
+            Reason::FromTheFuture,
+            Reason::InvalidDocument,
+            Reason::RegisterWentBackwards,
+        ];
+        assert_eq!(
+            documented, message_refusals,
+            "the rows of §4.1, in check order"
+        );
+        for reason in Reason::ALL {
+            if reason != Reason::DownstreamRejected {
+                assert!(
+                    section.contains(&format!("`{}`", reason.code())),
+                    "§4.1 does not name {reason}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn puback_codes() {
         use Protocol::{V5, V311};
@@ -151,7 +207,15 @@ mod tests {
             Verdict::Rejected(Reason::MalformedEnvelope).puback_code(V5),
             0x99
         );
-        assert_eq!(Verdict::Rejected(Reason::Replay).puback_code(V5), 0x80);
+        // Issue 17: a replay had the generic 0x80.
+        for fresh in [Reason::Replay, Reason::Stale, Reason::FromTheFuture] {
+            assert_eq!(Verdict::Rejected(fresh).puback_code(V5), 0x83);
+        }
+        assert_eq!(Verdict::Rejected(Reason::RateLimited).puback_code(V5), 0x97);
+        assert_eq!(
+            Verdict::Rejected(Reason::DownstreamRejected).puback_code(V5),
+            0x80
+        );
         for certificate in [
             Reason::CertificateMissing,
             Reason::CertificateUntrusted,

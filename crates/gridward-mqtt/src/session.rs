@@ -128,6 +128,8 @@ struct InFlight {
     pkid: Option<u16>,
     /// The PUBACK reason code once decided.
     code: Option<u8>,
+    /// The refusal's reason, sent as the PUBACK's Reason String where the client allows it.
+    refused: Option<Reason>,
     /// Decided as [`Verdict::Unavailable`]: no PUBACK; the session closes when it reaches the front.
     unavailable: bool,
 }
@@ -150,6 +152,10 @@ pub struct Session {
     max_inflight: usize,
     max_keep_alive: Duration,
     max_packet_size: usize,
+    /// MQTT 5 client that accepts Reason Strings (Request Problem Information not 0).
+    reason_strings: bool,
+    /// The largest packet the client accepts (MQTT 5 Maximum Packet Size).
+    client_max_packet_size: usize,
 }
 
 impl Session {
@@ -171,6 +177,8 @@ impl Session {
             max_inflight: usize::from(config.max_inflight.max(1)),
             max_keep_alive: config.max_keep_alive,
             max_packet_size: config.max_packet_size,
+            reason_strings: false,
+            client_max_packet_size: usize::MAX,
         }
     }
 
@@ -332,6 +340,10 @@ impl Session {
 
     fn on_connect(&mut self, info: ConnectInfo, now: Instant, out: &mut Vec<Action>) {
         self.protocol = info.protocol;
+        self.reason_strings = info.protocol == Protocol::V5 && info.problem_information;
+        self.client_max_packet_size = info
+            .max_packet_size
+            .map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
         self.last_packet = now;
         let mut buf = BytesMut::new();
         if info.client_id != self.meter.as_str() {
@@ -476,6 +488,7 @@ impl Session {
                         seq: self.next_seq,
                         pkid: Some(pkid),
                         code: Some(rc::NOT_AUTHORIZED),
+                        refused: Some(Reason::TopicNotAuthorized),
                         unavailable: false,
                     });
                     self.next_seq += 1;
@@ -494,6 +507,7 @@ impl Session {
             seq,
             pkid,
             code: None,
+            refused: None,
             unavailable: false,
         });
         out.push(Action::Deliver(Delivery {
@@ -517,6 +531,10 @@ impl Session {
             .find(|e| e.seq == seq && e.code.is_none())
         {
             entry.code = Some(code);
+            entry.refused = match verdict {
+                Verdict::Rejected(reason) => Some(reason),
+                _ => None,
+            };
             entry.unavailable = verdict == Verdict::Unavailable;
         }
         self.flush_ready(out);
@@ -562,6 +580,7 @@ impl Session {
         while let Some(InFlight {
             pkid,
             code: Some(code),
+            refused,
             unavailable,
             ..
         }) = self.inflight.front().copied()
@@ -578,7 +597,17 @@ impl Session {
             }
             self.inflight.pop_front();
             if let Some(pkid) = pkid {
-                codec::encode_puback(&mut buf, self.protocol, pkid, code);
+                match refused.map(Reason::code) {
+                    // MQTT 5: the refusal names its reason (`replay`, `stale`, ...) to the meter.
+                    Some(reason)
+                        if self.reason_strings
+                            && codec::puback_with_reason_len(reason)
+                                <= self.client_max_packet_size =>
+                    {
+                        codec::encode_puback_with_reason(&mut buf, pkid, code, reason);
+                    }
+                    _ => codec::encode_puback(&mut buf, self.protocol, pkid, code),
+                }
             }
         }
         if !buf.is_empty() {
@@ -643,6 +672,8 @@ mod tests {
             clean_start: true,
             has_will: false,
             username: None,
+            problem_information: protocol == Protocol::V5,
+            max_packet_size: None,
         })
     }
 
@@ -804,6 +835,48 @@ mod tests {
                 }));
             }
         }
+    }
+
+    /// Issue 17: a replay got the generic PUBACK 0x80; under MQTT 5 it now gets 0x83 and the
+    /// refusal's reason code as Reason String, unless the client declined problem information
+    /// or the PUBACK would exceed its Maximum Packet Size.
+    #[test]
+    fn refused_puback_names_its_reason_when_the_client_allows() {
+        let replay_puback = |problem_information: bool, max_packet_size: Option<u32>| {
+            let t0 = Instant::now();
+            let mut s = Session::new(meter(), &cfg(), t0);
+            let mut out = Vec::new();
+            let Packet::Connect(info) = connect(Protocol::V5, "MTR-1", 30) else {
+                unreachable!()
+            };
+            let info = ConnectInfo {
+                problem_information,
+                max_packet_size,
+                ..info
+            };
+            s.on_packet(Packet::Connect(info), t0, &mut out);
+            s.on_packet(
+                publish("meters/MTR-1/readings", QoS::AtLeastOnce, 7),
+                t0,
+                &mut out,
+            );
+            let mut out = Vec::new();
+            s.on_verdict(0, Verdict::Rejected(Reason::Replay), &mut out);
+            let [Action::Send(bytes)] = &out[..] else {
+                panic!("one PUBACK: {out:?}")
+            };
+            bytes.to_vec()
+        };
+        let mut with_reason = BytesMut::new();
+        codec::encode_puback_with_reason(&mut with_reason, 7, 0x83, "replay");
+        assert_eq!(replay_puback(true, None), with_reason.to_vec());
+        let bare = vec![0x40, 3, 0, 7, 0x83];
+        assert_eq!(
+            replay_puback(false, None),
+            bare,
+            "problem information declined"
+        );
+        assert_eq!(replay_puback(true, Some(8)), bare, "would exceed 8 bytes");
     }
 
     #[test]
