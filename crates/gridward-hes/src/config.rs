@@ -317,7 +317,40 @@ impl Config {
             source,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, path, base)
+        let config = Self::parse(&text, path, base)?;
+        config.check_store_path(path)?;
+        Ok(config)
+    }
+
+    /// Checks on disk that the store can be created or opened at `store_path`: its directory
+    /// exists, and the path is not a directory itself (`path` names the file in the error).
+    pub fn check_store_path(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "store.path",
+            message,
+        };
+        let store = &self.store_path;
+        if store.is_dir() {
+            return Err(invalid(format!(
+                "{} is a directory; name the database file in it, e.g. {}",
+                store.display(),
+                store.join("gridward.db").display()
+            )));
+        }
+        let dir = match store.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            return Err(invalid(format!(
+                "the directory {} of {} does not exist; create it (mkdir -p {}) or choose another path",
+                dir.display(),
+                store.display(),
+                dir.display()
+            )));
+        }
+        Ok(())
     }
 
     /// Parses and checks `text` (named `path` in errors), resolving relative paths against `base`.
@@ -674,6 +707,36 @@ mod tests {
         assert_eq!((t.batch_size, t.concurrency), (10, 2));
         assert_eq!(t.retry_initial, Duration::from_millis(100));
         assert_eq!(t.retry_max, Duration::from_secs(5));
+    }
+
+    /// Issue 17: `config check` accepted a store in a directory that does not exist, and
+    /// `serve` then failed with exit 1 and no key named.
+    #[test]
+    fn store_path_in_a_missing_directory_is_refused_naming_store_path() {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("gridward.toml");
+        let load = |store: &str| {
+            std::fs::write(&file, format!("[store]\npath = {store:?}\n")).unwrap();
+            Config::load(&file)
+        };
+        let err = load("no/such/dir/gridward.db").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::Invalid {
+                    key: "store.path",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        std::fs::create_dir(tmp.path().join("data")).unwrap();
+        let err = load("data").unwrap_err();
+        assert!(err.to_string().contains("is a directory"), "{err}");
+        let ok = load("data/gridward.db").unwrap();
+        assert_eq!(ok.store_path, tmp.path().join("data/gridward.db"));
+        load("gridward.db").unwrap();
     }
 
     #[test]

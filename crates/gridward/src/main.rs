@@ -9,6 +9,7 @@
 //! - [`serve_cmd`]: `gridward serve`, `gridward config`, and `readings`, `events`, `meters`.
 //! - [`outbox_cmd`]: `gridward outbox`, the downstream deliveries: status, dead letters, retry.
 //! - [`sink_cmd`]: `gridward sink`, the reference downstream service, and `sink show`.
+//! - [`report`]: how an error is printed (each cause once).
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ mod demo_cmd;
 mod meter_cmd;
 mod outbox_cmd;
 mod pki_cmd;
+mod report;
 mod serve_cmd;
 mod sink_cmd;
 mod sys;
@@ -91,7 +93,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) if serve_cmd::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", report::error_chain(&err));
             serve_cmd::exit_code(&err)
         }
     }

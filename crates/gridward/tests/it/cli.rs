@@ -65,6 +65,51 @@ fn bad_input_is_a_clear_error_not_a_panic() {
     assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
 }
 
+/// Issue 17: `config check` accepted a store in a directory that does not exist; `serve` then
+/// exited 1 with the cause three times and no key named.
+#[test]
+fn a_store_in_a_missing_directory_is_refused_by_config_check_and_serve_naming_store_path() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = tmp.path().join("gridward.toml");
+    let cfg_s = cfg.to_str().expect("utf-8");
+    gridward_ok(&["config", "init", "--config", cfg_s]);
+    let text = std::fs::read_to_string(&cfg).expect("read");
+    let text = text.replace(
+        "path = \"gridward.db\"",
+        "path = \"no/such/dir/gridward.db\"",
+    );
+    assert!(
+        text.contains("no/such/dir"),
+        "the default file names its store path"
+    );
+    std::fs::write(&cfg, text).expect("write");
+    for command in ["config check", "serve"] {
+        let mut args: Vec<&str> = command.split(' ').collect();
+        args.extend(["--config", cfg_s]);
+        let out = gridward(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "gridward {command}: {err}");
+        assert!(
+            err.contains("store.path")
+                && err.contains("does not exist")
+                && err.contains("mkdir -p"),
+            "gridward {command}: {err}"
+        );
+        assert_eq!(err.matches("does not exist").count(), 1, "said once: {err}");
+    }
+    // The error chain says each cause once (a missing file's cause was printed twice).
+    let missing = tmp.path().join("missing.toml");
+    let out = gridward(&[
+        "config",
+        "check",
+        "--config",
+        missing.to_str().expect("utf-8"),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}
+
 #[test]
 fn config_init_writes_a_valid_file_and_bad_config_exits_2() {
     let tmp = tempfile::tempdir().expect("tempdir");
