@@ -10,6 +10,10 @@
 //! `ReadingID = {MeterID}-{Counter}`).
 
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::MeterId;
+use crate::document::format_timestamp;
 
 /// One forwarded reading, exactly these five members in this order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,6 +34,26 @@ pub struct ForwardedReading {
     /// The cumulative register in kWh.
     #[serde(rename = "EnergyConsumed")]
     pub energy_consumed: f64,
+}
+
+impl ForwardedReading {
+    /// Reading `counter` of `meter`, taken at `taken_at`, with the register at `energy_kwh`.
+    pub fn new(meter: &MeterId, counter: u64, taken_at: OffsetDateTime, energy_kwh: f64) -> Self {
+        Self {
+            reading_id: reading_id(meter.as_str(), counter),
+            meter_id: meter.to_string(),
+            counter,
+            timestamp: format_timestamp(taken_at),
+            energy_consumed: energy_kwh,
+        }
+    }
+
+    /// The JSON text, members in the order above.
+    pub fn to_json(&self) -> String {
+        // A struct of strings and numbers always serialises; a non-finite energy (which the
+        // store never holds) would become `null`, which receivers refuse.
+        serde_json::to_string(self).unwrap_or_default()
+    }
 }
 
 /// The stable id of a meter's reading downstream: `{meter}-{counter}`.

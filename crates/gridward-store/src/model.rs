@@ -3,6 +3,7 @@
 
 use gridward_core::MeterId;
 use gridward_core::document::{Event, EventKind, Format, Reading};
+use gridward_core::downstream::ForwardedReading;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
@@ -142,8 +143,9 @@ impl StoredReading {
         }
     }
 
-    /// The canonical JSON document, as forwarded downstream:
-    /// `{"MeterID":"…","Timestamp":"…","EnergyConsumed":…}`.
+    /// The canonical JSON document as the meter signs it:
+    /// `{"MeterID":"…","Timestamp":"…","EnergyConsumed":…}` (without the counter; see
+    /// [`StoredReading::to_forwarded`] for what goes downstream).
     pub fn to_json(&self) -> String {
         self.to_reading().to_json()
     }
@@ -151,6 +153,12 @@ impl StoredReading {
     /// The canonical XML document (`EnergyUsageReport`).
     pub fn to_xml(&self) -> String {
         self.to_reading().to_xml()
+    }
+
+    /// The reading as forwarded downstream, with its `ReadingID` and `Counter`
+    /// (`docs/wire-format.md` §7): what `gridward readings --format json` prints.
+    pub fn to_forwarded(&self) -> ForwardedReading {
+        ForwardedReading::new(&self.meter_id, self.counter, self.taken_at, self.energy_kwh)
     }
 
     /// [`StoredReading::envelope_sha256`] in lower-case hex.

@@ -76,7 +76,8 @@ impl StoreArg {
 /// Output format of `gridward readings`.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum OutputFormat {
-    /// One JSON document per line.
+    /// One JSON object per line, as forwarded downstream: ReadingID, MeterID, Counter,
+    /// Timestamp, EnergyConsumed.
     Json,
     /// One XML document per line.
     Xml,
@@ -202,7 +203,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         );
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
-        let mut tick = tokio::time::interval(Duration::from_secs(10));
+        let mut tick = tokio::time::interval(STATUS_TICK);
+        let mut status_line = StatusLine::default();
         let mut watch = tokio::time::interval(PKI_WATCH);
         let mut seen = pki_fingerprint(&config.pki_dir, &config.server_name);
         // The CRLs are read again only when the files change; their nextUpdate is compared with
@@ -233,21 +235,27 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                 _ = tick.tick() => {
                     let m = running.metrics.snapshot();
                     let s = running.endpoint.stats();
-                    if m.accepted != last_accepted || m.rejected_total() > 0 {
+                    let forward = running.forward_snapshot();
+                    let status = Status {
+                        sessions: s.sessions,
+                        accepted: m.accepted,
+                        duplicates: m.duplicates,
+                        rejected: m.rejected_total(),
+                        forward: forward.iter().map(|t| (t.delivered, t.failed_attempts, t.dead)).collect(),
+                    };
+                    if status_line.due(&status, std::time::Instant::now()) {
                         eprintln!(
                             "gridward: {} meters connected, {} accepted ({}/s), {} duplicates, {} rejected, p99 {:?}",
-                            s.sessions, m.accepted, (m.accepted - last_accepted) / 10, m.duplicates, m.rejected_total(), m.p99
+                            s.sessions, m.accepted, (m.accepted - last_accepted) / STATUS_TICK.as_secs(), m.duplicates, m.rejected_total(), m.p99
                         );
-                    }
-                    last_accepted = m.accepted;
-                    for t in running.forward_snapshot() {
-                        if t.delivered > 0 || t.failed_attempts > 0 || t.dead > 0 {
+                        for t in forward.iter().filter(|t| t.delivered > 0 || t.failed_attempts > 0 || t.dead > 0) {
                             eprintln!(
                                 "gridward: forward {}: {} delivered, {} failed attempts, {} dead, lag p50 {:?} p99 {:?}",
                                 t.name, t.delivered, t.failed_attempts, t.dead, t.lag_p50, t.lag_p99
                             );
                         }
                     }
+                    last_accepted = m.accepted;
                 }
             }
         }
@@ -255,6 +263,44 @@ pub fn serve(args: ServeArgs) -> Result<()> {
         running.shutdown().await;
         Ok(())
     })
+}
+
+/// How often `serve` looks at its counters for the status line.
+const STATUS_TICK: Duration = Duration::from_secs(10);
+
+/// The longest `serve` stays silent while nothing changes: one line then says it is alive.
+const STATUS_CALM: Duration = Duration::from_secs(15 * 60);
+
+/// The counters the status line reports: a line is due when one of them moved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Status {
+    sessions: u64,
+    accepted: u64,
+    duplicates: u64,
+    rejected: u64,
+    /// Per target: delivered, failed attempts, dead.
+    forward: Vec<(u64, u64, u64)>,
+}
+
+/// Decides when `serve` prints its status: when the counters changed since the last line, and
+/// otherwise once every [`STATUS_CALM`] (an idle head-end does not fill its log).
+#[derive(Debug, Default)]
+struct StatusLine {
+    last: Option<(Status, std::time::Instant)>,
+}
+
+impl StatusLine {
+    /// Whether to print `status` at `now`; if so, it becomes the last line printed.
+    fn due(&mut self, status: &Status, now: std::time::Instant) -> bool {
+        let due = match &self.last {
+            None => *status != Status::default(),
+            Some((last, at)) => last != status || now.duration_since(*at) >= STATUS_CALM,
+        };
+        if due {
+            self.last = Some((status.clone(), now));
+        }
+        due
+    }
 }
 
 /// How often `serve` looks at the PKI files it loaded (and at the CRLs' nextUpdate).
@@ -415,7 +461,7 @@ pub fn readings(a: ReadingsArgs) -> Result<()> {
     match a.format {
         OutputFormat::Json => {
             for r in &rows {
-                writeln!(out, "{}", r.to_json())?;
+                writeln!(out, "{}", r.to_forwarded().to_json())?;
             }
         }
         OutputFormat::Xml => {
@@ -558,6 +604,42 @@ mod tests {
     use gridward_pki::{CrlIssuer, InitOptions, Pki};
 
     use super::*;
+
+    /// Issue 17: `serve` printed a status line at every tick once anything had been refused,
+    /// even with nothing happening.
+    #[test]
+    fn an_idle_serve_prints_its_status_on_change_or_at_a_calm_interval() {
+        let t0 = std::time::Instant::now();
+        let mut line = StatusLine::default();
+        assert!(
+            !line.due(&Status::default(), t0),
+            "nothing yet, nothing to say"
+        );
+        let busy = Status {
+            sessions: 3,
+            accepted: 10,
+            rejected: 1,
+            forward: vec![(10, 0, 0)],
+            ..Status::default()
+        };
+        assert!(line.due(&busy, t0 + STATUS_TICK));
+        for tick in 2..60 {
+            assert!(
+                !line.due(&busy, t0 + STATUS_TICK * tick),
+                "idle tick {tick}"
+            );
+        }
+        assert!(
+            line.due(&busy, t0 + STATUS_TICK + STATUS_CALM),
+            "alive after the calm interval"
+        );
+        let delivered = Status {
+            forward: vec![(11, 0, 0)],
+            ..busy.clone()
+        };
+        assert!(line.due(&delivered, t0 + STATUS_CALM + STATUS_TICK * 2));
+        assert!(!line.due(&delivered, t0 + STATUS_CALM + STATUS_TICK * 3));
+    }
 
     #[test]
     fn crl_states_follow_next_update() {

@@ -10,7 +10,6 @@
 //! and an RFC 9421 signature labelled `gridward` over [`COVERED_COMPONENTS`] with `created`,
 //! `expires`, `nonce`, `keyid` and `alg`.
 
-use gridward_core::document::format_timestamp;
 use gridward_core::downstream::ForwardedReading;
 use gridward_core::httpsig::{self, HttpSigError, HttpSigningKey, Request, SignParams};
 use gridward_store::OutboxItem;
@@ -28,16 +27,9 @@ pub const CONTENT_TYPE: &str = "application/json";
 
 /// The JSON body for `item` (see the module documentation).
 pub fn reading_json(item: &OutboxItem) -> Vec<u8> {
-    let doc = ForwardedReading {
-        reading_id: item.reading_id(),
-        meter_id: item.meter_id.to_string(),
-        counter: item.counter,
-        timestamp: format_timestamp(item.taken_at),
-        energy_consumed: item.energy_kwh,
-    };
-    // A struct of strings and numbers always serialises; the store only holds finite energies
-    // (a non-finite one would become `null`, which receivers refuse).
-    serde_json::to_vec(&doc).unwrap_or_default()
+    ForwardedReading::new(&item.meter_id, item.counter, item.taken_at, item.energy_kwh)
+        .to_json()
+        .into_bytes()
 }
 
 /// A request ready to send: the body and the header fields to add.

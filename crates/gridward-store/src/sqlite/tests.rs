@@ -761,6 +761,11 @@ fn readings_query_by_since_and_limit() {
         );
         assert_eq!(store.envelope(r.id).unwrap(), Some(expected.envelope));
         assert_eq!(store.envelope(i64::MAX).unwrap(), None);
+        // Issue 17: `gridward readings --format json` omitted the counter.
+        assert_eq!(
+            r.to_forwarded().to_json(),
+            r#"{"ReadingID":"m-1-10","MeterID":"m-1","Counter":10,"Timestamp":"2024-02-06T12:10:00Z","EnergyConsumed":10.0}"#
+        );
     }
 }
 

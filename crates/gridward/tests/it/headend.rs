@@ -765,6 +765,7 @@ fn events_since(h: &Headend, since: &str) -> Vec<EventRow> {
 #[test]
 fn readings_as_xml_and_since_filters_of_readings_and_events() {
     use gridward_core::document::{Format, Limits, parse_reading};
+    use gridward_core::downstream::ForwardedReading;
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki = tmp.path().join("pki");
@@ -837,15 +838,32 @@ fn readings_as_xml_and_since_filters_of_readings_and_events() {
         expected(0),
         "gridward readings --format xml:\n{xml:#?}"
     );
-    let json: Vec<(OffsetDateTime, f64)> = readings_lines(&h, "v-1", "json", None)
+    // The JSON view is what goes downstream, with the counter and the ReadingID (issue 17:
+    // it had neither).
+    let json_lines = readings_lines(&h, "v-1", "json", None);
+    let forwarded: Vec<ForwardedReading> = json_lines
         .iter()
         .map(|l| {
-            let r = parse_reading(l.as_bytes(), Format::Json, &Limits::default())
-                .unwrap_or_else(|e| panic!("not a JSON reading ({e}): {l}"));
-            (r.timestamp, r.energy_kwh)
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a forwarded reading ({e}): {l}"))
+        })
+        .collect();
+    let json: Vec<(OffsetDateTime, f64)> = forwarded
+        .iter()
+        .map(|r| {
+            let t = OffsetDateTime::parse(&r.timestamp, &Rfc3339).expect("RFC 3339");
+            (t, r.energy_consumed)
         })
         .collect();
     assert_eq!(json, expected(0), "the JSON view differs from the XML view");
+    let ids: Vec<(u64, &str)> = forwarded
+        .iter()
+        .map(|r| (r.counter, r.reading_id.as_str()))
+        .collect();
+    assert_eq!(
+        ids,
+        [(1, "v-1-1"), (2, "v-1-2"), (3, "v-1-3")],
+        "{json_lines:#?}"
+    );
 
     // --since T keeps the readings taken at or after T, in every format and whatever the
     // offset T is written in.
