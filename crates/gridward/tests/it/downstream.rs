@@ -482,7 +482,10 @@ fn curl(
 
 /// An outbox row for reading `counter` of `meter`, as the forwarder would send it.
 fn item(meter: &str, counter: u64, kwh: f64) -> OutboxItem {
-    let t = now();
+    // One reading time for the whole run: a reading signed twice must be the same reading, even
+    // when a second boundary falls between the two calls (the sink answered 409 then).
+    static TAKEN_AT: std::sync::OnceLock<OffsetDateTime> = std::sync::OnceLock::new();
+    let t = *TAKEN_AT.get_or_init(now);
     OutboxItem {
         id: counter as i64,
         target: TargetId(1),
