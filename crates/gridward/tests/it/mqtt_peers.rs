@@ -329,6 +329,26 @@ fn assert_one_event(h: &Headend, before: usize, what: &str, reason: &str) -> Eve
     new.into_iter().next().expect("one event")
 }
 
+/// `client` publishes meter `m`'s first reading (counter 1, `kwh`), signed by `gridward meter
+/// sign` into `work`; it must be acknowledged and be the meter's only stored reading.
+fn publish_one_reading(
+    peer: &Peer<'_>,
+    client: (Client, V),
+    m: &MeterFiles,
+    kwh: &str,
+    work: &Path,
+    what: &str,
+) {
+    let id = &m.id;
+    let payload = work.join(format!("{id}.cose"));
+    sign(&m.key, id, 1, None, &reading_json(id, kwh), &payload);
+    let topic = format!("meters/{id}/readings");
+    let publish = Op::Publish { topic, payload };
+    assert_outcome(peer, client, Some(m), id, &publish, Outcome::Acked, what);
+    assert_eq!(peer.h.stored_kwh(id), [kwh], "{id}: stored documents");
+    assert_eq!(peer.h.stored_counters(id), [1], "{id}: stored counters");
+}
+
 #[test]
 fn genuine_envelopes_from_mosquitto_and_paho_are_stored() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -345,21 +365,7 @@ fn genuine_envelopes_from_mosquitto_and_paho_are_stored() {
         let id = id(client);
         let m = MeterFiles::new(&pki, &id);
         let kwh = format!("{}.25", 1000 + i);
-        let payload = tmp.path().join(format!("{id}.cose"));
-        sign(&m.key, &id, 1, None, &reading_json(&id, &kwh), &payload);
-        let topic = format!("meters/{id}/readings");
-        let publish = Op::Publish { topic, payload };
-        assert_outcome(
-            &peer,
-            client,
-            Some(&m),
-            &id,
-            &publish,
-            Outcome::Acked,
-            "a genuine reading",
-        );
-        assert_eq!(h.stored_kwh(&id), [kwh], "{id}: stored documents");
-        assert_eq!(h.stored_counters(&id), [1], "{id}: stored counters");
+        publish_one_reading(&peer, client, &m, &kwh, tmp.path(), "a genuine reading");
         // Subscribing to its own command topic is allowed (the positive control of the `#` case).
         let own = Op::Subscribe(format!("meters/{id}/commands"));
         assert_outcome(
@@ -444,25 +450,9 @@ fn ed25519_meter_keys_work_with_openssl_cryptography_mosquitto_and_paho() {
     let h = Headend::start(tmp.path(), &pki, &[]);
     let peer = Peer::new(&h, &pki);
     for (i, client) in CLIENTS.into_iter().enumerate() {
-        let id = id(client);
-        let m = MeterFiles::new(&pki, &id);
+        let m = MeterFiles::new(&pki, &id(client));
         let kwh = format!("{}.5", 2000 + i);
-        let payload = tmp.path().join(format!("{id}.cose"));
-        sign(&m.key, &id, 1, None, &reading_json(&id, &kwh), &payload);
-        let publish = Op::Publish {
-            topic: format!("meters/{id}/readings"),
-            payload,
-        };
-        assert_outcome(
-            &peer,
-            client,
-            Some(&m),
-            &id,
-            &publish,
-            Outcome::Acked,
-            "an EdDSA reading",
-        );
-        assert_eq!(h.stored_kwh(&id), [kwh], "{id}: stored documents");
+        publish_one_reading(&peer, client, &m, &kwh, tmp.path(), "an EdDSA reading");
     }
     let events = h.events();
     assert!(
