@@ -598,13 +598,15 @@ impl Session {
             self.inflight.pop_front();
             if let Some(pkid) = pkid {
                 match refused.map(Reason::code) {
-                    // MQTT 5: the refusal names its reason (`replay`, `stale`, ...) to the meter.
-                    Some(reason)
-                        if self.reason_strings
-                            && codec::puback_with_reason_len(reason)
-                                <= self.client_max_packet_size =>
-                    {
+                    // MQTT 5: the refusal names its reason (`replay`, `stale`, ...) to the meter,
+                    // unless that makes the PUBACK larger than the client accepts.
+                    Some(reason) if self.reason_strings => {
+                        let start = buf.len();
                         codec::encode_puback_with_reason(&mut buf, pkid, code, reason);
+                        if buf.len() - start > self.client_max_packet_size {
+                            buf.truncate(start);
+                            codec::encode_puback(&mut buf, self.protocol, pkid, code);
+                        }
                     }
                     _ => codec::encode_puback(&mut buf, self.protocol, pkid, code),
                 }
