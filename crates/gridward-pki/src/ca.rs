@@ -526,6 +526,7 @@ impl Pki {
                 name,
                 subject: facts.subject,
                 sans: Vec::new(),
+                role: None,
                 key_alg,
                 not_before: facts.not_before,
                 not_after: facts.not_after,
@@ -706,7 +707,8 @@ impl Pki {
         now: OffsetDateTime,
     ) -> Result<IssuedCertificate, PkiError> {
         self.issue_one(
-            LeafSpec::new(LeafKind::Meter, id.as_str(), Vec::new())?,
+            LeafSpec::new(LeafKind::Meter, id.as_str(), Vec::new())?
+                .with_role(opts.role.as_deref())?,
             opts,
             now,
         )
@@ -725,11 +727,16 @@ impl Pki {
             .iter()
             .map(|s| SanValue::parse(s))
             .collect::<Result<Vec<_>, _>>()?;
-        self.issue_one(LeafSpec::new(LeafKind::Server, name, sans)?, opts, now)
+        self.issue_one(
+            LeafSpec::new(LeafKind::Server, name, sans)?.with_role(opts.role.as_deref())?,
+            opts,
+            now,
+        )
     }
 
     /// Issues a client certificate with a new key: CN = name, URI SAN
-    /// `urn:gridward:client:{name}`, EKU clientAuth.
+    /// `urn:gridward:client:{name}`, EKU clientAuth, and, if `opts.role` is set, the API role
+    /// as a second URI SAN `urn:gridward:role:{role}` (see [`crate::client_role_of`]).
     pub fn issue_client(
         &self,
         name: &str,
@@ -737,7 +744,7 @@ impl Pki {
         now: OffsetDateTime,
     ) -> Result<IssuedCertificate, PkiError> {
         self.issue_one(
-            LeafSpec::new(LeafKind::Client, name, Vec::new())?,
+            LeafSpec::new(LeafKind::Client, name, Vec::new())?.with_role(opts.role.as_deref())?,
             opts,
             now,
         )
@@ -811,7 +818,8 @@ impl Pki {
         let mut specs = Vec::with_capacity(count);
         for n in (0..count as u64).map(|i| start.saturating_add(i)) {
             let name = format!("{prefix}{n:06}");
-            let spec = LeafSpec::new(LeafKind::Meter, &name, Vec::new())?;
+            let spec = LeafSpec::new(LeafKind::Meter, &name, Vec::new())?
+                .with_role(opts.role.as_deref())?;
             if let Some(i) = ctx.current(LeafKind::Meter, &name) {
                 let e = &ctx.inv.certificates[i];
                 if now < e.not_after && !opts.replace {
@@ -881,7 +889,7 @@ impl Pki {
             .iter()
             .map(|s| SanValue::parse(s))
             .collect::<Result<Vec<_>, _>>()?;
-        let spec = LeafSpec::new(profile, &name, sans)?;
+        let spec = LeafSpec::new(profile, &name, sans)?.with_role(opts.role.as_deref())?;
         let days = check_validity(
             opts.validity_days
                 .unwrap_or_else(|| profile.default_validity_days()),
@@ -1075,6 +1083,7 @@ impl Pki {
             name: spec.name.clone(),
             subject: facts.subject,
             sans: spec.san_strings(),
+            role: spec.role.clone(),
             key_alg: key_alg.clone(),
             not_before: facts.not_before,
             not_after: facts.not_after,
@@ -1147,7 +1156,7 @@ impl Pki {
                 .iter()
                 .map(|s| SanValue::parse(s))
                 .collect::<Result<Vec<_>, _>>()?;
-            let spec = LeafSpec::new(kind, &old.name, sans)?;
+            let spec = LeafSpec::new(kind, &old.name, sans)?.with_role(old.role.as_deref())?;
             let key_path = self.layout.leaf_key(kind, &old.name);
             let (source, new_key) = if keep_key && old.key_on_disk && key_path.exists() {
                 let pem = read_file(&key_path, "the leaf key vanished while renewing")?;

@@ -106,6 +106,18 @@ pub enum PkiError {
         /// The value given.
         value: String,
     },
+    /// A role name for a client certificate is not 1 to 32 lowercase ASCII letters.
+    #[error("invalid role {role:?}: expected 1 to 32 lowercase letters, e.g. operator")]
+    InvalidRole {
+        /// The value given.
+        role: String,
+    },
+    /// A role was requested for a certificate that is not a client certificate.
+    #[error("only client certificates carry a role, not {kind} certificates")]
+    RoleOnlyForClients {
+        /// The kind requested.
+        kind: crate::profile::LeafKind,
+    },
     /// A server certificate was requested without any subject alternative name.
     #[error("a server certificate needs at least one --san (DNS name or IP address)")]
     NoSans,

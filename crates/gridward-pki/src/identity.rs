@@ -16,6 +16,10 @@ use x509_parser::prelude::FromDer;
 /// The prefix of a client identity URI SAN: `urn:gridward:client:{name}`.
 pub const CLIENT_URI_PREFIX: &str = "urn:gridward:client:";
 
+/// The prefix of the URI SAN that binds an API role to a client certificate:
+/// `urn:gridward:role:{role}` (see [`client_role_of`]).
+pub const ROLE_URI_PREFIX: &str = "urn:gridward:role:";
+
 /// The prefix every Gridward identity URI starts with.
 const GRIDWARD_URI_PREFIX: &str = "urn:gridward:";
 
@@ -63,6 +67,15 @@ pub enum IdentityError {
     /// The certificate carries more than one client URI SAN.
     #[error("certificate carries {0} urn:gridward:client: URIs; exactly one is required")]
     MultipleClientUris(usize),
+    /// The certificate carries more than one role URI SAN.
+    #[error("certificate carries {0} urn:gridward:role: URIs; at most one is allowed")]
+    MultipleRoleUris(usize),
+    /// A role URI SAN on a certificate that is not a client certificate.
+    #[error("certificate carries a urn:gridward:role: URI but is not a client certificate")]
+    RoleWithoutClient,
+    /// The role in the role URI SAN is not 1 to 32 lowercase letters.
+    #[error("role in the certificate is invalid: {0:?}")]
+    InvalidRole(String),
     /// The certificate carries identity URIs of more than one kind.
     #[error("certificate carries both meter and client identity URIs")]
     MixedIdentityUris,
@@ -129,6 +142,7 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, IdentityError> {
     let san = cert.subject_alternative_name().map_err(|e| malformed(&e))?;
     let mut meter_uris = Vec::new();
     let mut client_uris = Vec::new();
+    let mut role_uris = 0usize;
     if let Some(san) = san {
         for name in &san.value.general_names {
             if let GeneralName::URI(uri) = name {
@@ -136,6 +150,8 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, IdentityError> {
                     meter_uris.push((*uri, id));
                 } else if let Some(name) = uri.strip_prefix(CLIENT_URI_PREFIX) {
                     client_uris.push((*uri, name));
+                } else if uri.starts_with(ROLE_URI_PREFIX) {
+                    role_uris += 1;
                 } else if uri.starts_with(GRIDWARD_URI_PREFIX) {
                     return Err(IdentityError::UnknownGridwardUri((*uri).to_owned()));
                 }
@@ -156,6 +172,12 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, IdentityError> {
             }
         };
 
+    if role_uris > 1 {
+        return Err(IdentityError::MultipleRoleUris(role_uris));
+    }
+    if role_uris == 1 && (client_uris.is_empty() || !meter_uris.is_empty()) {
+        return Err(IdentityError::RoleWithoutClient);
+    }
     match (meter_uris.as_slice(), client_uris.as_slice()) {
         ([], []) => {
             // No Gridward identity URI: only a server certificate remains possible.
@@ -192,6 +214,33 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, IdentityError> {
         }
         ([], many) => Err(IdentityError::MultipleClientUris(many.len())),
         (_, _) => Err(IdentityError::MixedIdentityUris),
+    }
+}
+
+/// The API role bound to a client certificate (URI SAN `urn:gridward:role:{role}`), if any.
+///
+/// Checks the certificate as [`identity_of`] does first, so a role is only ever returned for a
+/// valid client identity. The role comes from the certificate the CA signed, never from a
+/// request; which role names mean what is decided by the API, not here.
+pub fn client_role_of(cert_der: &[u8]) -> Result<Option<String>, IdentityError> {
+    let malformed = |e: &dyn fmt::Display| IdentityError::Malformed(e.to_string());
+    let identity = identity_of(cert_der)?;
+    if !matches!(identity, Identity::Client(_)) {
+        return Ok(None);
+    }
+    let (_, cert) = X509Certificate::from_der(cert_der).map_err(|e| malformed(&e))?;
+    let san = cert.subject_alternative_name().map_err(|e| malformed(&e))?;
+    let role = san
+        .into_iter()
+        .flat_map(|s| s.value.general_names.iter())
+        .find_map(|n| match n {
+            GeneralName::URI(uri) => uri.strip_prefix(ROLE_URI_PREFIX),
+            _ => None,
+        });
+    match role {
+        None => Ok(None),
+        Some(role) if crate::profile::validate_role(role).is_ok() => Ok(Some(role.to_owned())),
+        Some(role) => Err(IdentityError::InvalidRole(role.to_owned())),
     }
 }
 

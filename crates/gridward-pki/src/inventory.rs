@@ -126,6 +126,9 @@ pub struct InventoryEntry {
     /// Server SANs (DNS names and IP addresses); empty for other kinds.
     #[serde(default)]
     pub sans: Vec<String>,
+    /// Client certificates: the API role bound in the certificate (kept for renewal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
     /// Key algorithm (`p256`, `ed25519`, `rsa2048`, ...).
     pub key_alg: String,
     /// Start of validity.
@@ -318,6 +321,7 @@ mod tests {
             name: "M1".into(),
             subject: "CN=M1".into(),
             sans: vec![],
+            role: None,
             key_alg: "p256".into(),
             not_before: datetime!(2025-01-01 0:00 UTC),
             not_after: datetime!(2026-01-01 0:00 UTC),

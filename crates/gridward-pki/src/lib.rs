@@ -78,9 +78,11 @@ pub mod tls;
 pub use ca::{InitOptions, IssuedCertificate, Pki, Renewal};
 pub use crl::{CrlInfo, CrlIssuer, RevocationReason, RevokeTarget, Revoked};
 pub use error::PkiError;
-pub use identity::{CLIENT_URI_PREFIX, Identity, IdentityError, identity_of};
+pub use identity::{
+    CLIENT_URI_PREFIX, Identity, IdentityError, ROLE_URI_PREFIX, client_role_of, identity_of,
+};
 pub use inventory::{CertKind, CertStatus, CertificateRecord, InventoryEntry, Origin};
 pub use keys::{CaKeyAlg, LeafKeyAlg};
 pub use oplog::{ChainStatus, LogAction, LogEntry, LogRecord, LogReport};
-pub use profile::{IssueOptions, LeafKind, SanValue};
+pub use profile::{IssueOptions, LeafKind, MAX_ROLE_LEN, SanValue, validate_role};
 pub use store::ImportReport;

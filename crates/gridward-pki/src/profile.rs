@@ -18,7 +18,7 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 
 use crate::error::PkiError;
-use crate::identity::CLIENT_URI_PREFIX;
+use crate::identity::{CLIENT_URI_PREFIX, ROLE_URI_PREFIX};
 use crate::keys::LeafKeyAlg;
 
 /// How long before `now` a new certificate becomes valid, to absorb clock skew between peers.
@@ -108,6 +108,10 @@ pub struct IssueOptions {
     pub replace: bool,
     /// Who asks (recorded in the log and inventory).
     pub actor: String,
+    /// The API role bound in a client certificate (URI SAN `urn:gridward:role:{role}`);
+    /// meters and servers refuse one ([`PkiError::RoleOnlyForClients`]). The PKI checks only its syntax ([`validate_role`]);
+    /// which roles exist is the API's business.
+    pub role: Option<String>,
 }
 
 impl IssueOptions {
@@ -118,6 +122,7 @@ impl IssueOptions {
             validity_days: None,
             replace: false,
             actor: actor.into(),
+            role: None,
         }
     }
 }
@@ -242,6 +247,22 @@ pub(crate) struct LeafSpec {
     pub(crate) kind: LeafKind,
     pub(crate) name: String,
     pub(crate) sans: Vec<SanValue>,
+    /// Client certificates only: the API role bound in the certificate.
+    pub(crate) role: Option<String>,
+}
+
+/// Longest role name accepted, in bytes.
+pub const MAX_ROLE_LEN: usize = 32;
+
+/// Checks a role name for a client certificate: 1 to [`MAX_ROLE_LEN`] lowercase ASCII letters.
+pub fn validate_role(role: &str) -> Result<(), PkiError> {
+    if role.is_empty() || role.len() > MAX_ROLE_LEN || !role.bytes().all(|b| b.is_ascii_lowercase())
+    {
+        return Err(PkiError::InvalidRole {
+            role: role.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 impl LeafSpec {
@@ -260,7 +281,20 @@ impl LeafSpec {
             kind,
             name: name.to_owned(),
             sans,
+            role: None,
         })
+    }
+
+    /// Binds an API role (client certificates only; other kinds refuse one).
+    pub(crate) fn with_role(mut self, role: Option<&str>) -> Result<Self, PkiError> {
+        if let Some(role) = role {
+            if self.kind != LeafKind::Client {
+                return Err(PkiError::RoleOnlyForClients { kind: self.kind });
+            }
+            validate_role(role)?;
+            self.role = Some(role.to_owned());
+        }
+        Ok(self)
     }
 
     /// The SANs as the strings kept in the inventory.
@@ -301,6 +335,10 @@ impl LeafSpec {
             LeafKind::Client => {
                 let uri = format!("{CLIENT_URI_PREFIX}{}", self.name);
                 params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+                if let Some(role) = &self.role {
+                    let uri = format!("{ROLE_URI_PREFIX}{role}");
+                    params.subject_alt_names.push(SanType::URI(uri.try_into()?));
+                }
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             }
             LeafKind::Server => {

@@ -14,7 +14,7 @@ use crate::ca::{CertFacts, OpCtx, Pki, cert_pem, flush, load_cert, verify_issued
 use crate::crl::CrlIssuer;
 use crate::error::PkiError;
 use crate::fsutil::{PRIVATE_MODE, PUBLIC_MODE, ensure_dir, read_file, write_atomic};
-use crate::identity::{Identity, identity_of};
+use crate::identity::{Identity, client_role_of, identity_of};
 use crate::inventory::{CertKind, InventoryEntry, Origin};
 use crate::keys::{self, pem_block};
 use crate::oplog::{self, Draft, LogAction};
@@ -73,6 +73,7 @@ struct PlannedKey {
     leaf: CertificateDer<'static>,
     key_pkcs8: Vec<u8>,
     key_alg: String,
+    role: Option<String>,
     known: Option<usize>,
 }
 
@@ -309,6 +310,7 @@ impl Pki {
                     }
                 }
             }
+            let role = client_role_of(&leaf)?;
             planned.push(PlannedKey {
                 alias,
                 kind,
@@ -317,6 +319,7 @@ impl Pki {
                 leaf,
                 key_pkcs8: entry.key_pkcs8_der.clone(),
                 key_alg,
+                role,
                 known,
             });
         }
@@ -383,6 +386,7 @@ impl Pki {
                         name: p.name.clone(),
                         subject: p.facts.subject.clone(),
                         sans: Vec::new(),
+                        role: p.role.clone(),
                         key_alg: p.key_alg.clone(),
                         not_before: p.facts.not_before,
                         not_after: p.facts.not_after,

@@ -294,7 +294,8 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(provider)
 }
 
-/// Options that do not weaken the profile: ALPN and the verification clock.
+/// Options that do not weaken the profile: ALPN, the verification clock, and (the HTTPS API
+/// only) whether a client certificate is optional.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct TlsOptions {
@@ -302,6 +303,10 @@ pub struct TlsOptions {
     pub alpn_protocols: Vec<Vec<u8>>,
     /// The clock for certificate and CRL validity checks; `None` means the system clock at each handshake.
     pub clock: Option<Arc<dyn TimeProvider>>,
+    /// Server only: accept clients that present no certificate (people with a session on the
+    /// HTTPS API). A certificate that *is* presented is verified exactly as when one is
+    /// required: chain, validity, CRLs of the whole chain, fail closed.
+    pub client_certificate_optional: bool,
 }
 
 impl TlsOptions {
@@ -314,6 +319,14 @@ impl TlsOptions {
     /// A server configured with ALPN refuses clients that offer none of them.
     pub fn with_alpn<P: Into<Vec<u8>>>(mut self, protocols: impl IntoIterator<Item = P>) -> Self {
         self.alpn_protocols = protocols.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Server only: lets clients without a certificate complete the handshake; the application
+    /// must then authenticate them otherwise (the API's sessions). Presented certificates are
+    /// still verified in full. Never used for the MQTT endpoint or the sink.
+    pub fn with_optional_client_certificate(mut self) -> Self {
+        self.client_certificate_optional = true;
         self
     }
 
@@ -441,12 +454,17 @@ fn build_server(
 ) -> Result<ServerConfig, TlsError> {
     let roots = checked_roots(m)?;
     // Defaults kept on purpose: the full chain is checked (not only the end entity),
-    // an unknown revocation status is an error, anonymous clients are refused.
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
+    // an unknown revocation status is an error, anonymous clients are refused unless the
+    // caller asked for an optional client certificate (the HTTPS API).
+    let builder = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
         .with_crls(m.crls.iter().cloned())
-        .enforce_revocation_expiration()
-        .build()
-        .map_err(TlsError::Verifier)?;
+        .enforce_revocation_expiration();
+    let builder = if opts.client_certificate_optional {
+        builder.allow_unauthenticated()
+    } else {
+        builder
+    };
+    let verifier = builder.build().map_err(TlsError::Verifier)?;
     let mut config = ServerConfig::builder_with_details(provider, clock(opts))
         .with_protocol_versions(versions)
         .map_err(TlsError::Config)?

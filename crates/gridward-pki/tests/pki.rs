@@ -9,7 +9,7 @@ use gridward_core::MeterId;
 use gridward_pki::{
     CaKeyAlg, CertKind, CertStatus, ChainStatus, CrlIssuer, Identity, IdentityError, InitOptions,
     IssueOptions, LeafKeyAlg, LeafKind, LogAction, Origin, Pki, PkiError, RevocationReason,
-    RevokeTarget, identity_of,
+    RevokeTarget, client_role_of, identity_of,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -1492,4 +1492,70 @@ fn a_crl_url_that_is_not_http_is_refused() {
             "{bad}: nothing created"
         );
     }
+}
+
+#[test]
+fn client_certificates_bind_an_api_role_that_renewal_keeps() {
+    let (tmp, pki) = new_pki();
+    let dir = tmp.path().join("pki");
+    let mut with_role = opts();
+    with_role.role = Some("operator".into());
+    with_role.validity_days = Some(20);
+    let issued = pki.issue_client("ops-1", &with_role, NOW).unwrap();
+    let cert = parse(&issued.certificate);
+    assert_eq!(
+        uris(&cert),
+        vec![
+            "urn:gridward:client:ops-1".to_owned(),
+            "urn:gridward:role:operator".to_owned()
+        ]
+    );
+    assert_eq!(
+        identity_of(&issued.certificate),
+        Ok(Identity::Client("ops-1".into()))
+    );
+    assert_eq!(
+        client_role_of(&issued.certificate),
+        Ok(Some("operator".into()))
+    );
+
+    // No role: none in the certificate.
+    let plain = pki.issue_client("billing", &opts(), NOW).unwrap();
+    assert_eq!(client_role_of(&plain.certificate), Ok(None));
+
+    // Renewal keeps the role.
+    let renewals = pki
+        .renew(30, false, ACTOR, NOW + Duration::days(15))
+        .unwrap();
+    assert!(renewals.iter().any(|r| r.name == "ops-1"));
+    let renewed = read_cert(&dir.join("clients/ops-1/cert.pem"));
+    assert_ne!(renewed, issued.certificate);
+    assert_eq!(client_role_of(&renewed), Ok(Some("operator".into())));
+
+    // A role on a meter or a malformed role is refused before anything is issued.
+    assert!(matches!(
+        pki.issue_meter(&meter("M-role"), &with_role, NOW),
+        Err(PkiError::RoleOnlyForClients { .. })
+    ));
+    let mut bad = opts();
+    bad.role = Some("Operator; admin".into());
+    assert!(matches!(
+        pki.issue_client("ops-2", &bad, NOW),
+        Err(PkiError::InvalidRole { .. })
+    ));
+}
+
+#[test]
+fn a_role_uri_on_a_non_client_certificate_is_refused() {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, "M1");
+    params.subject_alt_names = vec![
+        SanType::URI("urn:gridward:meter:M1".try_into().unwrap()),
+        SanType::URI("urn:gridward:role:admin".try_into().unwrap()),
+    ];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let der = params.self_signed(&key).unwrap().der().to_vec();
+    assert_eq!(identity_of(&der), Err(IdentityError::RoleWithoutClient));
+    assert_eq!(client_role_of(&der), Err(IdentityError::RoleWithoutClient));
 }

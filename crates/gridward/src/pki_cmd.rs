@@ -266,6 +266,11 @@ struct IssueClientArgs {
     /// The client name (its CN, URI SAN urn:gridward:client:{name} and directory name).
     #[arg(long, value_name = "NAME")]
     name: String,
+    /// The API role this certificate grants (URI SAN urn:gridward:role:{role}): a program
+    /// presenting it to the HTTPS API acts with that role. Without it the certificate is for
+    /// downstream forwarding only and the API refuses it.
+    #[arg(long, value_name = "ROLE", value_parser = ["operator", "auditor", "admin"])]
+    role: Option<String>,
     /// Key algorithm.
     #[arg(long, value_enum, default_value = "p256")]
     alg: AlgArg,
@@ -647,7 +652,12 @@ fn issue(c: IssueCommand, now: OffsetDateTime) -> Result<()> {
         }
         IssueCommand::Client(a) => {
             let pki = a.opts.signer.open(&a.dir.dir)?;
-            print_issued(&pki.issue_client(&a.name, &a.opts.issue_options(Some(a.alg)), now)?);
+            let mut opts = a.opts.issue_options(Some(a.alg));
+            opts.role = a.role.clone();
+            print_issued(&pki.issue_client(&a.name, &opts, now)?);
+            if let Some(role) = &a.role {
+                say!("  api role:    {role}");
+            }
             Ok(())
         }
     }
