@@ -369,8 +369,8 @@ impl Ctx {
     pub fn last_event_id(&self) -> i64 {
         self.store
             .security_events(&SecurityEventQuery {
-                since: None,
                 limit: 1,
+                ..SecurityEventQuery::default()
             })
             .ok()
             .and_then(|v| v.last().map(|e| e.id))
@@ -382,10 +382,10 @@ impl Ctx {
         let mut out = Vec::new();
         let mut limit = 1000;
         loop {
-            let Ok(events) = self
-                .store
-                .security_events(&SecurityEventQuery { since: None, limit })
-            else {
+            let Ok(events) = self.store.security_events(&SecurityEventQuery {
+                limit,
+                ..SecurityEventQuery::default()
+            }) else {
                 return out;
             };
             let n = events.len();

@@ -237,13 +237,21 @@ pub struct Counts {
 }
 
 /// Which readings [`Store::readings`](crate::Store::readings) returns: one meter's readings
-/// signed at or after `since`, the newest `limit` of them, oldest first.
+/// signed at or after `since` (and at or before `until`), stored before the message `before`,
+/// the newest `limit` of them, oldest first.
+///
+/// `before` is a cursor for paging back in time: pass the smallest id of one page to get the
+/// page before it. An id that is not one of this meter's messages gives an empty page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadingQuery {
     /// The meter.
     pub meter: MeterId,
     /// Only readings signed at or after this time.
     pub since: Option<OffsetDateTime>,
+    /// Only readings signed at or before this time.
+    pub until: Option<OffsetDateTime>,
+    /// Only readings stored before the message with this id.
+    pub before: Option<i64>,
     /// At most this many (the newest ones).
     pub limit: usize,
 }
@@ -254,8 +262,22 @@ impl ReadingQuery {
         Self {
             meter,
             since: None,
+            until: None,
+            before: None,
             limit: DEFAULT_QUERY_LIMIT,
         }
+    }
+
+    /// Only readings signed at or before `until`.
+    pub fn until(mut self, until: OffsetDateTime) -> Self {
+        self.until = Some(until);
+        self
+    }
+
+    /// Only readings stored before the message `id` (the paging cursor).
+    pub fn before(mut self, id: i64) -> Self {
+        self.before = Some(id);
+        self
     }
 
     /// Only readings signed at or after `since`.
@@ -295,11 +317,23 @@ impl Default for MeterEventQuery {
 }
 
 /// Which security events [`Store::security_events`](crate::Store::security_events) returns:
-/// those that happened at or after `since`, the newest `limit`, oldest first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// those that happened at or after `since` (and at or before `until`), with an id below
+/// `before`, matching every filter given, the newest `limit`, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SecurityEventQuery {
     /// Only events at or after this time.
     pub since: Option<OffsetDateTime>,
+    /// Only events at or before this time.
+    pub until: Option<OffsetDateTime>,
+    /// Only events with an id below this one (the paging cursor: the smallest id of a page).
+    pub before: Option<i64>,
+    /// Only events with this reason code.
+    pub reason: Option<String>,
+    /// Only events about this meter.
+    pub meter: Option<MeterId>,
+    /// Only events from this source address (as recorded, e.g. `127.0.0.1:50312`, or its IP
+    /// alone, which matches every port).
+    pub source: Option<String>,
     /// At most this many (the newest ones).
     pub limit: usize,
 }
@@ -309,6 +343,11 @@ impl Default for SecurityEventQuery {
     fn default() -> Self {
         Self {
             since: None,
+            until: None,
+            before: None,
+            reason: None,
+            meter: None,
+            source: None,
             limit: DEFAULT_QUERY_LIMIT,
         }
     }

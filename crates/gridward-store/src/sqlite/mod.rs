@@ -314,14 +314,29 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let since = query.since.map(micros).transpose()?;
+        let until = query.until.map(micros).transpose()?;
         let mut conn = self.reader();
         // One read transaction: the chain is walked in a consistent snapshot.
         let tx = conn.transaction()?;
-        let newest: Option<Option<i64>> = tx
-            .prepare_cached("SELECT last_message FROM meters WHERE meter_id = ?1")?
-            .query_row([query.meter.as_str()], |r| r.get(0))
-            .optional()?;
-        let mut next = newest.flatten();
+        let mut next = match query.before {
+            // The cursor must be one of this meter's messages; the walk goes on from the one
+            // before it.
+            Some(before) => tx
+                .prepare_cached(
+                    "SELECT m.prev FROM messages AS m JOIN meters AS mt ON mt.id = m.meter
+                     WHERE m.id = ?1 AND mt.meter_id = ?2",
+                )?
+                .query_row(params![before, query.meter.as_str()], |r| {
+                    r.get::<_, Option<i64>>(0)
+                })
+                .optional()?
+                .flatten(),
+            None => tx
+                .prepare_cached("SELECT last_message FROM meters WHERE meter_id = ?1")?
+                .query_row([query.meter.as_str()], |r| r.get::<_, Option<i64>>(0))
+                .optional()?
+                .flatten(),
+        };
         let mut stmt = tx.prepare_cached(
             "SELECT prev, kind, counter, energy_kwh, taken_at, received_at, content_type, source,
                     envelope_sha256
@@ -354,7 +369,7 @@ impl Store for SqliteStore {
                     continue;
                 }
             }
-            if row.kind != KIND_READING {
+            if row.kind != KIND_READING || until.is_some_and(|u| row.taken_at > u) {
                 continue;
             }
             let energy_kwh = row
@@ -442,22 +457,46 @@ impl Store for SqliteStore {
         query: &SecurityEventQuery,
     ) -> Result<Vec<StoredSecurityEvent>, StoreError> {
         let since = query.since.map(micros).transpose()?.unwrap_or(i64::MIN);
+        let until = query.until.map(micros).transpose()?.unwrap_or(i64::MAX);
+        // An address without a port matches it with any port ("ip:port", "[v6]:port").
+        let source_prefix = query.source.as_ref().map(|s| {
+            if s.contains(':') && !s.starts_with('[') && s.parse::<std::net::Ipv6Addr>().is_ok() {
+                format!("[{s}]:")
+            } else {
+                format!("{s}:")
+            }
+        });
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(
             "SELECT id, at, meter_id, source, reason, detail FROM security_events
-             WHERE at >= ?1 ORDER BY at DESC, id DESC LIMIT ?2",
+             WHERE at >= ?1 AND at <= ?3 AND (?4 IS NULL OR id < ?4)
+               AND (?5 IS NULL OR reason = ?5) AND (?6 IS NULL OR meter_id = ?6)
+               AND (?7 IS NULL OR source = ?7 OR substr(source, 1, length(?8)) = ?8)
+             ORDER BY id DESC LIMIT ?2",
         )?;
         let raw = stmt
-            .query_map(params![since, sql_limit(query.limit)], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, String>(5)?,
-                ))
-            })?
+            .query_map(
+                params![
+                    since,
+                    sql_limit(query.limit),
+                    until,
+                    query.before,
+                    query.reason,
+                    query.meter.as_ref().map(MeterId::as_str),
+                    query.source,
+                    source_prefix,
+                ],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                        r.get::<_, String>(4)?,
+                        r.get::<_, String>(5)?,
+                    ))
+                },
+            )?
             .collect::<Result<Vec<_>, _>>()?;
         let mut out = raw
             .into_iter()

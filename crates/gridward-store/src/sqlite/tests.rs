@@ -625,6 +625,7 @@ fn security_events_round_trip_with_ids() {
             .security_events(&SecurityEventQuery {
                 since: Some(T0 + Duration::seconds(2)),
                 limit: 10,
+                ..SecurityEventQuery::default()
             })
             .unwrap();
         let reasons: Vec<&str> = since.iter().map(|e| e.event.reason.as_str()).collect();
@@ -632,13 +633,42 @@ fn security_events_round_trip_with_ids() {
         // The newest `limit`, oldest first.
         let newest = store
             .security_events(&SecurityEventQuery {
-                since: None,
                 limit: 2,
+                ..SecurityEventQuery::default()
             })
             .unwrap();
         let reasons: Vec<&str> = newest.iter().map(|e| e.event.reason.as_str()).collect();
         assert_eq!(reasons, ["bad_signature", "stale"]);
         assert_eq!(store.counts().unwrap().security_events, 4);
+
+        // Filters and the paging cursor (the smallest id of a page gives the page before).
+        let q = |f: &dyn Fn(&mut SecurityEventQuery)| {
+            let mut q = SecurityEventQuery::default();
+            f(&mut q);
+            let found = store.security_events(&q).unwrap();
+            found
+                .into_iter()
+                .map(|e| e.event.reason)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(q(&|q| q.reason = Some("stale".into())), ["stale"]);
+        assert_eq!(
+            q(&|q| q.until = Some(T0 + Duration::seconds(1) + Duration::microseconds(5))).len(),
+            2
+        );
+        assert_eq!(
+            q(&|q| q.before = Some(newest[0].id)),
+            ["replay", "tls_handshake"]
+        );
+        assert_eq!(q(&|q| q.meter = Some(mid("m-x"))), Vec::<String>::new());
+        assert!(q(&|q| q.source = Some("nowhere".into())).is_empty());
+        assert_eq!(
+            q(&|q| q.meter = Some(mid("m-1"))),
+            ["replay", "bad_signature", "stale"]
+        );
+        assert_eq!(q(&|q| q.source = Some("198.51.100.9".into())).len(), 3);
+        assert_eq!(q(&|q| q.source = Some("198.51.100.9:4444".into())).len(), 3);
+        assert!(q(&|q| q.source = Some("198.51.100.90".into())).is_empty());
     }
 }
 
@@ -733,6 +763,23 @@ fn readings_query_by_since_and_limit() {
             counters(ReadingQuery::new(mid("unknown"))),
             Vec::<u64>::new()
         );
+        // until is inclusive; paging back with the smallest id of a page as the cursor.
+        assert_eq!(counters(q.clone().until(t7)), [1, 2, 3, 4, 6, 7]);
+        let page1 = store.readings(&q.clone().limit(4)).unwrap();
+        assert_eq!(
+            page1.iter().map(|r| r.counter).collect::<Vec<_>>(),
+            [7, 8, 9, 10]
+        );
+        let page2 = q.clone().limit(4).before(page1[0].id);
+        assert_eq!(counters(page2.clone()), [2, 3, 4, 6]);
+        let oldest = store.readings(&page2).unwrap()[0].id;
+        assert_eq!(counters(q.clone().limit(4).before(oldest)), [1]);
+        // A cursor that is another meter's message gives nothing, not that meter's readings.
+        let other = store
+            .readings(&ReadingQuery::new(mid("m-2")).limit(1))
+            .unwrap()[0]
+            .id;
+        assert_eq!(counters(q.clone().before(other)), Vec::<u64>::new());
 
         let r = &store.readings(&q.clone().limit(1)).unwrap()[0];
         let expected = reading("m-1", 10, 10.0);
