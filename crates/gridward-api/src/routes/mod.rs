@@ -1,0 +1,152 @@
+//! The routes, registered once with [`utoipa_axum`] so the router and the OpenAPI document
+//! cannot drift apart: every route the router serves is in the document, and the access table
+//! test walks the document.
+
+pub mod audit;
+pub mod meters;
+pub mod ops;
+pub mod session;
+pub mod users;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::response::IntoResponse;
+use http::StatusCode;
+use time::OffsetDateTime;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::problem::Problem;
+use crate::state::ApiContext;
+
+/// The state every handler gets.
+pub type Ctx = Arc<ApiContext>;
+
+/// Largest request body the API reads.
+pub const MAX_BODY: usize = 16 * 1024;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Gridward head-end API",
+        description = "Meters, readings, security events, users and the audit log of a Gridward \
+                       head-end. Authenticate with a session (POST /api/v1/session, then \
+                       `Authorization: Bearer`) or an API client certificate; see docs/api.md.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    modifiers(&Security),
+    tags(
+        (name = "health", description = "Liveness and readiness, no credential"),
+        (name = "session", description = "Logging in and out"),
+        (name = "meters", description = "Meters, readings, meter events"),
+        (name = "security", description = "Security events and the outbox"),
+        (name = "users", description = "Users (administrators)"),
+        (name = "audit", description = "The tamper-evident audit log (auditors)"),
+    )
+)]
+struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "cookie",
+            SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(
+                crate::auth::SESSION_COOKIE,
+            ))),
+        );
+        components.add_security_scheme(
+            "client_certificate",
+            SecurityScheme::MutualTls {
+                description: Some(
+                    "A client certificate with an API role (gridward pki issue client --role)"
+                        .into(),
+                ),
+                extensions: None,
+                deprecated: None,
+            },
+        );
+    }
+}
+
+/// Every route, with its OpenAPI description.
+fn api_router() -> OpenApiRouter<Ctx> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::readyz))
+        .routes(routes!(session::login, session::whoami, session::logout))
+        .routes(routes!(meters::list_meters))
+        .routes(routes!(meters::get_meter))
+        .routes(routes!(meters::readings))
+        .routes(routes!(meters::meter_events))
+        .routes(routes!(ops::security_events))
+        .routes(routes!(ops::outbox))
+        .routes(routes!(users::list, users::create))
+        .routes(routes!(users::disable))
+        .routes(routes!(users::enable))
+        .routes(routes!(users::reset_password))
+        .routes(routes!(users::set_role))
+        .routes(routes!(users::enroll_totp))
+        .routes(routes!(audit::entries))
+        .routes(routes!(audit::checkpoint))
+}
+
+/// The router and its OpenAPI document.
+pub fn router_and_doc(ctx: Ctx) -> (Router, utoipa::openapi::OpenApi) {
+    let (router, doc) = api_router().split_for_parts();
+    let json = openapi_text(&doc);
+    let router = router
+        .route(
+            "/api/v1/openapi.json",
+            axum::routing::get(move || {
+                let json = json.clone();
+                async move { ([(http::header::CONTENT_TYPE, "application/json")], json) }
+            }),
+        )
+        .fallback(|| async { Problem::not_found("route") })
+        .method_not_allowed_fallback(|| async {
+            Problem::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+            .into_response()
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(ctx);
+    (router, doc)
+}
+
+/// The OpenAPI document as served and as committed in `docs/openapi.json`.
+pub fn openapi_json() -> String {
+    openapi_text(&api_router().split_for_parts().1)
+}
+
+fn openapi_text(doc: &utoipa::openapi::OpenApi) -> String {
+    let mut json = doc.to_pretty_json().unwrap_or_default();
+    json.push('\n');
+    json
+}
+
+/// A store failure: logged, answered as 503.
+pub(crate) fn internal(e: impl std::fmt::Display) -> Problem {
+    tracing::error!(error = %e, "store failed while serving the API");
+    Problem::unavailable()
+}
+
+/// RFC 3339 in UTC.
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
