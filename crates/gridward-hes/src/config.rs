@@ -68,18 +68,108 @@ pub struct RawConfig {
     /// `[[forward]]`: downstream targets.
     #[serde(default)]
     pub forward: Vec<RawForward>,
+    /// `[api]`
+    #[serde(default)]
+    pub api: RawApi,
+    /// `[audit]`
+    #[serde(default)]
+    pub audit: RawAudit,
+    /// `[syslog]`
+    #[serde(default)]
+    pub syslog: RawSyslog,
+}
+
+/// `[api]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    /// Listen address of the HTTPS API; `"off"` for none.
+    pub listen: Option<String>,
+    /// Users and sessions database.
+    pub users: Option<PathBuf>,
+}
+
+/// `[audit]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// The audit log's SQLite file.
+    pub path: Option<PathBuf>,
+    /// The audit key (Ed25519, PKCS#8 PEM).
+    pub key: Option<PathBuf>,
+    /// Checkpoint origin (and signer name).
+    pub origin: Option<String>,
+    /// Seconds between checkpoints.
+    pub checkpoint_secs: Option<u64>,
+}
+
+/// `[syslog]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSyslog {
+    /// The collector, `host:port` (an IP address); absent: no syslog.
+    pub address: Option<String>,
+    /// `udp`, `tcp` or `tls`.
+    pub transport: Option<String>,
+    /// Facility name (`auth`, `authpriv`, `local0`..`local7`, ...).
+    pub facility: Option<String>,
+    /// TLS: the collector's certificate name (checked against this PKI's CA).
+    pub server_name: Option<String>,
+    /// TLS: our client certificate, DIR/clients/NAME.
+    pub client: Option<String>,
+}
+
+/// The HTTPS API's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The users database.
+    pub users_path: PathBuf,
+}
+
+/// Where security events go as syslog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyslogSettings {
+    /// The collector.
+    pub address: SocketAddr,
+    /// `udp`, `tcp` or `tls`.
+    pub transport: SyslogTransport,
+    /// The facility.
+    pub facility: gridward_syslog::Facility,
+}
+
+/// How syslog travels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyslogTransport {
+    /// One datagram per message (RFC 5426).
+    Udp,
+    /// Octet-counted frames over TCP (RFC 6587).
+    Tcp,
+    /// Octet-counted frames over TLS (RFC 5425), with a client certificate of the PKI.
+    Tls {
+        /// The collector's certificate name.
+        server_name: String,
+        /// Our client certificate (DIR/clients/NAME).
+        client: String,
+    },
 }
 
 impl RawConfig {
     /// A head-end on this machine alone: the PKI at `pki_dir`, MQTT on a free loopback port,
     /// 127.0.0.1 exempt from bans (the meters and tools of a demo, benchmark or harness all
-    /// come from there), the store at `store`. Everything else default; adjust the fields.
+    /// come from there), the store at `store`, the audit log and its key beside it, no API
+    /// (set `api.listen` to `127.0.0.1:0` for one). Everything else default; adjust the fields.
     pub fn loopback(pki_dir: &Path, store: &Path) -> Self {
         let mut raw = Self::default();
         raw.pki.dir = Some(pki_dir.to_owned());
         raw.mqtt.listen = Some("127.0.0.1:0".to_owned());
         raw.mqtt.ban_exempt = Some(vec!["127.0.0.1".to_owned()]);
         raw.store.path = Some(store.to_owned());
+        raw.api.listen = Some("off".to_owned());
+        raw.api.users = Some(store.with_file_name("users.db"));
+        raw.audit.path = Some(store.with_file_name("audit.db"));
+        raw.audit.key = Some(store.with_file_name("audit.key"));
         raw
     }
 }
@@ -221,6 +311,12 @@ pub struct Config {
     pub writer: WriterConfig,
     /// Downstream targets (none: readings are stored, not forwarded).
     pub forward: Vec<TargetSettings>,
+    /// The HTTPS API (`None`: off).
+    pub api: Option<ApiSettings>,
+    /// The audit log.
+    pub audit: crate::audit::AuditSettings,
+    /// Syslog of security events (`None`: off).
+    pub syslog: Option<SyslogSettings>,
 }
 
 /// The commented default configuration that `gridward config init` writes.
@@ -273,6 +369,33 @@ max_document_bytes = 65536
 batch_size = 1000
 # Messages waiting for the store before the endpoint slows down (back-pressure, nothing dropped).
 queue_depth = 8192
+
+[api]
+# The HTTPS REST API for people and programs (/api/v1; TLS with the server certificate above,
+# client certificates optional and checked against the CRLs). "off" disables it.
+listen = "127.0.0.1:9443"
+# Users, password hashes (Argon2id), TOTP secrets and sessions (`gridward user`).
+users = "users.db"
+
+[audit]
+# The tamper-evident audit log (`gridward audit verify`, docs/audit-format.md).
+path = "audit.db"
+# Its Ed25519 signing key for checkpoints, created (mode 0600) if missing.
+key = "audit.key"
+# The checkpoint origin line and signer name (C2SP signed note); give third parties the
+# verifier key from `gridward audit key`.
+origin = "gridward.local/audit"
+# A signed checkpoint every this many seconds, when the log grew.
+checkpoint_secs = 60
+
+# Security events as RFC 5424 syslog to a SIEM (absent: none).
+# [syslog]
+# address = "127.0.0.1:514"
+# # "udp" (RFC 5426), "tcp" (octet counting, RFC 6587) or "tls" (RFC 5425, needs the two below).
+# transport = "udp"
+# facility = "auth"
+# # server_name = "siem"
+# # client = "hes"
 
 # Downstream targets (billing, MDM): every stored reading is queued for each target in the same
 # transaction and POSTed as signed JSON over HTTPS with mutual TLS until the target answers 2xx.
@@ -462,7 +585,95 @@ impl Config {
         if server_name.is_empty() {
             return Err(invalid("pki.server_name", "must not be empty".to_owned()));
         }
+        let api = match raw.api.listen.as_deref() {
+            Some("off") => None,
+            other => {
+                let text = other.unwrap_or("127.0.0.1:9443");
+                let listen = text.parse().map_err(|e| {
+                    invalid(
+                        "api.listen",
+                        format!("{text:?} is not an address:port or \"off\" ({e})"),
+                    )
+                })?;
+                Some(ApiSettings {
+                    listen,
+                    users_path: resolve(raw.api.users.unwrap_or_else(|| PathBuf::from("users.db"))),
+                })
+            }
+        };
+        let checkpoint_secs = raw.audit.checkpoint_secs.unwrap_or(60);
+        if !(1..=86_400).contains(&checkpoint_secs) {
+            return Err(invalid(
+                "audit.checkpoint_secs",
+                format!("{checkpoint_secs} is outside 1..=86400"),
+            ));
+        }
+        let origin = raw
+            .audit
+            .origin
+            .unwrap_or_else(|| "gridward.local/audit".to_owned());
+        if origin.is_empty()
+            || origin.len() > 128
+            || origin.chars().any(|c| c.is_whitespace() || c == '+')
+        {
+            return Err(invalid(
+                "audit.origin",
+                format!(
+                    "{origin:?}: use 1 to 128 characters, no spaces or '+', e.g. example.org/audit"
+                ),
+            ));
+        }
+        let audit = crate::audit::AuditSettings {
+            path: resolve(raw.audit.path.unwrap_or_else(|| PathBuf::from("audit.db"))),
+            key: resolve(raw.audit.key.unwrap_or_else(|| PathBuf::from("audit.key"))),
+            origin,
+            checkpoint_interval: Duration::from_secs(checkpoint_secs),
+        };
+        let syslog = match raw.syslog.address {
+            None => None,
+            Some(text) => {
+                let address = text.parse().map_err(|e| {
+                    invalid(
+                        "syslog.address",
+                        format!("{text:?} is not an IP address:port ({e})"),
+                    )
+                })?;
+                let transport = match raw.syslog.transport.as_deref().unwrap_or("udp") {
+                    "udp" => SyslogTransport::Udp,
+                    "tcp" => SyslogTransport::Tcp,
+                    "tls" => SyslogTransport::Tls {
+                        server_name: raw.syslog.server_name.ok_or_else(|| {
+                            invalid(
+                                "syslog.server_name",
+                                "required with transport = \"tls\"".into(),
+                            )
+                        })?,
+                        client: raw.syslog.client.ok_or_else(|| {
+                            invalid("syslog.client", "required with transport = \"tls\"".into())
+                        })?,
+                    },
+                    other => {
+                        return Err(invalid(
+                            "syslog.transport",
+                            format!("{other:?}: use \"udp\", \"tcp\" or \"tls\""),
+                        ));
+                    }
+                };
+                let facility_text = raw.syslog.facility.unwrap_or_else(|| "auth".to_owned());
+                let facility = facility_text
+                    .parse()
+                    .map_err(|e| invalid("syslog.facility", format!("{e}")))?;
+                Some(SyslogSettings {
+                    address,
+                    transport,
+                    facility,
+                })
+            }
+        };
         Ok(Self {
+            api,
+            audit,
+            syslog,
             pki_dir,
             server_name,
             listen,

@@ -13,12 +13,14 @@
 //!
 //! - [`pipeline`]: the checks, in order, and the verdict; sans-IO apart from the channel to the writer.
 //! - [`writer`]: the batch writer thread that owns durable writes (group commit, bounded queue).
-//! - [`metrics`]: counters per outcome and reason, latency histogram.
+//! - [`metrics`]: counters per outcome and reason, latency and batch histograms, outbox gauges;
+//!   the OpenMetrics exposition for `/metrics` ([`metrics::Metrics::encode_prometheus`]).
 //! - [`service`]: the running head-end ([`service::start`]): endpoint, pipeline, writer, store.
 //! - [`config`]: `gridward.toml`: raw TOML → validated [`config::Config`]; the commented default.
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod config;
 pub mod forward;
 pub mod metrics;

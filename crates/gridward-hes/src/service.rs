@@ -14,7 +14,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::audit::AuditSink;
+use crate::config::{Config, SyslogSettings, SyslogTransport};
 use crate::forward::{ForwardContext, ForwardError, Forwarders, TargetSnapshot};
 use crate::metrics::Metrics;
 use crate::pipeline::{Clock, Decision, Message, Pipeline};
@@ -39,6 +40,18 @@ pub enum ServiceError {
     /// A downstream target's certificates or keys could not be loaded.
     #[error("downstream {0}")]
     Forward(#[from] ForwardError),
+    /// The audit log or its key could not be opened.
+    #[error("{0}")]
+    Audit(#[from] crate::audit::AuditStartError),
+    /// The users database could not be opened.
+    #[error("users database: {0}")]
+    Access(#[from] gridward_access::AccessError),
+    /// The HTTPS API could not start.
+    #[error("{0}")]
+    Api(#[from] gridward_api::ApiError),
+    /// The syslog collector's TLS material could not be loaded.
+    #[error("syslog: {0}")]
+    Syslog(String),
     /// The listen address could not be bound, or a thread could not start.
     #[error("cannot listen on {addr}: {source}")]
     Io {
@@ -106,6 +119,15 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     /// The store.
     pub store: Arc<SqliteStore>,
+    /// The HTTPS API's address, when it runs.
+    pub api_addr: Option<SocketAddr>,
+    /// Users and sessions, when the API runs.
+    pub access: Option<Arc<gridward_access::Access>>,
+    /// The audit chain.
+    pub audit: AuditSink,
+    api: Option<gridward_api::RunningApi>,
+    audit_thread: Option<crate::audit::AuditThread>,
+    syslog_stop: tokio_util::sync::CancellationToken,
     forwarders: Forwarders,
     config: Config,
     task: JoinHandle<Result<(), EndpointError>>,
@@ -117,6 +139,7 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
     let material =
         Pki::open(&config.pki_dir, None)?.tls_material(LeafKind::Server, &config.server_name)?;
     let tls = gridward_pki::tls::server_config(&material)?;
+    let api_clock = Arc::clone(&clock);
     // Every target's certificates and keys load before anything starts.
     let mut loaded = Vec::with_capacity(config.forward.len());
     for target in &config.forward {
@@ -124,6 +147,26 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
     }
     let store = Arc::new(SqliteStore::open(&config.store_path)?);
     store.disconnect_all(clock())?;
+    let (audit, audit_thread) = AuditSink::start(&config.audit, Arc::clone(&clock))?;
+    if let Err(e) = audit.import_pki_log(&config.pki_dir) {
+        tracing::warn!(error = %e, "PKI operations not imported into the audit log");
+    }
+    let syslog_stop = tokio_util::sync::CancellationToken::new();
+    let syslog = match &config.syslog {
+        Some(s) => Some(start_syslog(s, &config.pki_dir, syslog_stop.clone())?),
+        None => None,
+    };
+    let hook: crate::writer::SecurityHook = {
+        let audit = audit.clone();
+        let metrics_hook = ();
+        let _ = metrics_hook;
+        Arc::new(move |event: &gridward_store::SecurityEvent| {
+            audit.security_event(event);
+            if let Some(syslog) = &syslog {
+                syslog.send(syslog_message(event));
+            }
+        })
+    };
     let mut targets = Vec::with_capacity(loaded.len());
     for t in loaded {
         let id = store.register_outbox_target(&t.settings.name)?;
@@ -151,6 +194,8 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
         addr: "writer thread".into(),
         source,
     })?;
+    let writer = writer.with_security_hook(Arc::clone(&hook));
+    let api_store = Arc::clone(&dyn_store);
     let forwarders = Forwarders::start(
         ForwardContext {
             store: dyn_store,
@@ -189,8 +234,37 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
     })?;
     let ep = endpoint.clone();
     let task = tokio::spawn(async move { ep.run(listener, std::future::pending()).await });
+    let (api, access) = match &config.api {
+        Some(settings) => {
+            let access = Arc::new(gridward_access::Access::open(
+                &settings.users_path,
+                gridward_access::Argon2Params::OWASP,
+            )?);
+            let mut ctx = gridward_api::ApiContext::new(
+                api_store,
+                Arc::clone(&access),
+                audit.log(),
+                Arc::clone(&api_clock),
+            );
+            ctx.pki_dir = Some(config.pki_dir.clone());
+            ctx.on_security_event = Some(hook);
+            let api = gridward_api::start(
+                gridward_api::ApiConfig::new(settings.listen, material),
+                Arc::new(ctx),
+            )
+            .await?;
+            (Some(api), Some(access))
+        }
+        None => (None, None),
+    };
     Ok(Running {
         local_addr,
+        api_addr: api.as_ref().map(gridward_api::RunningApi::local_addr),
+        access,
+        audit,
+        api,
+        audit_thread: Some(audit_thread),
+        syslog_stop,
         endpoint,
         metrics,
         store,
@@ -212,6 +286,14 @@ impl Running {
         let closed = self
             .endpoint
             .reload_from_pki(&self.config.pki_dir, &self.config.server_name)?;
+        if let Some(api) = &self.api {
+            let material = Pki::open(&self.config.pki_dir, None)?
+                .tls_material(LeafKind::Server, &self.config.server_name)?;
+            api.reload_tls(&material)?;
+        }
+        if let Err(e) = self.audit.import_pki_log(&self.config.pki_dir) {
+            tracing::warn!(error = %e, "PKI operations not imported into the audit log");
+        }
         if let Some((_, e)) = self
             .forwarders
             .reload(crate::forward::client::HttpsClient::load)
@@ -230,7 +312,10 @@ impl Running {
 
     /// Stops accepting, lets connections drain, writes what is queued, and returns when all is
     /// durable.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
+        if let Some(api) = self.api.take() {
+            api.shutdown().await;
+        }
         self.endpoint.shutdown();
         let _ = self.task.await;
         // The endpoint (and with it the pipeline's writer handles) is gone once every clone is
@@ -239,11 +324,72 @@ impl Running {
             endpoint,
             writer_threads,
             forwarders,
+            audit,
+            audit_thread,
+            syslog_stop,
             ..
         } = self;
         // The forwarders hold writer handles (for dead-letter events): stop them first.
         forwarders.shutdown().await;
         drop(endpoint);
         let _ = tokio::task::spawn_blocking(move || writer_threads.join()).await;
+        // Every security event is queued by now: the audit thread writes them, signs a last
+        // checkpoint and ends; then syslog flushes.
+        audit.close();
+        if let Some(t) = audit_thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        syslog_stop.cancel();
     }
+}
+
+/// Starts the syslog sender of `settings`.
+fn start_syslog(
+    settings: &SyslogSettings,
+    pki_dir: &std::path::Path,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<gridward_syslog::SyslogHandle, ServiceError> {
+    let transport = match &settings.transport {
+        SyslogTransport::Udp => gridward_syslog::Transport::Udp,
+        SyslogTransport::Tcp => gridward_syslog::Transport::Tcp,
+        SyslogTransport::Tls {
+            server_name,
+            client,
+        } => {
+            let material = Pki::open(pki_dir, None)?.tls_material(LeafKind::Client, client)?;
+            let config = gridward_pki::tls::client_config(&material)?;
+            let server_name = rustls_pki_types::ServerName::try_from(server_name.clone())
+                .map_err(|e| ServiceError::Syslog(format!("server_name {server_name:?}: {e}")))?;
+            gridward_syslog::Transport::Tls {
+                config,
+                server_name,
+            }
+        }
+    };
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "gridward".to_owned());
+    let formatter = gridward_syslog::Formatter::new(settings.facility, &hostname)
+        .with_procid(&std::process::id().to_string());
+    let config = gridward_syslog::SenderConfig::new(settings.address, transport, formatter);
+    Ok(gridward_syslog::Sender::start(config, stop))
+}
+
+/// A security event as a syslog message: the reason code as MSGID, meter and source as
+/// structured data, the detail as MSG.
+pub fn syslog_message(event: &gridward_store::SecurityEvent) -> gridward_syslog::SyslogMessage {
+    let mut m = gridward_syslog::SyslogMessage::new(
+        event.at,
+        gridward_syslog::Severity::Warning,
+        event.reason.clone(),
+        event.detail.clone(),
+    )
+    .with_param("reason", event.reason.clone());
+    if let Some(meter) = &event.meter_id {
+        m = m.with_param("meter", meter.to_string());
+    }
+    if let Some(source) = &event.source {
+        m = m.with_param("source", source.clone());
+    }
+    m
 }

@@ -198,7 +198,23 @@ async fn demo(args: DemoArgs) -> Result<()> {
         "hes",
         5,
     )];
+    raw.api.listen = Some("127.0.0.1:0".to_owned());
     let config = Config::from_raw(raw, Path::new("(demo)"), &dir)?;
+    // The same files as a configuration, for `gridward audit` and `gridward user` afterwards.
+    std::fs::write(
+        dir.join("gridward.toml"),
+        format!(
+            "# Written by gridward demo: the files of this demo (its ports were chosen at random).\n\
+             [pki]\ndir = {:?}\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[store]\npath = {:?}\n\
+             [api]\nlisten = \"127.0.0.1:0\"\nusers = {:?}\n[audit]\npath = {:?}\nkey = {:?}\n",
+            pki_dir.display().to_string(),
+            config.store_path.display().to_string(),
+            config.api.as_ref().map(|a| a.users_path.display().to_string()).unwrap_or_default(),
+            config.audit.path.display().to_string(),
+            config.audit.key.display().to_string(),
+        ),
+    )
+    .with_context(|| format!("writing {}", dir.join("gridward.toml").display()))?;
     let running = gridward_hes::service::start(&config, system_clock()).await?;
     println!(
         "2. head-end listening on {} (MQTT over mutual TLS), store {}",
@@ -296,11 +312,16 @@ async fn demo(args: DemoArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     let elapsed = started.elapsed();
-    println!("4. stopping: waiting for the last acknowledgements");
+    if let (Some(access), Some(api), Some(first)) = (&running.access, running.api_addr, ids.first())
+    {
+        let other = ids.get(1).unwrap_or(first);
+        crate::demo_api::show(access, api, &pki_dir, first, other).await?;
+    }
+    println!("5. stopping: waiting for the last acknowledgements");
     let report = fleet.stop(Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     println!(
-        "5. letting the forwarder deliver what is pending (at most {} s)",
+        "6. letting the forwarder deliver what is pending (at most {} s)",
         FORWARD_DRAIN.as_secs()
     );
     let outbox = drain_outbox(&running.store).await?;
@@ -378,6 +399,13 @@ fn print_commands(store: &Path, sink_db: &Path) {
     println!("  gridward events --db {db} --meter-events");
     println!("  gridward meters --db {db}");
     println!("  gridward outbox --db {db}");
+    let toml = store.with_file_name("gridward.toml");
+    println!("  gridward audit verify --config {}", toml.display());
+    println!(
+        "  gridward audit show --config {} --action login.",
+        toml.display()
+    );
+    println!("  gridward user list --config {}", toml.display());
     println!(
         "  gridward sink show --store {} --meter m000001",
         sink_db.display()

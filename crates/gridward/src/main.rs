@@ -15,11 +15,13 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 mod attack_cmd;
+mod audit_cmd;
 mod bench_cmd;
 mod bench_forward;
+mod demo_api;
 mod demo_cmd;
 mod meter_cmd;
 mod outbox_cmd;
@@ -28,13 +30,72 @@ mod report;
 mod serve_cmd;
 mod sink_cmd;
 mod sys;
+mod user_cmd;
 
 /// Gridward: a secure smart-metering head-end system.
 #[derive(Debug, Parser)]
 #[command(name = "gridward", version, about, long_about = None, propagate_version = true)]
 struct Cli {
+    /// How the services log on stderr: `text` for people, `json` for one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Least level logged (error, warn, info, debug, trace) or a filter such as
+    /// `info,gridward_mqtt=debug`. Without it: RUST_LOG if set, else `info` for `serve` and
+    /// `sink` and `warn` for the other commands (whose own output is their report).
+    #[arg(long, global = true, value_name = "FILTER", value_parser = parse_log_filter)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines: time, level, where, message, fields.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `message`, the fields, `span`).
+    Json,
+}
+
+/// Checks a `--log-level` filter.
+fn parse_log_filter(s: &str) -> Result<String, String> {
+    tracing_subscriber::EnvFilter::builder()
+        .parse(s)
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("not a log level or filter: {e}"))
+}
+
+/// Installs the `tracing` subscriber: events to stderr in `format`, filtered by `level`, else
+/// RUST_LOG, else `default`. Colours only on a terminal.
+fn init_logging(format: LogFormat, level: Option<&str>, default: &str) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let from_env = || {
+        let value = std::env::var("RUST_LOG").ok()?;
+        match EnvFilter::builder().parse(&value) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("gridward: warning: ignoring RUST_LOG={value:?}: {e}");
+                None
+            }
+        }
+    };
+    let filter = level
+        .and_then(|l| EnvFilter::builder().parse(l).ok())
+        .or_else(from_env)
+        .unwrap_or_else(|| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let installed = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    if let Err(e) = installed {
+        eprintln!("gridward: warning: logging not set up: {e}");
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -59,6 +120,11 @@ enum Command {
     Events(serve_cmd::EventsArgs),
     /// Show the meters: last seen, last counter, connection state.
     Meters(serve_cmd::MetersArgs),
+    /// Manage the users of the HTTPS API: add, list, disable, enable, reset-password,
+    /// set-role, enroll-totp.
+    User(user_cmd::UserArgs),
+    /// The tamper-evident audit log: verify, show, checkpoint, key.
+    Audit(audit_cmd::AuditArgs),
     /// Show and retry downstream deliveries: pending, delivered, dead letters, lag per target.
     Outbox(outbox_cmd::OutboxArgs),
     /// Receive forwarded readings like a billing service: HTTPS with mutual TLS, signatures
@@ -75,6 +141,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The services log what they do; one-shot commands only what goes wrong, unless asked.
+    let default_level = match cli.command {
+        Command::Serve(_) | Command::Sink(_) => "info",
+        _ => "warn",
+    };
+    init_logging(cli.log_format, cli.log_level.as_deref(), default_level);
     let result = match cli.command {
         Command::Demo(args) => demo_cmd::run(args),
         Command::Pki(args) => pki_cmd::run(args),
@@ -88,6 +160,11 @@ fn main() -> ExitCode {
         Command::Sink(args) => sink_cmd::run(args),
         Command::Attack(args) => attack_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
+        Command::User(args) => user_cmd::run(args),
+        Command::Audit(args) => match audit_cmd::run(args) {
+            Ok(code) if code != ExitCode::SUCCESS => return code,
+            other => other.map(|_| ()),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

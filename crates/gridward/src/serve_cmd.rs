@@ -144,7 +144,7 @@ pub struct BadConfig(#[from] pub gridward_hes::config::ConfigError);
 #[error(transparent)]
 pub struct BadTarget(#[from] gridward_hes::forward::ForwardError);
 
-fn load_config(path: &Path) -> Result<Config> {
+pub(crate) fn load_config(path: &Path) -> Result<Config> {
     Ok(Config::load(path).map_err(BadConfig)?)
 }
 
@@ -168,10 +168,11 @@ pub fn serve(args: ServeArgs) -> Result<()> {
     if let Some((soft, _)) = crate::sys::raise_nofile()
         && soft < config.endpoint.max_connections as u64 + 256
     {
-        eprintln!(
-            "gridward: warning: the open-file limit ({soft}) is below mqtt.max_connections ({}) + 256; \
-             meters beyond it will be refused at accept (raise LimitNOFILE / ulimit -n)",
-            config.endpoint.max_connections
+        tracing::warn!(
+            nofile = soft,
+            max_connections = config.endpoint.max_connections,
+            "the open-file limit is below mqtt.max_connections + 256: meters beyond it will be \
+             refused at accept (raise LimitNOFILE / ulimit -n)"
         );
     }
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -187,19 +188,23 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                     .context(format!("starting the head-end from {}", args.config.display())));
             }
         };
-        eprintln!(
-            "gridward: MQTT over mutual TLS on {} (server certificate {:?} from {}), store {}",
-            running.local_addr,
-            config.server_name,
-            config.pki_dir.display(),
-            config.store_path.display()
+        tracing::info!(
+            listen = %running.local_addr,
+            server_certificate = %config.server_name,
+            pki = %config.pki_dir.display(),
+            store = %config.store_path.display(),
+            "MQTT over mutual TLS"
         );
-        for t in &config.forward {
-            eprintln!("gridward: forwarding readings to {} at {} (client certificate and signature key id {:?})", t.name, t.url, t.key_id);
+        if let Some(api) = running.api_addr {
+            tracing::info!(listen = %api, users = %config.api.as_ref().map(|a| a.users_path.display().to_string()).unwrap_or_default(), "HTTPS API (/api/v1; `gridward user add` creates users)");
         }
-        eprintln!(
-            "gridward: SIGHUP reloads certificates and CRLs (so does a change of them on disk, within {} s); Ctrl-C stops",
-            PKI_WATCH.as_secs()
+        tracing::info!(audit = %config.audit.path.display(), key = %config.audit.key.display(), "audit log (`gridward audit verify`)");
+        for t in &config.forward {
+            tracing::info!(target_name = %t.name, url = %t.url, key_id = %t.key_id, "forwarding readings (client certificate and signature key id)");
+        }
+        tracing::info!(
+            watch_every_s = PKI_WATCH.as_secs(),
+            "SIGHUP reloads certificates and CRLs (so does a change of them on disk); Ctrl-C stops"
         );
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("SIGHUP handler")?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
@@ -217,8 +222,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                 _ = tokio::signal::ctrl_c() => break,
                 _ = term.recv() => break,
                 _ = hup.recv() => match running.reload() {
-                    Ok(n) => eprintln!("gridward: reloaded certificates and CRLs; {n} revoked meter(s) disconnected"),
-                    Err(e) => eprintln!("gridward: reload failed, keeping the previous configuration: {e}"),
+                    Ok(n) => tracing::info!(revoked_disconnected = n, "reloaded certificates and CRLs"),
+                    Err(e) => tracing::error!(error = %e, "reload failed, keeping the previous configuration"),
                 },
                 _ = watch.tick() => {
                     let now = pki_fingerprint(&config.pki_dir, &config.server_name);
@@ -226,8 +231,8 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                         seen = now;
                         crls = read_crls(&config.pki_dir);
                         match running.reload() {
-                            Ok(n) => eprintln!("gridward: certificates or CRLs changed on disk: reloaded; {n} revoked meter(s) disconnected"),
-                            Err(e) => eprintln!("gridward: certificates or CRLs changed on disk, but the reload failed, keeping the previous configuration: {e}"),
+                            Ok(n) => tracing::info!(revoked_disconnected = n, "certificates or CRLs changed on disk: reloaded"),
+                            Err(e) => tracing::error!(error = %e, "certificates or CRLs changed on disk, but the reload failed, keeping the previous configuration"),
                         }
                     }
                     warn_about_crls(&config.pki_dir, &crls, &mut crl_warned);
@@ -244,14 +249,24 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                         forward: forward.iter().map(|t| (t.delivered, t.failed_attempts, t.dead)).collect(),
                     };
                     if status_line.due(&status, std::time::Instant::now()) {
-                        eprintln!(
-                            "gridward: {} meters connected, {} accepted ({}/s), {} duplicates, {} rejected, p99 {:?}",
-                            s.sessions, m.accepted, (m.accepted - last_accepted) / STATUS_TICK.as_secs(), m.duplicates, m.rejected_total(), m.p99
+                        tracing::info!(
+                            meters_connected = s.sessions,
+                            accepted = m.accepted,
+                            per_second = (m.accepted - last_accepted) / STATUS_TICK.as_secs(),
+                            duplicates = m.duplicates,
+                            rejected = m.rejected_total(),
+                            p99 = ?m.p99,
+                            "ingest status"
                         );
                         for t in forward.iter().filter(|t| t.delivered > 0 || t.failed_attempts > 0 || t.dead > 0) {
-                            eprintln!(
-                                "gridward: forward {}: {} delivered, {} failed attempts, {} dead, lag p50 {:?} p99 {:?}",
-                                t.name, t.delivered, t.failed_attempts, t.dead, t.lag_p50, t.lag_p99
+                            tracing::info!(
+                                target_name = %t.name,
+                                delivered = t.delivered,
+                                failed_attempts = t.failed_attempts,
+                                dead = t.dead,
+                                lag_p50 = ?t.lag_p50,
+                                lag_p99 = ?t.lag_p99,
+                                "forward status"
                             );
                         }
                     }
@@ -259,7 +274,7 @@ pub fn serve(args: ServeArgs) -> Result<()> {
                 }
             }
         }
-        eprintln!("gridward: stopping; writing what is queued");
+        tracing::info!("stopping; writing what is queued");
         running.shutdown().await;
         Ok(())
     })
@@ -363,13 +378,17 @@ fn warn_about_crls(
     let fix = format!("run `gridward pki crl --dir {}`", dir.display());
     match &state {
         CrlState::Fine => {}
-        CrlState::ExpiresSoon(what) => eprintln!(
-            "gridward: warning: {what}; {fix} before then (after it, every new connection is refused)"
+        CrlState::ExpiresSoon(what) => tracing::warn!(
+            crl = %what,
+            fix = %fix,
+            "a CRL expires within a day: renew it before then (after it, every new connection is refused)"
         ),
-        CrlState::Expired(what) => eprintln!(
-            "gridward: error: {what}: every new connection is refused (revocation status unknown, fail closed); {fix}"
+        CrlState::Expired(what) => tracing::error!(
+            crl = %what,
+            fix = %fix,
+            "a CRL has expired: every new connection is refused (revocation status unknown, fail closed)"
         ),
-        CrlState::Unreadable(e) => eprintln!("gridward: error: cannot read the CRLs: {e}"),
+        CrlState::Unreadable(e) => tracing::error!(error = %e, "cannot read the CRLs"),
     }
     *warned = Some((state, std::time::Instant::now()));
 }

@@ -253,6 +253,7 @@ impl Headend {
         let db_line = format!("path = {:?}", db.to_str().expect("utf-8 path"));
         let mut all = vec![
             ("listen = \"127.0.0.1:8883\"", "listen = \"127.0.0.1:0\""),
+            ("listen = \"127.0.0.1:9443\"", "listen = \"127.0.0.1:0\""),
             ("dir = \"pki\"", pki_line.as_str()),
             ("path = \"gridward.db\"", db_line.as_str()),
         ];
@@ -292,7 +293,7 @@ impl Headend {
             .spawn()
             .expect("start gridward serve");
         self.child = Some(child);
-        let needle = "MQTT over mutual TLS on 127.0.0.1:";
+        let needle = "MQTT over mutual TLS listen=127.0.0.1:";
         let log_path = self.log.clone();
         let read_log = move || fs::read_to_string(&log_path).unwrap_or_default();
         let child = self.child.as_mut().expect("just started");
