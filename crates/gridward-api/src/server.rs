@@ -128,6 +128,7 @@ pub async fn start(config: ApiConfig, ctx: Arc<ApiContext>) -> Result<RunningApi
         source,
     })?;
     let (tls_tx, tls_rx) = tokio::sync::watch::channel(tls);
+    let events = Arc::clone(&ctx);
     let (router, _) = router_and_doc(ctx);
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
@@ -165,6 +166,7 @@ pub async fn start(config: ApiConfig, ctx: Arc<ApiContext>) -> Result<RunningApi
             let acceptor = TlsAcceptor::from(Arc::clone(&tls_rx.borrow()));
             let router = router.clone();
             let http = http.clone();
+            let events = Arc::clone(&events);
             let cancel = loop_cancel.clone();
             loop_tracker.spawn(async move {
                 let _permit = permit;
@@ -174,11 +176,14 @@ pub async fn start(config: ApiConfig, ctx: Arc<ApiContext>) -> Result<RunningApi
                 {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
-                        tracing::info!(error = %e, "API TLS handshake refused");
+                        let reason = gridward_pki::tls::handshake_error_reason(&e);
+                        tracing::info!(error = %e, reason = reason.code(), "API TLS handshake refused");
+                        events.security_event(reason.code(), None, peer.ip(), format!("HTTPS API: TLS handshake refused: {e}"));
                         return;
                     }
                     Err(_) => {
                         tracing::info!("API TLS handshake timed out");
+                        events.security_event(gridward_core::security::Reason::Timeout.code(), None, peer.ip(), "HTTPS API: TLS handshake not finished in time");
                         return;
                     }
                 };

@@ -288,5 +288,6 @@ async fn every_route_and_caller_matches_the_committed_table() {
     );
     assert!(!f.events("certificate_without_role").is_empty());
     assert!(!f.audit_entries("access.denied").is_empty());
+    assert!(!f.events("certificate_revoked").is_empty(), "the revoked operator certificate's handshake");
     f.api.shutdown().await;
 }

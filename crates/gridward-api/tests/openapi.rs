@@ -17,6 +17,9 @@ fn committed_openapi_document_matches_the_code() {
         "docs/openapi.json is stale: regenerate it with GRIDWARD_WRITE_OPENAPI=1 cargo test -p gridward-api --test openapi"
     );
     let doc: serde_json::Value = serde_json::from_str(&generated).unwrap();
-    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"), "OpenAPI 3.1");
+    assert!(
+        doc["openapi"].as_str().unwrap().starts_with("3.1"),
+        "OpenAPI 3.1"
+    );
     assert!(doc["paths"]["/api/v1/meters/{meter_id}/readings"]["get"].is_object());
 }

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use gridward_core::MeterId;
 use gridward_core::security::Reason;
 use gridward_pki::{Identity, IdentityError, identity_of};
-use rustls::CertificateError;
 use rustls_pki_types::CertificateRevocationListDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
@@ -105,38 +104,7 @@ pub fn handshake_reason(err: &io::Error) -> Reason {
 ///
 /// The `...Context` forms of these errors map like their plain forms.
 pub fn tls_reason(err: &rustls::Error) -> Reason {
-    match err {
-        rustls::Error::NoCertificatesPresented => Reason::CertificateMissing,
-        rustls::Error::InvalidCertificate(c) => certificate_reason(c),
-        _ => Reason::TlsHandshakeFailed,
-    }
-}
-
-fn certificate_reason(err: &CertificateError) -> Reason {
-    #[allow(deprecated)] // `UnsupportedSignatureAlgorithm`: still produced by rustls 0.23.
-    match err {
-        CertificateError::UnknownIssuer
-        | CertificateError::BadSignature
-        | CertificateError::UnsupportedSignatureAlgorithm
-        | CertificateError::UnsupportedSignatureAlgorithmContext { .. }
-        | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
-            Reason::CertificateUntrusted
-        }
-        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
-            Reason::CertificateWrongPurpose
-        }
-        CertificateError::Revoked => Reason::CertificateRevoked,
-        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-            Reason::CertificateExpired
-        }
-        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-            Reason::CertificateNotYetValid
-        }
-        CertificateError::ExpiredRevocationList
-        | CertificateError::ExpiredRevocationListContext { .. }
-        | CertificateError::UnknownRevocationStatus => Reason::CrlUnavailable,
-        _ => Reason::TlsHandshakeFailed,
-    }
+    gridward_pki::tls::tls_error_reason(err)
 }
 
 /// Errors reading CRLs.
@@ -236,6 +204,8 @@ impl Revocations {
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use rustls::CertificateError;
 
     use super::*;
 

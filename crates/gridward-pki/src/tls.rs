@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use gridward_core::security::Reason;
 use rustls::client::{Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::crypto::aws_lc_rs::{cipher_suite, default_provider, kx_group};
@@ -406,6 +407,69 @@ pub fn client_config_with(
     opts: &TlsOptions,
 ) -> Result<Arc<ClientConfig>, TlsError> {
     build_client(m, opts, provider(), VERSIONS).map(Arc::new)
+}
+
+/// Why a TLS handshake failed, as the reason code of its security event: the same mapping for
+/// every Gridward TLS endpoint (the MQTT endpoint, the HTTPS API).
+///
+/// | rustls error | reason |
+/// |---|---|
+/// | `NoCertificatesPresented` | [`Reason::CertificateMissing`] |
+/// | `UnknownIssuer`, `BadSignature`, unsupported signature algorithms | [`Reason::CertificateUntrusted`] |
+/// | `InvalidPurpose` | [`Reason::CertificateWrongPurpose`] |
+/// | `Revoked` | [`Reason::CertificateRevoked`] |
+/// | `Expired` | [`Reason::CertificateExpired`] |
+/// | `NotValidYet` | [`Reason::CertificateNotYetValid`] |
+/// | `ExpiredRevocationList`, `UnknownRevocationStatus` | [`Reason::CrlUnavailable`] |
+/// | anything else (protocol, suite, encoding, ...) | [`Reason::TlsHandshakeFailed`] |
+///
+/// The `...Context` forms of these errors map like their plain forms.
+pub fn tls_error_reason(err: &rustls::Error) -> Reason {
+    match err {
+        rustls::Error::NoCertificatesPresented => Reason::CertificateMissing,
+        rustls::Error::InvalidCertificate(c) => certificate_reason(c),
+        _ => Reason::TlsHandshakeFailed,
+    }
+}
+
+/// [`tls_error_reason`] for the error of a tokio-rustls accept or connect: anything that is not
+/// a rustls error (garbage instead of TLS, EOF, a reset) → [`Reason::TlsHandshakeFailed`].
+pub fn handshake_error_reason(err: &std::io::Error) -> Reason {
+    match err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        Some(e) => tls_error_reason(e),
+        None => Reason::TlsHandshakeFailed,
+    }
+}
+
+fn certificate_reason(err: &rustls::CertificateError) -> Reason {
+    use rustls::CertificateError;
+    #[allow(deprecated)] // `UnsupportedSignatureAlgorithm`: still produced by rustls 0.23.
+    match err {
+        CertificateError::UnknownIssuer
+        | CertificateError::BadSignature
+        | CertificateError::UnsupportedSignatureAlgorithm
+        | CertificateError::UnsupportedSignatureAlgorithmContext { .. }
+        | CertificateError::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => {
+            Reason::CertificateUntrusted
+        }
+        CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+            Reason::CertificateWrongPurpose
+        }
+        CertificateError::Revoked => Reason::CertificateRevoked,
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+            Reason::CertificateExpired
+        }
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            Reason::CertificateNotYetValid
+        }
+        CertificateError::ExpiredRevocationList
+        | CertificateError::ExpiredRevocationListContext { .. }
+        | CertificateError::UnknownRevocationStatus => Reason::CrlUnavailable,
+        _ => Reason::TlsHandshakeFailed,
+    }
 }
 
 /// Checks the parts shared by both sides and returns the trust anchors.
