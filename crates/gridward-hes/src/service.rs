@@ -151,6 +151,13 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
     if let Err(e) = audit.import_pki_log(&config.pki_dir) {
         tracing::warn!(error = %e, "PKI operations not imported into the audit log");
     }
+    audit.append(gridward_audit::NewEntry::new(
+        clock(),
+        gridward_audit::Actor::System,
+        "service.start",
+        config.listen.to_string(),
+        gridward_audit::Outcome::Success,
+    ));
     let syslog_stop = tokio_util::sync::CancellationToken::new();
     let syslog = match &config.syslog {
         Some(s) => Some(start_syslog(s, &config.pki_dir, syslog_stop.clone())?),
@@ -283,6 +290,28 @@ impl Running {
     /// Downstream targets rebuild their HTTPS clients from their files the same way; a target
     /// whose files fail to load keeps its current client and the failure is returned.
     pub fn reload(&self) -> Result<usize, ServiceError> {
+        let result = self.reload_inner();
+        self.audit.append(
+            gridward_audit::NewEntry::new(
+                time::OffsetDateTime::now_utc(),
+                gridward_audit::Actor::System,
+                "service.reload",
+                self.config.pki_dir.display().to_string(),
+                if result.is_ok() {
+                    gridward_audit::Outcome::Success
+                } else {
+                    gridward_audit::Outcome::Failure
+                },
+            )
+            .detail(match &result {
+                Ok(n) => format!("certificates and CRLs reloaded; {n} revoked meters disconnected"),
+                Err(e) => format!("reload failed: {e}"),
+            }),
+        );
+        result
+    }
+
+    fn reload_inner(&self) -> Result<usize, ServiceError> {
         let closed = self
             .endpoint
             .reload_from_pki(&self.config.pki_dir, &self.config.server_name)?;
@@ -335,6 +364,13 @@ impl Running {
         let _ = tokio::task::spawn_blocking(move || writer_threads.join()).await;
         // Every security event is queued by now: the audit thread writes them, signs a last
         // checkpoint and ends; then syslog flushes.
+        audit.append(gridward_audit::NewEntry::new(
+            time::OffsetDateTime::now_utc(),
+            gridward_audit::Actor::System,
+            "service.stop",
+            "",
+            gridward_audit::Outcome::Success,
+        ));
         audit.close();
         if let Some(t) = audit_thread {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;

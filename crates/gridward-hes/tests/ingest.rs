@@ -23,6 +23,11 @@ struct Fixture {
 }
 
 async fn start(meters: &[&str]) -> Fixture {
+    start_with(meters, "").await
+}
+
+/// [`start`] with more configuration (whole sections).
+async fn start_with(meters: &[&str], extra: &str) -> Fixture {
     let tmp = tempfile::tempdir().expect("tempdir");
     let pki_dir = tmp.path().join("pki");
     let now = OffsetDateTime::now_utc();
@@ -40,9 +45,10 @@ async fn start(meters: &[&str]) -> Fixture {
             .expect("meter");
     }
     let text = format!(
-        "[pki]\ndir = {:?}\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[store]\npath = {:?}\n",
+        "[pki]\ndir = {:?}\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[store]\npath = {:?}\n[api]\nlisten = \"127.0.0.1:0\"\n{}",
         pki_dir,
-        tmp.path().join("gridward.db")
+        tmp.path().join("gridward.db"),
+        extra
     );
     let config =
         Config::parse(&text, std::path::Path::new("test.toml"), tmp.path()).expect("config");
