@@ -35,7 +35,7 @@ pub const MAX_BODY: usize = 16 * 1024;
         title = "Gridward head-end API",
         description = "Meters, readings, security events, users and the audit log of a Gridward \
                        head-end. Authenticate with a session (POST /api/v1/session, then \
-                       `Authorization: Bearer`) or an API client certificate; see docs/api.md.",
+                       `Authorization: Bearer`) or an API client certificate; see docs/access-table.md.",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
     modifiers(&Security),
