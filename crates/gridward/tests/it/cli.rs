@@ -357,3 +357,98 @@ fn demo_runs_and_reports_consistent_numbers() {
     // A second run clears the first one's directory (it carries the demo's marker).
     gridward_ok(&["demo", "--dir", dir, "--meters", "2", "--duration", "1"]);
 }
+
+/// Issue 9: users and the audit log from the command line: a user with a second factor, a
+/// weak password refused, and `audit verify` catching an entry edited in the SQLite file.
+#[test]
+fn users_and_the_audit_log_from_the_command_line() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let cfg = tmp.path().join("gridward.toml");
+    let cfg_s = cfg.to_str().expect("utf-8");
+    gridward_ok(&["config", "init", "--config", cfg_s]);
+    let with_password = |args: &[&str], password: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gridward"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run gridward");
+        writeln!(child.stdin.take().expect("stdin"), "{password}").expect("write");
+        child.wait_with_output().expect("wait")
+    };
+    let out = with_password(
+        &[
+            "user", "add", "otto", "--role", "operator", "--config", cfg_s,
+        ],
+        "correct horse battery staple 42",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("otpauth://totp/Gridward:otto?"), "{stdout}");
+    assert!(stdout.contains("Recovery codes"), "{stdout}");
+    assert!(
+        stdout.contains('█') || stdout.contains('▀') || stdout.contains('▄'),
+        "a QR code: {stdout}"
+    );
+
+    let out = with_password(
+        &[
+            "user", "add", "eve", "--role", "consumer", "--meter", "m000001", "--config", cfg_s,
+        ],
+        "password1234",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a common password was accepted");
+    assert!(
+        err.contains("password") && !err.contains("panicked"),
+        "{err}"
+    );
+
+    let list = gridward_ok(&["user", "list", "--config", cfg_s]);
+    assert!(
+        list.contains("otto") && list.contains("operator") && !list.contains("eve"),
+        "{list}"
+    );
+
+    gridward_ok(&["audit", "checkpoint", "--sign", "--config", cfg_s]);
+    let ok = gridward_ok(&["audit", "verify", "--config", cfg_s]);
+    assert!(ok.starts_with("ok"), "{ok}");
+    let shown = gridward_ok(&["audit", "show", "--action", "user.", "--config", cfg_s]);
+    assert!(
+        shown.contains("user.add") && shown.contains("otto"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("failure"),
+        "the refused user is an entry too: {shown}"
+    );
+    let vkey = gridward_ok(&["audit", "key", "--config", cfg_s]);
+    assert!(vkey.starts_with("gridward.local/audit+"), "{vkey}");
+
+    // Someone edits the first entry in the database file.
+    let db = rusqlite::Connection::open(tmp.path().join("audit.db")).expect("open audit.db");
+    db.execute_batch(
+        "DROP TRIGGER entries_no_update; UPDATE entries SET target = 'mallory' WHERE seq = 1;",
+    )
+    .expect("tamper");
+    drop(db);
+    let out = gridward(&[
+        "audit",
+        "verify",
+        "--verifier",
+        vkey.trim(),
+        "--config",
+        cfg_s,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("TAMPERED") && err.contains("entry 1"), "{err}");
+}
