@@ -39,4 +39,4 @@ pub mod state;
 pub use problem::Problem;
 pub use routes::{openapi_json, router_and_doc};
 pub use server::{ApiConfig, ApiError, RunningApi, start};
-pub use state::{ApiContext, Clock, SecurityHook};
+pub use state::{ApiContext, Clock, Observer, SecurityHook};

@@ -19,6 +19,17 @@ pub type Clock = Arc<dyn Fn() -> OffsetDateTime + Send + Sync>;
 /// syslog and the metrics).
 pub type SecurityHook = Arc<dyn Fn(&SecurityEvent) + Send + Sync>;
 
+/// The service's metrics, as the API sees them: it counts logins and lockouts, and serves the
+/// exposition at `GET /metrics`.
+pub trait Observer: Send + Sync {
+    /// A login attempt ended.
+    fn login(&self, success: bool);
+    /// An account was locked.
+    fn lockout(&self);
+    /// The Prometheus/OpenMetrics text exposition and its content type.
+    fn exposition(&self) -> (String, &'static str);
+}
+
 /// What the API serves from.
 #[derive(Clone)]
 pub struct ApiContext {
@@ -36,6 +47,8 @@ pub struct ApiContext {
     pub on_security_event: Option<SecurityHook>,
     /// `GET /readyz` answers 200 only while this is true (the service sets it once ingest runs).
     pub ready: Arc<AtomicBool>,
+    /// Metrics (`None`: `GET /metrics` answers 404 and nothing is counted).
+    pub observer: Option<Arc<dyn Observer>>,
 }
 
 impl std::fmt::Debug for ApiContext {
@@ -63,6 +76,7 @@ impl ApiContext {
             clock,
             on_security_event: None,
             ready: Arc::new(AtomicBool::new(true)),
+            observer: None,
         }
     }
 

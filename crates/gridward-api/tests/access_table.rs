@@ -209,10 +209,11 @@ async fn every_route_and_caller_matches_the_committed_table() {
                 .replace("{meter_id}", caller.meter)
                 .replace("{username}", "victim");
             let mut token = caller.token.clone();
-            if method == "DELETE" && path == "/api/v1/session" {
-                if let Some(role) = caller.relogin {
-                    token = Some(f.login(&f.user(role)).await.0);
-                }
+            if method == "DELETE"
+                && path == "/api/v1/session"
+                && let Some(role) = caller.relogin
+            {
+                token = Some(f.login(&f.user(role)).await.0);
             }
             let auth = token.as_ref().map(|t| format!("Bearer {t}"));
             let headers: Vec<(&str, &str)> =
@@ -288,6 +289,9 @@ async fn every_route_and_caller_matches_the_committed_table() {
     );
     assert!(!f.events("certificate_without_role").is_empty());
     assert!(!f.audit_entries("access.denied").is_empty());
-    assert!(!f.events("certificate_revoked").is_empty(), "the revoked operator certificate's handshake");
+    assert!(
+        !f.events("certificate_revoked").is_empty(),
+        "the revoked operator certificate's handshake"
+    );
     f.api.shutdown().await;
 }

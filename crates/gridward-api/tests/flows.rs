@@ -59,6 +59,25 @@ async fn brute_force_locks_the_account_and_says_nothing_about_it() {
     f.advance(30 * 60);
     f.login(&otto).await;
     assert_eq!(f.audit_entries("login.success").len(), 1);
+    // Counted for the metrics.
+    assert_eq!(
+        f.observer
+            .lockouts
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    assert_eq!(
+        f.observer
+            .logins_failed
+            .load(std::sync::atomic::Ordering::SeqCst),
+        7
+    );
+    assert_eq!(
+        f.observer
+            .logins_ok
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
     f.api.shutdown().await;
 }
 

@@ -328,10 +328,10 @@ fn run(
                 next = rx.try_recv().ok();
             }
         }
-        if !batch.is_empty() {
-            if let Err(e) = log.append_all(&batch) {
-                tracing::error!(error = %e, entries = batch.len(), "audit entries not written");
-            }
+        if !batch.is_empty()
+            && let Err(e) = log.append_all(&batch)
+        {
+            tracing::error!(error = %e, entries = batch.len(), "audit entries not written");
         }
         for done in flushes {
             let _ = done.send(());

@@ -175,7 +175,12 @@ impl Pipeline {
                     detail: format!("register below the last stored reading ({last_kwh} kWh)"),
                 },
             ),
-            Err(_) => Decision::Unavailable,
+            Err(e) => {
+                self.metrics.unavailable();
+                // The writer logs the failed batch once; this is the per-message detail.
+                tracing::debug!(meter = %msg.meter_id, error = %e, "not acknowledged: store failed");
+                Decision::Unavailable
+            }
         }
     }
 
@@ -258,7 +263,12 @@ impl Pipeline {
     }
 
     fn refuse(&self, msg: &Message, refusal: Refusal) -> Decision {
-        self.metrics.rejected(refusal.reason);
+        self.metrics.message_refused(refusal.reason);
+        tracing::debug!(
+            meter = %msg.meter_id,
+            reason = refusal.reason.code(),
+            "message refused"
+        );
         let mut event =
             SecurityEvent::new((self.clock)(), refusal.reason, refusal.detail).meter(&msg.meter_id);
         if let Some(source) = &msg.source {

@@ -165,8 +165,6 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
     };
     let hook: crate::writer::SecurityHook = {
         let audit = audit.clone();
-        let metrics_hook = ();
-        let _ = metrics_hook;
         Arc::new(move |event: &gridward_store::SecurityEvent| {
             audit.security_event(event);
             if let Some(syslog) = &syslog {
@@ -229,6 +227,7 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
         events,
         clock,
     )?;
+    metrics.watch_endpoint(endpoint.stats_reader());
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| ServiceError::Io {
@@ -254,7 +253,12 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
                 Arc::clone(&api_clock),
             );
             ctx.pki_dir = Some(config.pki_dir.clone());
-            ctx.on_security_event = Some(hook);
+            let api_metrics = Arc::clone(&metrics);
+            ctx.on_security_event = Some(Arc::new(move |event: &gridward_store::SecurityEvent| {
+                api_metrics.record_security_event(&event.reason);
+                hook(event);
+            }));
+            ctx.observer = Some(Arc::new(ApiMetrics(Arc::clone(&metrics))));
             let api = gridward_api::start(
                 gridward_api::ApiConfig::new(settings.listen, material),
                 Arc::new(ctx),
@@ -428,4 +432,21 @@ pub fn syslog_message(event: &gridward_store::SecurityEvent) -> gridward_syslog:
         m = m.with_param("source", source.clone());
     }
     m
+}
+
+/// The ingest metrics as the API's [`gridward_api::Observer`].
+struct ApiMetrics(Arc<Metrics>);
+
+impl gridward_api::Observer for ApiMetrics {
+    fn login(&self, success: bool) {
+        self.0.record_login(success);
+    }
+
+    fn lockout(&self) {
+        self.0.record_lockout();
+    }
+
+    fn exposition(&self) -> (String, &'static str) {
+        (self.0.encode_prometheus(), crate::metrics::CONTENT_TYPE)
+    }
 }

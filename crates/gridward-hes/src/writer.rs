@@ -14,7 +14,7 @@ use std::thread;
 
 use gridward_core::MeterId;
 use gridward_core::security::SecurityEvent;
-use gridward_store::{Accepted, Outcome, Store, StoreError, TargetId};
+use gridward_store::{Accepted, AcceptedBody, Outcome, Store, StoreError, TargetId};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::Metrics;
@@ -52,12 +52,24 @@ enum EventJob {
 }
 
 /// Handles to the writer threads.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
     events: mpsc::Sender<EventJob>,
     metrics: Arc<Metrics>,
+    hook: Option<SecurityHook>,
 }
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("hook", &self.hook.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Called with every security event as it is queued (the audit chain and syslog).
+pub type SecurityHook = Arc<dyn Fn(&gridward_store::SecurityEvent) + Send + Sync>;
 
 /// Sizes of the writer's queues and batches.
 #[derive(Debug, Clone, Copy)]
@@ -107,6 +119,7 @@ impl Writer {
                 jobs: jobs_tx,
                 events: events_tx,
                 metrics,
+                hook: None,
             },
             WriterThreads {
                 readings: Some(readings),
@@ -125,8 +138,21 @@ impl Writer {
         rx.await.map_err(|_| WriteError::Stopped)?
     }
 
+    /// Calls `hook` with every security event this writer (and its clones made after) queues.
+    #[must_use]
+    pub fn with_security_hook(mut self, hook: SecurityHook) -> Self {
+        self.hook = Some(hook);
+        self
+    }
+
+    /// The metrics this writer updates.
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Queues a security event without waiting; counts it as dropped if the queue is full.
     pub fn security_event(&self, event: SecurityEvent) {
+        self.metrics.security_event(event.reason);
         let event = gridward_store::SecurityEvent {
             at: event.at,
             meter_id: event.meter_id,
@@ -134,6 +160,9 @@ impl Writer {
             reason: event.reason.code().to_owned(),
             detail: event.detail,
         };
+        if let Some(hook) = &self.hook {
+            hook(&event);
+        }
         if self.events.try_send(EventJob::Security(event)).is_err() {
             self.metrics.event_dropped();
         }
@@ -188,13 +217,24 @@ fn write_loop(
         let batch: Vec<Accepted> = jobs.iter().map(|j| j.accepted.clone()).collect();
         match store.commit_with_outbox(&batch, outbox) {
             Ok(outcomes) => {
-                metrics.batch();
+                metrics.batch(batch.len());
                 let advanced: Vec<(MeterId, u64)> = batch
                     .iter()
                     .zip(&outcomes)
                     .filter(|(_, o)| matches!(o, Outcome::Stored { .. }))
                     .map(|(a, _)| (a.meter_id.clone(), a.counter))
                     .collect();
+                if !outbox.is_empty() {
+                    let readings = batch
+                        .iter()
+                        .zip(&outcomes)
+                        .filter(|(a, o)| {
+                            matches!(o, Outcome::Stored { .. })
+                                && matches!(a.body, AcceptedBody::Reading { .. })
+                        })
+                        .count();
+                    metrics.outbox_queued(readings);
+                }
                 on_commit(&advanced);
                 for (job, outcome) in jobs.drain(..).zip(outcomes) {
                     let _ = job.reply.send(Ok(outcome));
@@ -206,6 +246,11 @@ fn write_loop(
                 }
             }
             Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    batch = jobs.len(),
+                    "store commit failed: nothing of the batch is acknowledged, the meters resend"
+                );
                 let e = WriteError::Store(Arc::new(e));
                 for job in jobs.drain(..) {
                     let _ = job.reply.send(Err(e.clone()));
@@ -232,8 +277,11 @@ fn event_loop(store: &dyn Store, mut rx: mpsc::Receiver<EventJob>, batch_size: u
         }
         // A failed write of security events is retried once with the same batch; the ingest
         // path never waits for it.
-        if !events.is_empty() && store.record_security_events(&events).is_err() {
-            let _ = store.record_security_events(&events);
+        if !events.is_empty()
+            && store.record_security_events(&events).is_err()
+            && let Err(e) = store.record_security_events(&events)
+        {
+            tracing::error!(error = %e, events = events.len(), "security events not stored");
         }
         events.clear();
     }

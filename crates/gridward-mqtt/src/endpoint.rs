@@ -39,6 +39,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::codec::{self, frame_len};
 use crate::config::{ConfigError, EndpointConfig};
@@ -281,17 +282,15 @@ impl<H: PublishHandler> Endpoint<H> {
 
     /// Counters.
     pub fn stats(&self) -> EndpointStats {
-        let c = &self.inner.counters;
-        EndpointStats {
-            accepted: c.accepted.load(Ordering::Relaxed),
-            open: c.open.load(Ordering::Relaxed),
-            sessions: lock(&self.inner.registry).live.len() as u64,
-            handshake_failures: c.handshake_failures.load(Ordering::Relaxed),
-            refused_banned: c.refused_banned.load(Ordering::Relaxed),
-            refused_limit: c.refused_limit.load(Ordering::Relaxed),
-            publishes: c.publishes.load(Ordering::Relaxed),
-            security_events: c.security_events.load(Ordering::Relaxed),
-        }
+        self.inner.stats()
+    }
+
+    /// A reader of [`Endpoint::stats`] that does not keep the endpoint alive, for a metrics
+    /// registry that may outlive it (a strong handle there would keep the handler, and
+    /// whatever it holds, alive after shutdown). `None` once every handle is gone.
+    pub fn stats_reader(&self) -> impl Fn() -> Option<EndpointStats> + Send + Sync + 'static {
+        let weak = Arc::downgrade(&self.inner);
+        move || weak.upgrade().map(|inner| inner.stats())
     }
 
     /// Stops every [`Endpoint::run`] of this endpoint (as if each one's shutdown future resolved).
@@ -328,12 +327,23 @@ impl<H: PublishHandler> Endpoint<H> {
                         if let Some(permit) = self.admit(addr) {
                             let inner = Arc::clone(&self.inner);
                             let token = token.clone();
-                            tracker.spawn(async move {
-                                serve(inner, tcp, addr, permit, token).await;
-                            });
+                            // One span per connection: the peer, then the meter once its
+                            // certificate has proved it.
+                            let span = tracing::info_span!(
+                                "mqtt",
+                                peer = %addr,
+                                meter = tracing::field::Empty
+                            );
+                            tracker.spawn(
+                                async move {
+                                    serve(inner, tcp, addr, permit, token).await;
+                                }
+                                .instrument(span),
+                            );
                         }
                     }
-                    Err(_) => {
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "MQTT accept failed");
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
@@ -351,6 +361,7 @@ impl<H: PublishHandler> Endpoint<H> {
     fn admit(&self, addr: SocketAddr) -> Option<OwnedSemaphorePermit> {
         let inner = &self.inner;
         if let Admission::Banned { .. } = lock(&inner.bans).admit(addr.ip(), Instant::now()) {
+            tracing::debug!(peer = %addr, "connection refused: source banned");
             inner
                 .counters
                 .refused_banned
@@ -364,6 +375,7 @@ impl<H: PublishHandler> Endpoint<H> {
             }
             Err(_) => {
                 inner.counters.refused_limit.fetch_add(1, Ordering::Relaxed);
+                let _span = tracing::info_span!("mqtt", peer = %addr).entered();
                 inner.event(
                     Reason::ConnectionLimit,
                     None,
@@ -384,10 +396,27 @@ impl<H> Inner<H> {
         (self.clock)()
     }
 
+    fn stats(&self) -> EndpointStats {
+        let c = &self.counters;
+        EndpointStats {
+            accepted: c.accepted.load(Ordering::Relaxed),
+            open: c.open.load(Ordering::Relaxed),
+            sessions: lock(&self.registry).live.len() as u64,
+            handshake_failures: c.handshake_failures.load(Ordering::Relaxed),
+            refused_banned: c.refused_banned.load(Ordering::Relaxed),
+            refused_limit: c.refused_limit.load(Ordering::Relaxed),
+            publishes: c.publishes.load(Ordering::Relaxed),
+            security_events: c.security_events.load(Ordering::Relaxed),
+        }
+    }
+
     fn event(&self, reason: Reason, meter: Option<&MeterId>, addr: SocketAddr, detail: String) {
         self.counters
             .security_events
             .fetch_add(1, Ordering::Relaxed);
+        // Inside the connection's span (peer, meter); the detail names certificates, topics
+        // and limits, never a payload.
+        tracing::info!(reason = reason.code(), detail = ?detail, "security event");
         let mut e = SecurityEvent::new(self.now(), reason, detail).source(addr);
         if let Some(m) = meter {
             e = e.meter(m);
@@ -522,7 +551,10 @@ async fn serve<H: PublishHandler>(
         .ok_or(crate::peer::PeerError::NoCertificate)
         .and_then(|der| PeerCert::from_der(der));
     let peer = match peer {
-        Ok(p) => Arc::new(p),
+        Ok(p) => {
+            tracing::Span::current().record("meter", tracing::field::display(&p.meter));
+            Arc::new(p)
+        }
         Err(e) => {
             inner
                 .counters
@@ -811,8 +843,10 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
             },
         );
         if let Some(old) = old {
+            tracing::debug!("takes over the meter's older session");
             let _ = old.control.send(Cancel::TakenOver);
         }
+        tracing::debug!("session started");
         self.connected = true;
         // Reported under the registry lock so that connect / disconnect reports of one meter
         // reach the sink in registry order (the sink does not block).
@@ -839,7 +873,7 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
         })
         .await;
         for fut in unfinished {
-            tokio::spawn(fut);
+            tokio::spawn(fut.in_current_span());
         }
     }
 
@@ -860,6 +894,7 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
             // Removed by a reload (revoked) or an operator.
             None => true,
         };
+        tracing::debug!(abused = self.abused, "session ended");
         if report {
             self.inner.events.connection(meter, false, self.inner.now());
         }

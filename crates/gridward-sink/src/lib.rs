@@ -30,8 +30,8 @@
 //! - [`stats`]: counters (received, stored, duplicates, refused per reason).
 //!
 //! Every refusal is answered with `{"error": "<reason code>"}` and nothing else, and logged
-//! on stderr as one line with the status, the code, the peer address, the client
-//! certificate's identity and the detail. Nothing refused is stored.
+//! as one `tracing` event with the status, the code and the detail, in the connection's span
+//! (the peer address, the client certificate's identity). Nothing refused is stored.
 //!
 //! Starting a sink in-process (tests, demos):
 //!

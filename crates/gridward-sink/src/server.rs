@@ -7,7 +7,8 @@
 //!   to the limit and no further.
 //! - Answers: 201 `{"status":"stored","reading_id":…}`, 200 `{"status":"duplicate",…}`,
 //!   a refusal's status with `{"error":"<code>"}`, 503 `{"error":"store_unavailable"}`.
-//! - One stderr line per refusal and per refused handshake.
+//! - One log event (`tracing`) per refusal and per refused handshake, in a span per connection
+//!   (`peer`, then `client`, the certificate identity).
 //! - [`RunningSink::shutdown`]: stop accepting, let requests in flight finish (HTTP/2
 //!   GOAWAY, HTTP/1.1 close after the answer), then stop the writer after its last commit.
 
@@ -32,6 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::check::{self, Refusal, RequestParts};
 use crate::config::{Clock, Keys, SinkConfig};
@@ -107,12 +109,6 @@ struct Shared {
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
     body_timeout: Duration,
-}
-
-/// Who is on the other end of a connection, for the log.
-struct Peer {
-    addr: SocketAddr,
-    identity: String,
 }
 
 /// Opens the store, binds `config.listen`, and serves until [`RunningSink::shutdown`].
@@ -206,27 +202,23 @@ async fn accept_loop(
                 Ok(c) => c,
                 Err(e) => {
                     // Out of file descriptors and the like: wait a little, then go on.
-                    eprintln!("sink: accept failed: {e}");
+                    tracing::warn!(error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
         };
-        tracker.spawn(connection(
-            Arc::clone(&shared),
-            tcp,
-            addr,
-            permit,
-            cancel.clone(),
-        ));
+        let span = tracing::info_span!("sink", peer = %addr, client = tracing::field::Empty);
+        tracker
+            .spawn(connection(Arc::clone(&shared), tcp, permit, cancel.clone()).instrument(span));
     }
 }
 
-/// One connection: TLS handshake, then HTTP until the client or the shutdown ends it.
+/// One connection: TLS handshake, then HTTP until the client or the shutdown ends it (in the
+/// connection's span, which carries the peer address).
 async fn connection(
     shared: Arc<Shared>,
     tcp: TcpStream,
-    addr: SocketAddr,
     _permit: OwnedSemaphorePermit,
     cancel: CancellationToken,
 ) {
@@ -239,32 +231,29 @@ async fn connection(
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             shared.stats.tls_refused();
-            eprintln!(
-                "sink: TLS handshake refused peer={addr}: {}",
-                one_line(&e.to_string())
-            );
+            tracing::info!(error = %one_line(&e.to_string()), "TLS handshake refused");
             return;
         }
         Err(_) => {
             shared.stats.tls_refused();
-            eprintln!("sink: TLS handshake refused peer={addr}: not complete within the deadline");
+            tracing::info!("TLS handshake refused: not complete within the deadline");
             return;
         }
     };
-    let peer = Arc::new(Peer {
-        addr,
-        identity: identity(tls.get_ref().1.peer_certificates()),
-    });
+    // The connection's span says who is on the other end from here on.
+    let client = identity(tls.get_ref().1.peer_certificates());
+    tracing::Span::current().record("client", tracing::field::debug(&client));
+    tracing::debug!("TLS handshake complete");
     let service = {
         let shared = Arc::clone(&shared);
         service_fn(move |req| {
             let shared = Arc::clone(&shared);
-            let peer = Arc::clone(&peer);
             // Each request runs to its end in a task of its own: a client that goes away
             // mid-request (a crashed forwarder, a timeout) must not cancel a write the store
             // is about to commit, nor its count and log line.
             async move {
-                let task = tokio::spawn(async move { handle(&shared, &peer, req).await });
+                let task =
+                    tokio::spawn(async move { handle(&shared, req).await }.in_current_span());
                 Ok::<_, Infallible>(task.await.unwrap_or_else(|_| {
                     answer(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -312,7 +301,7 @@ impl From<Refusal> for Failure {
     }
 }
 
-async fn handle(shared: &Shared, peer: &Peer, req: http::Request<Body>) -> Response<Full<Bytes>> {
+async fn handle(shared: &Shared, req: http::Request<Body>) -> Response<Full<Bytes>> {
     shared.stats.received();
     match receive(shared, req).await {
         Ok((Outcome::Stored { .. }, reading_id)) => {
@@ -331,13 +320,11 @@ async fn handle(shared: &Shared, peer: &Peer, req: http::Request<Body>) -> Respo
         }
         Err(Failure::Refused(r)) => {
             shared.stats.refused(r.code());
-            eprintln!(
-                "sink: refused {} {} peer={} client={:?}: {}",
-                r.status(),
-                r.code(),
-                peer.addr,
-                peer.identity,
-                one_line(&r.to_string())
+            tracing::info!(
+                status = r.status(),
+                reason = r.code(),
+                detail = %one_line(&r.to_string()),
+                "request refused"
             );
             let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST);
             let mut response = answer(status, &serde_json::json!({"error": r.code()}));
@@ -350,10 +337,7 @@ async fn handle(shared: &Shared, peer: &Peer, req: http::Request<Body>) -> Respo
         }
         Err(Failure::Store(e)) => {
             shared.stats.store_failure();
-            eprintln!(
-                "sink: 503 store_unavailable peer={} client={:?}: {e}",
-                peer.addr, peer.identity
-            );
+            tracing::error!(status = 503, error = %e, "store_unavailable");
             answer(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &serde_json::json!({"error": "store_unavailable"}),

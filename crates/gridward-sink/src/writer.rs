@@ -116,6 +116,6 @@ fn purge_if_due(store: &mut SinkStore, now: OffsetDateTime, last: &mut Option<Of
     *last = Some(now);
     if let Err(e) = store.purge_nonces(now) {
         // Not fatal: expired nonces only take room; the next purge tries again.
-        eprintln!("sink: cannot purge expired nonces: {e}");
+        tracing::warn!(error = %e, "cannot purge expired nonces");
     }
 }

@@ -203,21 +203,22 @@ fn serve(args: &RunArgs) -> Result<()> {
     let path = config.rules.path.clone();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
-        let sink = gridward_sink::start(config).await.context("starting the sink")?;
+        let sink = gridward_sink::start(config)
+            .await
+            .context("starting the sink")?;
         let addr = sink.local_addr();
-        eprintln!(
-            "sink: listening on https://{addr}{path} (server certificate {:?}), signer keys: {}; store {}",
-            args.name,
-            key_ids.join(", "),
-            args.store.display()
+        tracing::info!(
+            url = %format_args!("https://{addr}{path}"),
+            server_certificate = %args.name,
+            signer_keys = %key_ids.join(", "),
+            store = %args.store.display(),
+            "sink listening; Ctrl-C stops"
         );
-        eprintln!("sink: Ctrl-C stops");
         if let Some(file) = &args.ready_file {
             write_ready_file(file, addr)?;
         }
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .context("SIGTERM handler")?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("SIGTERM handler")?;
         let period = Duration::from_secs(args.stats_every.max(1));
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         let mut last = sink.stats();
@@ -234,7 +235,7 @@ fn serve(args: &RunArgs) -> Result<()> {
                 }
             }
         }
-        eprintln!("sink: stopping; answering the requests in flight");
+        tracing::info!("sink stopping; answering the requests in flight");
         let stats = sink.shutdown().await;
         say(&format!("sink: final: {stats}"));
         Ok(())

@@ -242,7 +242,10 @@ pub(crate) fn cursor(value: Option<&str>) -> Result<Option<i64>, Problem> {
 #[utoipa::path(get, path = "/api/v1/meters/{meter_id}/readings", tag = "meters",
     params(("meter_id" = String, Path, description = "The meter id"), ReadingsParams),
     responses(
-        (status = 200, description = "A page of readings (JSON, or CSV with `format=csv` and the next cursor in `Link`)", body = ReadingsPage),
+        (status = 200, description = "A page of readings (JSON, or CSV with `format=csv` and the next cursor in `Link`)", content(
+            (ReadingsPage = "application/json"),
+            (String = "text/csv"),
+        )),
         (status = 400, description = "Bad parameter", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid credential", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Role may not read readings", body = Problem, content_type = "application/problem+json"),

@@ -84,6 +84,7 @@ fn api_router() -> OpenApiRouter<Ctx> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(ops::healthz))
         .routes(routes!(ops::readyz))
+        .routes(routes!(ops::metrics))
         .routes(routes!(session::login, session::whoami, session::logout))
         .routes(routes!(meters::list_meters))
         .routes(routes!(meters::get_meter))

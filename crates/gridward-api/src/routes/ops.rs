@@ -185,3 +185,26 @@ pub async fn outbox(State(_): State<Ctx>, gate: Gate) -> Result<Json2<Vec<Outbox
             .collect(),
     ))
 }
+
+/// The service's metrics in the Prometheus text exposition (operators).
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses(
+        (status = 200, description = "OpenMetrics text", body = String, content_type = "application/openmetrics-text"),
+        (status = 401, description = "No valid credential", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Only operators read the metrics", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "This API runs without metrics", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn metrics(
+    State(_): State<Ctx>,
+    gate: Gate,
+) -> Result<axum::response::Response, Problem> {
+    use axum::response::IntoResponse;
+    gate.require(gridward_access::Action::ReadMetrics)?;
+    let observer = gate
+        .ctx
+        .observer
+        .as_ref()
+        .ok_or_else(|| Problem::not_found("metrics"))?;
+    let (text, content_type) = observer.exposition();
+    Ok(([(http::header::CONTENT_TYPE, content_type)], text).into_response())
+}

@@ -95,6 +95,9 @@ pub async fn login(
         .map_err(|_| Problem::internal())?;
     match result {
         Ok(ok) => {
+            if let Some(o) = &ctx.observer {
+                o.login(true);
+            }
             let actor = Actor::User(
                 ok.principal
                     .actor_string()
@@ -135,6 +138,12 @@ pub async fn login(
             Ok(response)
         }
         Err(failure) => {
+            if let Some(o) = &ctx.observer {
+                o.login(false);
+                if failure.locked_now {
+                    o.lockout();
+                }
+            }
             if failure.kind == FailureKind::Internal {
                 tracing::error!(detail = ?failure.detail, "login failed inside");
             }

@@ -31,6 +31,37 @@ pub const PASSWORD: &str = "correct horse battery staple 42";
 
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
+/// The fixture's metrics: logins and lockouts counted, served as a tiny exposition.
+#[derive(Debug, Default)]
+pub struct Counts {
+    pub logins_ok: AtomicI64,
+    pub logins_failed: AtomicI64,
+    pub lockouts: AtomicI64,
+}
+
+impl gridward_api::Observer for Counts {
+    fn login(&self, success: bool) {
+        if success {
+            &self.logins_ok
+        } else {
+            &self.logins_failed
+        }
+        .fetch_add(1, Ordering::SeqCst);
+    }
+    fn lockout(&self) {
+        self.lockouts.fetch_add(1, Ordering::SeqCst);
+    }
+    fn exposition(&self) -> (String, &'static str) {
+        (
+            format!(
+                "# TYPE logins counter\nlogins_total {}\n# EOF\n",
+                self.logins_ok.load(Ordering::SeqCst)
+            ),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    }
+}
+
 /// A user of the fixture, with what logging in needs.
 #[derive(Debug, Clone)]
 pub struct User {
@@ -39,6 +70,7 @@ pub struct User {
 }
 
 pub struct Fixture {
+    pub observer: Arc<Counts>,
     pub dir: tempfile::TempDir,
     pub api: RunningApi,
     pub store: Arc<SqliteStore>,
@@ -346,6 +378,8 @@ pub async fn start() -> Fixture {
         Arc::new(move || OffsetDateTime::from_unix_timestamp(c.load(Ordering::SeqCst)).unwrap()),
     );
     ctx.pki_dir = Some(pki_dir.clone());
+    let observer = Arc::new(Counts::default());
+    ctx.observer = Some(observer.clone());
     let material = Pki::open(&pki_dir, None)
         .unwrap()
         .tls_material(LeafKind::Server, "api")
@@ -358,6 +392,7 @@ pub async fn start() -> Fixture {
     .unwrap();
     let base = format!("https://127.0.0.1:{}", api.local_addr().port());
     Fixture {
+        observer,
         dir,
         api,
         store,
@@ -368,4 +403,66 @@ pub async fn start() -> Fixture {
         users,
         base,
     }
+}
+
+/// How to run the schemathesis CLI (PyPI `schemathesis`, pinned in `.ci/requirements.txt`).
+#[derive(Debug, Clone)]
+pub struct Schemathesis {
+    program: String,
+    args: Vec<String>,
+    pub version: String,
+}
+
+impl Schemathesis {
+    /// A command that runs it; add `run …`.
+    pub fn command(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(&self.program);
+        cmd.args(&self.args);
+        cmd
+    }
+}
+
+/// Finds schemathesis 4 (`python3 -m schemathesis.cli`, else `st` on the PATH), or panics
+/// with what to install: a missing tool fails the test, it never skips it.
+pub fn schemathesis() -> Schemathesis {
+    let candidates = [
+        (
+            "python3",
+            vec!["-m".to_owned(), "schemathesis.cli".to_owned()],
+        ),
+        ("st", vec![]),
+    ];
+    let mut tried = Vec::new();
+    for (program, args) in candidates {
+        let out = std::process::Command::new(program)
+            .args(&args)
+            .arg("--version")
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {
+                let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                assert!(
+                    version.contains("version 4."),
+                    "{program} {args:?} is {version:?}; the tests need schemathesis 4: \
+                     python3 -m pip install -r .ci/requirements.txt"
+                );
+                return Schemathesis {
+                    program: program.to_owned(),
+                    args,
+                    version,
+                };
+            }
+            Ok(out) => tried.push(format!(
+                "{program} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+            Err(e) => tried.push(format!("{program}: {e}")),
+        }
+    }
+    panic!(
+        "schemathesis is not installed (tried: {}); install the CI's Python packages: \
+         python3 -m pip install -r .ci/requirements.txt",
+        tried.join("; ")
+    );
 }

@@ -38,12 +38,14 @@ use hdrhistogram::Histogram;
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use body::Disposition;
 pub use client::{
     ForwardError, HttpVersion, LoadedTarget, TargetSettings, TargetTls, normalize_https_url,
 };
 
+use crate::metrics::TargetGauges;
 use crate::pipeline::Clock;
 use crate::writer::Writer;
 
@@ -175,18 +177,23 @@ impl Forwarders {
         let mut handles = Vec::with_capacity(targets.len());
         for (id, loaded, notify) in targets {
             let metrics = Arc::new(TargetMetrics::new(loaded.settings.name.clone()));
+            let gauges = ctx.writer.metrics().outbox_target(&loaded.settings.name);
+            let span = tracing::info_span!("forward", target = %loaded.settings.name);
             let target = Arc::new(Target {
                 settings: loaded.settings,
                 client: Mutex::new(Arc::new(loaded.client)),
             });
-            tasks.spawn(run_target(
-                id,
-                Arc::clone(&target),
-                ctx.clone(),
-                Arc::clone(&notify),
-                Arc::clone(&metrics),
-                cancel.clone(),
-            ));
+            tasks.spawn(
+                run_target(
+                    id,
+                    Arc::clone(&target),
+                    ctx.clone(),
+                    Arc::clone(&notify),
+                    (Arc::clone(&metrics), gauges),
+                    cancel.clone(),
+                )
+                .instrument(span),
+            );
             handles.push(TargetHandle { metrics, target });
         }
         Self {
@@ -245,10 +252,11 @@ async fn run_target(
     target: Arc<Target>,
     ctx: ForwardContext,
     notify: Arc<Notify>,
-    metrics: Arc<TargetMetrics>,
+    (metrics, gauges): (Arc<TargetMetrics>, TargetGauges),
     cancel: CancellationToken,
 ) {
     let s = &target.settings;
+    tracing::debug!(url = %s.url, "forwarder started");
     let mut backoff = Backoff::new(s.retry_initial, s.retry_max);
     loop {
         if cancel.is_cancelled() {
@@ -260,7 +268,7 @@ async fn run_target(
         {
             Ok(Ok(items)) => items,
             Ok(Err(e)) => {
-                eprintln!("forward {}: cannot read the outbox: {e}", s.name);
+                tracing::error!(error = %e, "cannot read the outbox");
                 let delay = backoff.next_delay(&mut rand::thread_rng());
                 if !pause(&cancel, delay).await {
                     return;
@@ -269,6 +277,7 @@ async fn run_target(
             }
             Err(_) => return,
         };
+        observe_outbox(&gauges, &items, limit, (ctx.clock)());
         if items.is_empty() {
             tokio::select! {
                 () = cancel.cancelled() => return,
@@ -281,7 +290,7 @@ async fn run_target(
             () = cancel.cancelled() => return,
             o = deliver_batch(&target, &ctx, items) => o,
         };
-        record(&ctx, &metrics, s, &outcome);
+        record(&ctx, &metrics, &gauges, s, &outcome);
         let store = Arc::clone(&ctx.store);
         let settled_at = (ctx.clock)();
         let settlement = outcome.settlement;
@@ -289,9 +298,9 @@ async fn run_target(
             .await
         {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!(
-                "forward {}: cannot record deliveries (they will be sent again): {e}",
-                s.name
+            Ok(Err(e)) => tracing::error!(
+                error = %e,
+                "cannot record deliveries (they will be sent again)"
             ),
             Err(_) => return,
         }
@@ -304,6 +313,33 @@ async fn run_target(
             backoff.reset();
         }
     }
+}
+
+/// Sets the target's gauges from a read of its pending rows (`limit` at most, oldest first): the
+/// lag is the age of the oldest; the count is exact when the read returned fewer than `limit`
+/// rows, and otherwise at least what was read.
+fn observe_outbox(
+    gauges: &TargetGauges,
+    items: &[OutboxItem],
+    limit: usize,
+    now: time::OffsetDateTime,
+) {
+    let Some(oldest) = items.first() else {
+        gauges.set_pending(0);
+        gauges.set_lag(Duration::ZERO);
+        return;
+    };
+    gauges.set_lag(
+        (now - oldest.queued_at)
+            .try_into()
+            .unwrap_or(Duration::ZERO),
+    );
+    let read = items.len() as u64;
+    gauges.set_pending(if items.len() < limit {
+        read
+    } else {
+        read.max(gauges.pending())
+    });
 }
 
 /// Sleeps for `d` unless cancelled first; false if cancelled.
@@ -392,7 +428,20 @@ async fn deliver_batch(
 }
 
 /// Updates metrics and reports dead letters and failures.
-fn record(ctx: &ForwardContext, m: &TargetMetrics, s: &TargetSettings, o: &BatchOutcome) {
+fn record(
+    ctx: &ForwardContext,
+    m: &TargetMetrics,
+    gauges: &TargetGauges,
+    s: &TargetSettings,
+    o: &BatchOutcome,
+) {
+    let (delivered, failed, dead) = (
+        o.delivered.len() as u64,
+        o.settlement.failed.len() as u64,
+        o.dead.len() as u64,
+    );
+    gauges.settled(delivered, failed, dead);
+    gauges.set_pending(gauges.pending().saturating_sub(delivered + dead));
     m.delivered
         .fetch_add(o.delivered.len() as u64, Ordering::Relaxed);
     m.failed_attempts
@@ -404,14 +453,19 @@ fn record(ctx: &ForwardContext, m: &TargetMetrics, s: &TargetSettings, o: &Batch
             h.saturating_record(u64::try_from(lag.as_millis()).unwrap_or(u64::MAX).max(1));
         }
     }
+    if delivered > 0 {
+        tracing::debug!(delivered, "readings delivered");
+    }
     if let Some((_, e)) = o.settlement.failed.first() {
-        eprintln!(
-            "forward {}: {} deliveries failed, will retry: {e}",
-            s.name,
-            o.settlement.failed.len()
-        );
+        tracing::warn!(failed, error = %e, "deliveries failed, will retry");
     }
     for (item, reason) in &o.dead {
+        tracing::warn!(
+            meter = %item.meter_id,
+            counter = item.counter,
+            reason = ?reason,
+            "reading refused for good by the target: dead letter"
+        );
         let event = SecurityEvent::new(
             (ctx.clock)(),
             Reason::DownstreamRejected,
