@@ -101,7 +101,7 @@ fn init_logging(format: LogFormat, level: Option<&str>, default: &str) {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run everything on this machine: a PKI, the head-end, a downstream sink, 1,000 simulated
-    /// meters, a report.
+    /// meters, a tour of the HTTPS API (an operator, a consumer, an auditor), a report.
     Demo(demo_cmd::DemoArgs),
     /// Run the certificate authority: CA set-up, issuance, CSR signing, revocation, CRLs, PKCS#12.
     Pki(pki_cmd::PkiArgs),
