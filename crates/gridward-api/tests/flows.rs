@@ -245,6 +245,8 @@ async fn login_sets_a_strict_cookie_and_the_session_shows_who_is_in() {
         assert!(cookie.contains(attr), "{cookie}");
     }
     assert_eq!(r.headers["cache-control"], "no-store");
+    assert_eq!(r.headers["strict-transport-security"], "max-age=31536000");
+    assert_eq!(r.headers["x-content-type-options"], "nosniff");
     let token = r.json()["token"].as_str().unwrap().to_owned();
     assert!(token.starts_with("gws_"));
     let bearer = format!("Bearer {token}");

@@ -13,6 +13,7 @@
 //!      ├─ scenarios::replay         │  and are judged by what the attacker saw and by
 //!      ├─ scenarios::tampering      │  the head-end's security events (Ctx::refusal)
 //!      ├─ scenarios::revocation     │
+//!      ├─ scenarios::access         │  (the HTTPS API: people and programs)
 //!      ├─ scenarios::dos            │
 //!      └─ scenarios::malformed      ┘
 //!      ▼
@@ -41,7 +42,7 @@ use std::time::{Duration, Instant};
 pub use check::{Check, FleetSummary, Report};
 pub use ctx::Ctx;
 pub use fleet::GenuineFleet;
-pub use target::{InProcess, SinkTarget, Target};
+pub use target::{ApiTarget, InProcess, SinkTarget, Target};
 
 /// Why the harness could not run (as opposed to an attack that succeeded, which is a failed
 /// [`Check`]).

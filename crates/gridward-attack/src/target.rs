@@ -30,6 +30,8 @@ pub struct Target {
     pub store: PathBuf,
     /// The downstream sink it forwards to, if the replay of downstream requests is to be tried.
     pub sink: Option<SinkTarget>,
+    /// The HTTPS API for people it runs, if any (the `access` scenario attacks it).
+    pub api: Option<ApiTarget>,
     /// The head-end's process id, for its memory; `None`: it runs in this process.
     pub pid: Option<u32>,
     reload: Option<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
@@ -43,6 +45,7 @@ impl std::fmt::Debug for Target {
             .field("pki_dir", &self.pki_dir)
             .field("store", &self.store)
             .field("sink", &self.sink)
+            .field("api", &self.api)
             .field("pid", &self.pid)
             .finish_non_exhaustive()
     }
@@ -67,6 +70,16 @@ impl std::fmt::Debug for SinkTarget {
             .field("client", &self.client)
             .finish_non_exhaustive()
     }
+}
+
+/// The HTTPS API of the head-end (`[api]`), and its users database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiTarget {
+    /// Its HTTPS address.
+    pub addr: SocketAddr,
+    /// The users database (`[api] users`): the harness creates its users there, as
+    /// `gridward user add` would.
+    pub users: PathBuf,
 }
 
 impl Target {
@@ -100,6 +113,7 @@ impl Target {
             pki_dir: pki_dir.into(),
             store: store.into(),
             sink: None,
+            api: None,
             pid,
             reload,
         }
@@ -108,6 +122,15 @@ impl Target {
     /// With the downstream sink it forwards to.
     pub fn with_sink(mut self, sink: SinkTarget) -> Self {
         self.sink = Some(sink);
+        self
+    }
+
+    /// With the HTTPS API it runs (an unspecified listen address is reached on 127.0.0.1).
+    pub fn with_api(mut self, mut api: ApiTarget) -> Self {
+        if api.addr.ip().is_unspecified() {
+            api.addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        self.api = Some(api);
         self
     }
 
@@ -159,7 +182,9 @@ impl std::fmt::Debug for InProcess {
 
 impl InProcess {
     /// Creates `work/pki` (CA, server certificates `localhost` and `sink`, client `hes`,
-    /// `fleet` meters), starts a sink and a head-end forwarding to it, both on 127.0.0.1:0.
+    /// `fleet` meters), starts a sink and a head-end forwarding to it, both on 127.0.0.1:0;
+    /// the head-end runs its HTTPS API too (127.0.0.1:0, users in `work/users.db`, none yet:
+    /// the `access` scenario adds its own).
     ///
     /// The head-end runs with its default limits, bans included; only 127.0.0.1 is exempt from
     /// bans, because the genuine fleet connects from there: every attack comes from another
@@ -195,6 +220,8 @@ impl InProcess {
             "hes",
             2,
         )];
+        raw.api.listen = Some("127.0.0.1:0".to_owned());
+        raw.api.users = Some(work.join("users.db"));
         let config = Config::from_raw(raw, Path::new("(attack harness)"), work)
             .map_err(|e| AttackError::Setup(e.to_string()))?;
         let running = Arc::new(
@@ -205,6 +232,17 @@ impl InProcess {
         let r = Arc::clone(&running);
         let reload: Arc<dyn Fn() -> Result<(), String> + Send + Sync> =
             Arc::new(move || r.reload().map(|_| ()).map_err(|e| e.to_string()));
+        let api = match (running.api_addr, &config.api) {
+            (Some(addr), Some(settings)) => ApiTarget {
+                addr,
+                users: settings.users_path.clone(),
+            },
+            _ => {
+                return Err(AttackError::Setup(
+                    "the head-end did not start its API".into(),
+                ));
+            }
+        };
         let stats = sink.stats_handle();
         let target = Target {
             mqtt: running.local_addr,
@@ -216,6 +254,7 @@ impl InProcess {
                 client: "hes".to_owned(),
                 stats: Some(Arc::new(move || stats.snapshot())),
             }),
+            api: Some(api),
             pid: None,
             reload: Some(reload),
         };

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use gridward_attack::{InProcess, Options, Report, SinkTarget, Target, scenarios};
+use gridward_attack::{ApiTarget, InProcess, Options, Report, SinkTarget, Target, scenarios};
 
 use crate::serve_cmd::BadConfig;
 
@@ -19,9 +19,10 @@ attack identities are issued in that head-end's PKI, its store is read for secur
 --pid lets the harness reload it (SIGHUP) for the revocation cases and read its memory. The \
 target's PKI needs genuine meters g000001.. (`gridward pki issue meter --dir PKI --count 20 \
 --prefix g`), and 127.0.0.1 in [mqtt] ban_exempt (the genuine fleet connects from there; \
-attacks come from 127.1.x.y).
+attacks come from 127.1.x.y). The access scenario attacks the head-end's HTTPS API ([api] listen) \
+and adds its users to the API's users database ([api] users), as `gridward user add` would.
 
-Scenarios: eavesdropping, mitm, spoofing, replay, tampering, revocation, malformed, dos.
+Scenarios: eavesdropping, mitm, spoofing, replay, tampering, revocation, access, malformed, dos.
 
 Examples:
   gridward attack                           # everything, against a head-end of its own
@@ -131,6 +132,12 @@ async fn attack(args: &AttackArgs, work: &Path) -> Result<Report> {
                 c.store_path.clone(),
                 args.pid,
             );
+            if let Some(api) = &c.api {
+                target = target.with_api(ApiTarget {
+                    addr: api.listen,
+                    users: api.users_path.clone(),
+                });
+            }
             if let Some(addr) = args.sink {
                 target = target.with_sink(SinkTarget {
                     addr,
@@ -153,8 +160,12 @@ async fn attack(args: &AttackArgs, work: &Path) -> Result<Report> {
             );
             let own = InProcess::start(work, opts.fleet).await?;
             eprintln!(
-                "gridward attack: head-end on {}, sink on {}",
+                "gridward attack: head-end on {} (API on {}), sink on {}",
                 own.target.mqtt,
+                own.target
+                    .api
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |a| a.addr.to_string()),
                 own.target
                     .sink
                     .as_ref()

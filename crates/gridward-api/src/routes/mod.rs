@@ -124,8 +124,29 @@ pub fn router_and_doc(ctx: Ctx) -> (Router, utoipa::openapi::OpenApi) {
             .into_response()
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(security_headers))
         .with_state(ctx);
     (router, doc)
+}
+
+/// Headers on every answer: HTTPS only from now on (HSTS), no content sniffing, no framing,
+/// and nothing cached unless a handler says otherwise (answers carry personal data).
+async fn security_headers(mut response: axum::response::Response) -> axum::response::Response {
+    use http::HeaderValue;
+    use http::header;
+    let h = response.headers_mut();
+    h.insert(
+        header::STRICT_TRANSPORT_SECURITY,
+        HeaderValue::from_static("max-age=31536000"),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
+    response
 }
 
 /// The OpenAPI document as served and as committed in `docs/openapi.json`.

@@ -1031,7 +1031,7 @@ fn server_name(ctx: &Ctx) -> Result<ServerName<'static>, AttackError> {
 
 /// A client configuration of the Gridward TLS profile that trusts the target's CA but presents
 /// no certificate: an outsider.
-fn anonymous_config(ctx: &Ctx) -> Result<Arc<ClientConfig>, AttackError> {
+pub(crate) fn anonymous_config(ctx: &Ctx) -> Result<Arc<ClientConfig>, AttackError> {
     let root = ctx.target.pki_dir.join("ca/root.crt.pem");
     let mut roots = RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(&root)

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use crate::check::Check;
 use crate::ctx::Ctx;
 
+pub mod access;
 pub mod dos;
 pub mod eavesdropping;
 pub mod malformed;
@@ -67,6 +68,12 @@ pub const ALL: &[Scenario] = &[
         name: revocation::NAME,
         threat: "revoked, expired and not yet valid certificates; an expired CRL",
         run: |c| Box::pin(revocation::run(c)),
+    },
+    Scenario {
+        name: access::NAME,
+        threat: "unauthorised access: guessed passwords, replayed codes, stolen or forged \
+                 sessions, cross-site requests, roles overstepped, revoked API certificates",
+        run: |c| Box::pin(access::run(c)),
     },
     Scenario {
         name: malformed::NAME,

@@ -392,7 +392,7 @@ pub(crate) fn from_source(ctx: &Ctx, mut check: Check, after: i64, source: IpAdd
 }
 
 /// The IP address of an event's `source` (`ip:port`, or a bare address).
-fn event_ip(source: Option<&str>) -> Option<IpAddr> {
+pub(crate) fn event_ip(source: Option<&str>) -> Option<IpAddr> {
     let s = source?;
     s.parse::<SocketAddr>()
         .map(|a| a.ip())

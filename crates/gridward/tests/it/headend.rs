@@ -253,7 +253,8 @@ impl Headend {
         let db_line = format!("path = {:?}", db.to_str().expect("utf-8 path"));
         let mut all = vec![
             ("listen = \"127.0.0.1:8883\"", "listen = \"127.0.0.1:0\""),
-            ("listen = \"127.0.0.1:9443\"", "listen = \"127.0.0.1:0\""),
+            // Literal quotes: `restart` pins the first `listen = "127.0.0.1:0"` (MQTT) to its port.
+            ("listen = \"127.0.0.1:9443\"", "listen = '127.0.0.1:0'"),
             ("dir = \"pki\"", pki_line.as_str()),
             ("path = \"gridward.db\"", db_line.as_str()),
         ];
@@ -315,6 +316,20 @@ impl Headend {
             assert_eq!(port, self.port, "restarted on another port");
         }
         self.port = port;
+    }
+
+    /// The HTTPS API's port of the current run (from its start-up line).
+    pub fn api_port(&self) -> u16 {
+        let needle = "HTTPS API";
+        let log = self.log();
+        let line = log
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no API start-up line in the log:\n{log}"));
+        let rest =
+            &line[line.find("listen=127.0.0.1:").expect("listen=") + "listen=127.0.0.1:".len()..];
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().expect("the API port")
     }
 
     /// The log (stdout and stderr) of the current run.

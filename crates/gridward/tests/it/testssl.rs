@@ -1,6 +1,7 @@
 //! An independent TLS audit: testssl.sh (Debian package `testssl.sh`) against the head-end's
-//! MQTT port and the sink's HTTPS port. No finding may be rated HIGH or CRITICAL, only TLS 1.2
-//! and 1.3 with ECDHE + AES-GCM may be offered, and both must demand a client certificate.
+//! MQTT port, the sink's HTTPS port and the head-end's HTTPS API. No finding may be rated HIGH
+//! or CRITICAL, only TLS 1.2 and 1.3 with ECDHE + AES-GCM may be offered, and the MQTT and sink
+//! ports must demand a client certificate (the API accepts one, and sessions).
 //!
 //! The PKI is made with `--crl-url`, so the certificates name where their CRL is published
 //! (testssl rates a certificate without CRL distribution point or OCSP URI as HIGH), and
@@ -106,7 +107,13 @@ fn audit_conclusively(
     }
 }
 
-fn check(name: &str, findings: &[(String, String, String)], service: &str) -> Vec<String> {
+fn check(
+    name: &str,
+    findings: &[(String, String, String)],
+    service: &str,
+    client_certificate_required: bool,
+    tls12_by_openssl: Option<&str>,
+) -> Vec<String> {
     let mut problems = Vec::new();
     for (id, severity, finding) in findings {
         if severity == "HIGH" || severity == "CRITICAL" {
@@ -127,6 +134,16 @@ fn check(name: &str, findings: &[(String, String, String)], service: &str) -> Ve
     }
     for id in ["TLS1_2", "TLS1_3"] {
         if !finding(id).starts_with("offered") {
+            // On an HTTP service testssl probes TLS 1.2 with its own ClientHello, which carries
+            // no extended_master_secret extension; the profile requires it (RFC 7627, BSI
+            // TR-02102-2), so the probe is refused and reads "not offered". Then OpenSSL, whose
+            // ClientHello has it, must complete a TLS 1.2 handshake with an allowed suite.
+            if id == "TLS1_2"
+                && let Some(target) = tls12_by_openssl
+            {
+                problems.extend(tls12_with_openssl(name, target));
+                continue;
+            }
             problems.push(format!("{name}: {id} is {:?}", finding(id)));
         }
     }
@@ -143,12 +160,42 @@ fn check(name: &str, findings: &[(String, String, String)], service: &str) -> Ve
             problems.push(format!("{name}: suite {hex} is offered"));
         }
     }
-    if !service.contains("certificate-based authentication") {
+    if client_certificate_required && !service.contains("certificate-based authentication") {
         problems.push(format!(
             "{name}: testssl did not find a client certificate required (service {service:?})"
         ));
     }
     problems
+}
+
+/// A TLS 1.2 handshake with `openssl s_client` (which sends extended_master_secret).
+fn tls12_with_openssl(name: &str, target: &str) -> Vec<String> {
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!("echo | openssl s_client -connect {target} -tls1_2 2>&1"),
+        ])
+        .output()
+        .expect("run openssl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ok = text
+        .lines()
+        .any(|l| l.contains("Protocol") && l.contains("TLSv1.2"))
+        && [
+            "ECDHE-ECDSA-AES256-GCM-SHA384",
+            "ECDHE-ECDSA-AES128-GCM-SHA256",
+            "ECDHE-RSA-AES256-GCM-SHA384",
+            "ECDHE-RSA-AES128-GCM-SHA256",
+        ]
+        .iter()
+        .any(|s| text.contains(s));
+    if ok {
+        Vec::new()
+    } else {
+        vec![format!(
+            "{name}: openssl s_client -tls1_2 found no TLS 1.2 with ECDHE + AES-GCM:\n{text}"
+        )]
+    }
 }
 
 fn ready_port(file: &Path) -> Option<u16> {
@@ -250,12 +297,33 @@ fn testssl_finds_nothing_high_or_critical_on_the_mqtt_and_https_ports() {
     let ca: PathBuf = pki.join("ca/root.crt.pem");
     let mqtt = format!("127.0.0.1:{}", h.port);
     let https = format!("https://127.0.0.1:{sink_port}");
+    // The API: the same profile, a client certificate optional (people log in with a session).
+    let api_addr = format!("127.0.0.1:{}", h.api_port());
+    let api = format!("https://{api_addr}/healthz");
     let mqtt_result = audit_conclusively(bin, &mqtt, &ca, &work.join("mqtt.json"));
     let https_result = audit_conclusively(bin, &https, &ca, &work.join("https.json"));
-    let mut problems = check("MQTT port", &mqtt_result.0, &mqtt_result.1);
-    problems.extend(check("HTTPS port", &https_result.0, &https_result.1));
+    let api_result = audit_conclusively(bin, &api, &ca, &work.join("api.json"));
+    let mut problems = check("MQTT port", &mqtt_result.0, &mqtt_result.1, true, None);
+    problems.extend(check(
+        "HTTPS port",
+        &https_result.0,
+        &https_result.1,
+        true,
+        None,
+    ));
+    problems.extend(check(
+        "API port",
+        &api_result.0,
+        &api_result.1,
+        false,
+        Some(&api_addr),
+    ));
     // The summary for the record (visible with --nocapture).
-    for (name, (findings, service)) in [("MQTT", &mqtt_result), ("HTTPS", &https_result)] {
+    for (name, (findings, service)) in [
+        ("MQTT", &mqtt_result),
+        ("HTTPS", &https_result),
+        ("API", &api_result),
+    ] {
         let count = |sev: &str| findings.iter().filter(|(_, s, _)| s == sev).count();
         eprintln!(
             "testssl {name}: {} findings: CRITICAL {}, HIGH {}, MEDIUM {}, LOW {}, WARN {}; service: {service}",
