@@ -77,6 +77,9 @@ enum BenchCommand {
     /// Forward: readings/s delivered as signed JSON over mutual TLS to a `gridward sink`, and
     /// what signing costs of it.
     Forward(crate::bench_forward::ForwardArgs),
+    /// API: requests/s of an authenticated readings page against `GET /healthz`, and what a
+    /// login costs with production Argon2id against the cheapest parameters.
+    Api(crate::bench_api::ApiArgs),
     /// (internal) Create or extend the bench PKI.
     #[command(hide = true)]
     Setup(SetupArgs),
@@ -305,6 +308,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchCommand::Idle(a) => rt.block_on(idle(a, nofile)),
         BenchCommand::Storm(a) => rt.block_on(storm(a, nofile)),
         BenchCommand::Forward(a) => rt.block_on(crate::bench_forward::run(a)),
+        BenchCommand::Api(a) => rt.block_on(crate::bench_api::run(a)),
         BenchCommand::Setup(a) => setup(&a),
         BenchCommand::Load(a) => rt.block_on(load(a)),
     }

@@ -17,7 +17,8 @@ use hyper_util::rt::TokioExecutor;
 use rand::Rng;
 use time::OffsetDateTime;
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+/// An HTTPS client of the API (HTTP/1.1 over the Gridward TLS profile, no client certificate).
+pub(crate) type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// A password strong enough for the policy: 20 random letters and digits.
 fn password() -> String {
@@ -28,7 +29,8 @@ fn password() -> String {
         .collect()
 }
 
-fn totp_now(secret_base32: &str) -> Result<String> {
+/// The TOTP code of `secret_base32` now (what an authenticator app shows).
+pub(crate) fn totp_now(secret_base32: &str) -> Result<String> {
     let secret = totp_rs::Secret::try_from_base32(secret_base32)
         .map_err(|e| anyhow::anyhow!("TOTP secret: {e:?}"))?;
     let totp = totp_rs::Builder::new()
@@ -39,8 +41,10 @@ fn totp_now(secret_base32: &str) -> Result<String> {
     Ok(totp.generate(now).to_string())
 }
 
-fn client(pki_dir: &Path) -> Result<HttpsClient> {
-    let material = Pki::open(pki_dir, None)?.tls_material(LeafKind::Server, "localhost")?;
+/// A client that trusts `pki_dir`'s CA and checks the API's certificate `server`; HTTP/1.1
+/// with keep-alive, no client certificate (people log in with a session).
+pub(crate) fn api_client(pki_dir: &Path, server: &str) -> Result<HttpsClient> {
+    let material = Pki::open(pki_dir, None)?.tls_material(LeafKind::Server, server)?;
     let mut roots = rustls::RootCertStore::empty();
     for root in material.roots {
         roots.add(root)?;
@@ -51,12 +55,15 @@ fn client(pki_dir: &Path) -> Result<HttpsClient> {
         .with_no_client_auth();
     let mut http = HttpConnector::new();
     http.enforce_http(false);
+    http.set_nodelay(true);
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(config)
         .https_only()
         .enable_http1()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new()).build(connector))
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(300))
+        .build(connector))
 }
 
 async fn call(
@@ -97,7 +104,7 @@ pub async fn show(
     let base = format!("https://{api}");
     let ca = pki_dir.join("ca/chain.pem");
     let now = OffsetDateTime::now_utc();
-    let client = client(pki_dir)?;
+    let client = api_client(pki_dir, "localhost")?;
     println!("4. the HTTPS API on {base}/api/v1 (TLS with the head-end's certificate)");
 
     let mut users = Vec::new();

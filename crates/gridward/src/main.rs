@@ -19,6 +19,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod attack_cmd;
 mod audit_cmd;
+mod bench_api;
 mod bench_cmd;
 mod bench_forward;
 mod demo_api;

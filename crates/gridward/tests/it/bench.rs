@@ -106,3 +106,55 @@ fn bench_refuses_a_foreign_work_directory_and_a_bad_rate() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `gridward bench api` with tiny numbers: the code path runs (store, both APIs, the
+/// operator's TOTP login, readings pages and health checks over TLS, logins with production
+/// and insecure Argon2id, verification alone) and reports; nothing is asserted about time.
+#[test]
+fn bench_api_tiny() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let json_path = tmp.path().join("bench-api.json");
+    let out = gridward_ok(&[
+        "bench",
+        "api",
+        "--readings",
+        "120",
+        "--meters",
+        "3",
+        "--requests",
+        "6",
+        "--connections",
+        "2",
+        "--rounds",
+        "1",
+        "--logins",
+        "1",
+        "--dir",
+        tmp.path().join("work").to_str().expect("utf-8 path"),
+        "--json",
+        json_path.to_str().expect("utf-8 path"),
+    ]);
+    assert!(out.contains("readings / healthz"), "{out}");
+    assert!(out.contains("login production / baseline"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).expect("the JSON results"))
+            .expect("valid JSON");
+    assert_eq!(v["readings"]["requests"], 6, "{v:#}");
+    assert_eq!(v["healthz"]["requests"], 6, "{v:#}");
+    // Three meters of 40 readings: a page of 100 holds all 40 of one meter.
+    assert!(
+        v["readings"]["bytes_per_response"].as_u64().expect("bytes") > 40 * 50,
+        "{v:#}"
+    );
+    assert_eq!(v["argon2id_owasp"]["m_kib"], 19_456, "{v:#}");
+    for key in ["owasp", "insecure_baseline"] {
+        assert!(
+            v["login_ms"][key].as_f64().expect("login ms") > 0.0,
+            "{v:#}"
+        );
+        assert!(
+            v["argon2id_verify_ms"][key].as_f64().expect("verify ms") > 0.0,
+            "{v:#}"
+        );
+    }
+}

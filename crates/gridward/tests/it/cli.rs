@@ -312,18 +312,26 @@ fn demo_runs_and_reports_consistent_numbers() {
     // The tour of the API (issue 9) leaves its refusals too: a consumer asking for another
     // meter (404) and callers beyond their role (403). They are not ingest refusals, so the
     // report's table does not count them.
-    let (api_events, events): (Vec<_>, Vec<_>) =
-        events.into_iter().partition(|e| e.reason.starts_with("access_"));
+    let (api_events, events): (Vec<_>, Vec<_>) = events
+        .into_iter()
+        .partition(|e| e.reason.starts_with("access_"));
     let api_reasons: Vec<&str> = api_events.iter().map(|e| e.reason.as_str()).collect();
-    assert!(api_reasons.contains(&"access_probe"), "{api_reasons:?}\n{ctx}");
-    assert!(api_reasons.contains(&"access_denied"), "{api_reasons:?}\n{ctx}");
+    assert!(
+        api_reasons.contains(&"access_probe"),
+        "{api_reasons:?}\n{ctx}"
+    );
+    assert!(
+        api_reasons.contains(&"access_denied"),
+        "{api_reasons:?}\n{ctx}"
+    );
     for (line, status) in [
         ("/api/v1/meters/m000001/readings?limit=3", "# 200"),
         ("/api/v1/meters/m000002/readings", "# 404"),
         ("/api/v1/audit?action=login.&limit=5", "# 200"),
     ] {
         assert!(
-            out.lines().any(|l| l.contains(line) && l.contains(status) && l.contains("curl")),
+            out.lines()
+                .any(|l| l.contains(line) && l.contains(status) && l.contains("curl")),
             "the demo's API tour shows {line} {status}: {out}"
         );
     }
