@@ -125,8 +125,41 @@ pub fn router_and_doc(ctx: Ctx) -> (Router, utoipa::openapi::OpenApi) {
         })
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::middleware::from_fn(request_span))
         .with_state(ctx);
     (router, doc)
+}
+
+/// One span per request (method, route, peer) and one event with its status and duration; the
+/// path is the route template (`/api/v1/meters/{meter_id}`), never the query, which may hold a
+/// meter id, and never a header (credentials).
+async fn request_span(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument;
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "(no route)".to_owned(), |p| p.as_str().to_owned());
+    let peer = request
+        .extensions()
+        .get::<crate::auth::ConnInfo>()
+        .map(|c| c.peer.to_string())
+        .unwrap_or_default();
+    let span = tracing::info_span!("api_request", method = %request.method(), route = %route, peer = %peer);
+    async move {
+        let started = std::time::Instant::now();
+        let response = next.run(request).await;
+        tracing::debug!(
+            status = response.status().as_u16(),
+            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            "answered"
+        );
+        response
+    }
+    .instrument(span)
+    .await
 }
 
 /// Headers on every answer: HTTPS only from now on (HSTS), no content sniffing, no framing,
