@@ -47,7 +47,12 @@ fn audit(
     ca: &Path,
     json: &Path,
 ) -> (Vec<(String, String, String)>, String) {
+    // The whole suite runs beside this audit on two cores: give testssl's service detection
+    // (5 s by default) and socket replies (10 s) room, so a slow answer is not read as "no
+    // service" or "not offered".
     let out = Command::new(bin)
+        .env("HEADER_MAXSLEEP", "20")
+        .env("MAX_WAITSOCK", "30")
         .args(["--quiet", "--color", "0", "--warnings", "off", "--add-ca"])
         .arg(ca)
         .arg("--jsonfile-pretty")
@@ -82,7 +87,7 @@ fn audit(
     )
 }
 
-/// Runs [`audit`] until testssl could tell what runs on the port (up to 3 times). On a loaded
+/// Runs [`audit`] until testssl could tell what runs on the port (up to 4 times). On a loaded
 /// machine its first probe of a port sometimes times out; it then reports "Couldn't determine
 /// service" and, from the same timed-out probes, TLS 1.2 as "not offered" — a scanner that saw
 /// nothing, not a finding. A HIGH or CRITICAL finding is never retried away.
@@ -99,7 +104,7 @@ fn audit_conclusively(
         let severe = findings
             .iter()
             .any(|(_, s, _)| s == "HIGH" || s == "CRITICAL");
-        if severe || !service.starts_with("Couldn't determine") || attempt == 3 {
+        if severe || !service.starts_with("Couldn't determine") || attempt == 4 {
             return (findings, service);
         }
         eprintln!("testssl could not determine the service on {target} (attempt {attempt}); again");
