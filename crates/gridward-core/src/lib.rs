@@ -30,9 +30,11 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod command;
 pub mod document;
 pub mod downstream;
 pub mod envelope;
+pub mod firmware;
 pub mod httpsig;
 pub mod meter_id;
 pub mod replay;
