@@ -15,6 +15,15 @@
 //! | `ReadAudit`         | 401  | 403             | 403      | ✔       | 403   |
 //! | `ReadSelf`          | 401  | ✔               | ✔        | ✔       | ✔     |
 //! | `Logout`            | 401  | ✔               | ✔        | ✔       | ✔     |
+//! | `SendCommand`       | 401  | 403             | ✔        | 403     | 403   |
+//! | `ReadCommands`      | 401  | 403             | ✔        | ✔       | 403   |
+//! | `ApproveCommands`   | 401  | 403             | ✔        | 403     | 403   |
+//! | `ManageFirmware`    | 401  | 403             | ✔        | 403     | 403   |
+//! | `ReadFirmware`      | 401  | 403             | ✔        | ✔       | 403   |
+//!
+//! Operators are always TOTP-verified: [`Role::requires_totp`] holds for every role but consumer,
+//! so an operator session exists only after a second factor; an operator certificate is the other
+//! credential that may command.
 //!
 //! A consumer asking for a meter that is not theirs gets `404`, as if it did not exist
 //! ([`Decision::is_probe`]: the caller records a security event).
@@ -54,6 +63,17 @@ pub enum Action {
     ReadSelf,
     /// End one's own session.
     Logout,
+    /// Send a command to meters, or propose a critical bulk command (dual authorisation).
+    SendCommand,
+    /// Read commands, their lifecycle, and proposals.
+    ReadCommands,
+    /// Approve or reject another operator's proposal (four eyes; the rule that the proposer
+    /// never approves is checked by `gridward-command`, where the proposal is known).
+    ApproveCommands,
+    /// Upload firmware, create, pause, resume and cancel campaigns.
+    ManageFirmware,
+    /// Read firmware images and campaigns.
+    ReadFirmware,
 }
 
 /// Why a request is refused.
@@ -133,12 +153,23 @@ pub fn authorize(principal: Option<&Principal>, action: Action) -> Decision {
             | A::ReadMeterEvents(_)
             | A::ReadSecurityEvents
             | A::ReadOutbox
-            | A::ReadMetrics,
+            | A::ReadMetrics
+            | A::SendCommand
+            | A::ReadCommands
+            | A::ApproveCommands
+            | A::ManageFirmware
+            | A::ReadFirmware,
         ) => Decision::Allow,
 
-        (Role::Auditor, A::ReadAudit | A::ReadSecurityEvents | A::ListMeters | A::ReadMeter(_)) => {
-            Decision::Allow
-        }
+        (
+            Role::Auditor,
+            A::ReadAudit
+            | A::ReadSecurityEvents
+            | A::ListMeters
+            | A::ReadMeter(_)
+            | A::ReadCommands
+            | A::ReadFirmware,
+        ) => Decision::Allow,
 
         (Role::Admin, A::ListUsers | A::ManageUsers | A::ListMeters | A::ReadMeter(_)) => {
             Decision::Allow
@@ -193,6 +224,11 @@ mod tests {
             (Action::ReadAudit,                       ['U', 'F', 'F', 'Y', 'F']),
             (Action::ReadSelf,                        ['U', 'Y', 'Y', 'Y', 'Y']),
             (Action::Logout,                          ['U', 'Y', 'Y', 'Y', 'Y']),
+            (Action::SendCommand,                     ['U', 'F', 'Y', 'F', 'F']),
+            (Action::ReadCommands,                    ['U', 'F', 'Y', 'Y', 'F']),
+            (Action::ApproveCommands,                 ['U', 'F', 'Y', 'F', 'F']),
+            (Action::ManageFirmware,                  ['U', 'F', 'Y', 'F', 'F']),
+            (Action::ReadFirmware,                    ['U', 'F', 'Y', 'Y', 'F']),
         ];
         let principals: Vec<Option<Principal>> = std::iter::once(None)
             .chain(Role::ALL.into_iter().map(|r| Some(principal(r))))
@@ -230,6 +266,11 @@ mod tests {
             Action::ReadAudit,
             Action::ReadSelf,
             Action::Logout,
+            Action::SendCommand,
+            Action::ReadCommands,
+            Action::ApproveCommands,
+            Action::ManageFirmware,
+            Action::ReadFirmware,
         ] {
             // Exhaustive match: adding a variant without adding it here fails to compile.
             match a {
@@ -245,7 +286,12 @@ mod tests {
                 | Action::ManageUsers
                 | Action::ReadAudit
                 | Action::ReadSelf
-                | Action::Logout => assert!(covered(&a), "{a:?}"),
+                | Action::Logout
+                | Action::SendCommand
+                | Action::ReadCommands
+                | Action::ApproveCommands
+                | Action::ManageFirmware
+                | Action::ReadFirmware => assert!(covered(&a), "{a:?}"),
             }
         }
     }

@@ -77,6 +77,57 @@ pub struct RawConfig {
     /// `[syslog]`
     #[serde(default)]
     pub syslog: RawSyslog,
+    /// `[commands]`
+    #[serde(default)]
+    pub commands: RawCommands,
+    /// `[firmware]`
+    #[serde(default)]
+    pub firmware: RawFirmware,
+}
+
+/// `[commands]`: signed commands to meters.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCommands {
+    /// The command-signer certificate (DIR/command-signers/NAME), or "off".
+    pub signer: Option<String>,
+    /// Default lifetime of a command, seconds.
+    pub ttl_secs: Option<u64>,
+    /// Critical kinds (four eyes above the threshold).
+    pub critical: Option<Vec<String>>,
+    /// A critical command to more meters than this needs a second operator.
+    pub four_eyes_threshold: Option<usize>,
+    /// How long a proposal waits for its approval, seconds.
+    pub approval_window_secs: Option<u64>,
+    /// Commands dispatched per second at most (bulk rate limit).
+    pub dispatch_rate_per_sec: Option<f64>,
+}
+
+/// `[firmware]`: manufacturer keys that firmware uploads must be signed with.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFirmware {
+    /// SPKI PEM files of the trusted manufacturer keys.
+    pub manufacturers: Option<Vec<PathBuf>>,
+}
+
+/// Checked `[commands]` and `[firmware]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandSettings {
+    /// DIR/command-signers/NAME.
+    pub signer: String,
+    /// Default command lifetime.
+    pub ttl: Duration,
+    /// Kinds that need four eyes above the threshold.
+    pub critical: Vec<gridward_core::command::CommandKind>,
+    /// More meters than this: a proposal.
+    pub four_eyes_threshold: usize,
+    /// Proposal lifetime.
+    pub approval_window: Duration,
+    /// Dispatch rate limit, commands per second.
+    pub dispatch_rate_per_sec: f64,
+    /// Manufacturer public keys (SPKI PEM files).
+    pub manufacturers: Vec<PathBuf>,
 }
 
 /// `[api]`
@@ -317,6 +368,8 @@ pub struct Config {
     pub audit: crate::audit::AuditSettings,
     /// Syslog of security events (`None`: off).
     pub syslog: Option<SyslogSettings>,
+    /// Commands and firmware (`None`: off).
+    pub commands: Option<CommandSettings>,
 }
 
 /// The commented default configuration that `gridward config init` writes.
@@ -387,6 +440,27 @@ key = "audit.key"
 origin = "gridward.local/audit"
 # A signed checkpoint every this many seconds, when the log grew.
 checkpoint_secs = 60
+
+[commands]
+# Signed commands to meters (disconnect, reconnect, settings, read now, firmware). Signed with
+# the command-signer certificate DIR/command-signers/NAME (`gridward pki issue command-signer`),
+# never with a TLS key; "off" disables commands. Without that certificate, commands are off
+# and the head-end says so at start.
+signer = "headend"
+# A command not delivered and executed within this many seconds expires.
+ttl_secs = 3600
+# Kinds that need a second operator's approval (four eyes) when sent to more meters than
+# four_eyes_threshold; the proposal waits approval_window_secs.
+critical = ["disconnect"]
+four_eyes_threshold = 10
+approval_window_secs = 1800
+# At most this many commands per second go out (a mass action cannot storm the fleet).
+dispatch_rate_per_sec = 50.0
+
+[firmware]
+# SPKI PEM public keys of the manufacturers whose signed manifests may be uploaded
+# (`gridward firmware keygen` writes one); the meters check the same signature themselves.
+manufacturers = []
 
 # Security events as RFC 5424 syslog to a SIEM (absent: none).
 # [syslog]
@@ -670,10 +744,70 @@ impl Config {
                 })
             }
         };
+        let commands = match raw.commands.signer.as_deref() {
+            Some("off") => None,
+            signer => {
+                let ttl_secs = raw.commands.ttl_secs.unwrap_or(3600);
+                if !(1..=7 * 24 * 3600).contains(&ttl_secs) {
+                    return Err(invalid(
+                        "commands.ttl_secs",
+                        format!("{ttl_secs} is outside 1..=604800"),
+                    ));
+                }
+                let mut critical = Vec::new();
+                for k in raw
+                    .commands
+                    .critical
+                    .unwrap_or_else(|| vec!["disconnect".to_owned()])
+                {
+                    critical.push(k.parse().map_err(|_| {
+                        invalid(
+                            "commands.critical",
+                            format!(
+                                "{k:?} is not a command kind ({})",
+                                gridward_core::command::CommandKind::ALL
+                                    .map(|k| k.as_str())
+                                    .join(", ")
+                            ),
+                        )
+                    })?);
+                }
+                let window = raw.commands.approval_window_secs.unwrap_or(1800);
+                if !(1..=7 * 24 * 3600).contains(&window) {
+                    return Err(invalid(
+                        "commands.approval_window_secs",
+                        format!("{window} is outside 1..=604800"),
+                    ));
+                }
+                let rate = raw.commands.dispatch_rate_per_sec.unwrap_or(50.0);
+                if !(rate.is_finite() && (0.1..=100_000.0).contains(&rate)) {
+                    return Err(invalid(
+                        "commands.dispatch_rate_per_sec",
+                        format!("{rate} is outside 0.1..=100000"),
+                    ));
+                }
+                Some(CommandSettings {
+                    signer: signer.unwrap_or("headend").to_owned(),
+                    ttl: Duration::from_secs(ttl_secs),
+                    critical,
+                    four_eyes_threshold: raw.commands.four_eyes_threshold.unwrap_or(10),
+                    approval_window: Duration::from_secs(window),
+                    dispatch_rate_per_sec: rate,
+                    manufacturers: raw
+                        .firmware
+                        .manufacturers
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(resolve)
+                        .collect(),
+                })
+            }
+        };
         Ok(Self {
             api,
             audit,
             syslog,
+            commands,
             pki_dir,
             server_name,
             listen,

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod commands;
 pub mod config;
 pub mod forward;
 pub mod metrics;

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use gridward_core::MeterId;
+use gridward_core::command::{AckOutcome, CommandAck, CommandId};
 use gridward_core::document::{Document, Limits};
 use gridward_core::envelope::{self, VerifyingKey};
 use gridward_core::replay::{FreshnessPolicy, check_freshness};
@@ -82,7 +83,25 @@ pub struct Pipeline {
     /// transaction stays the authority.
     last: Arc<Mutex<HashMap<MeterId, u64>>>,
     keys: Mutex<HashMap<Arc<[u8]>, VerifyingKey>>,
+    on_ack: Option<AckHook>,
 }
+
+/// A meter's acknowledgement of a command, once it is durably stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckNotice {
+    /// The acknowledging meter.
+    pub meter_id: MeterId,
+    /// The command it names.
+    pub command_id: CommandId,
+    /// What the meter reports.
+    pub outcome: AckOutcome,
+    /// Whether it settled a command of this meter that awaited it (false: unknown id, another
+    /// meter's command, or already final).
+    pub matched: bool,
+}
+
+/// Called with every stored acknowledgement (commands and campaigns advance on it).
+pub type AckHook = Arc<dyn Fn(&AckNotice) + Send + Sync>;
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -118,7 +137,15 @@ impl Pipeline {
             clock,
             last,
             keys: Mutex::new(HashMap::new()),
+            on_ack: None,
         }
+    }
+
+    /// Calls `hook` with every acknowledgement once it is stored.
+    #[must_use]
+    pub fn with_ack_hook(mut self, hook: AckHook) -> Self {
+        self.on_ack = Some(hook);
+        self
     }
 
     /// A last-counter table preloaded with `counters`, and the commit callback that keeps it
@@ -150,11 +177,22 @@ impl Pipeline {
             Ok(a) => a,
             Err(refusal) => return self.refuse(&msg, refusal),
         };
+        let (accepted, ack) = accepted;
         let outcome = self.writer.write(accepted).await;
         let latency = ((self.clock)() - msg.received_at).unsigned_abs();
         match outcome {
             Ok(Outcome::Stored { .. }) => {
                 self.metrics.accepted(latency);
+                if let Some(ack) = ack {
+                    self.acknowledged(&msg, ack, true);
+                }
+                Decision::Accepted
+            }
+            Ok(Outcome::StoredUnmatchedAck { .. }) => {
+                self.metrics.accepted(latency);
+                if let Some(ack) = ack {
+                    self.acknowledged(&msg, ack, false);
+                }
                 Decision::Accepted
             }
             Ok(Outcome::Duplicate) => {
@@ -184,7 +222,47 @@ impl Pipeline {
         }
     }
 
-    fn check(&self, msg: &Message) -> Result<Accepted, Refusal> {
+    /// A stored acknowledgement: a refusal by the meter is a security event (`command_refused`,
+    /// with the meter's code), and so is an acknowledgement of a command this head-end is not
+    /// waiting for (a command that reached the meter by another path, e.g. a forged one).
+    fn acknowledged(&self, msg: &Message, ack: CommandAck, matched: bool) {
+        let event = match (&ack.outcome, matched) {
+            (AckOutcome::Refused(refusal), true) => Some(format!(
+                "meter refused command {}: {}",
+                ack.command_id,
+                refusal.code()
+            )),
+            (AckOutcome::Refused(refusal), false) => Some(format!(
+                "meter refused command {} that this head-end did not send or no longer awaits: {}",
+                ack.command_id,
+                refusal.code()
+            )),
+            (AckOutcome::Done { .. }, false) => Some(format!(
+                "meter reports executing command {} that this head-end did not send or no longer awaits",
+                ack.command_id
+            )),
+            (AckOutcome::Done { .. }, true) => None,
+        };
+        if let Some(detail) = event {
+            let mut e = SecurityEvent::new((self.clock)(), Reason::CommandRefused, detail)
+                .meter(&msg.meter_id);
+            if let Some(source) = &msg.source {
+                e = e.source(source);
+            }
+            self.metrics.rejected(Reason::CommandRefused);
+            self.writer.security_event(e);
+        }
+        if let Some(hook) = &self.on_ack {
+            hook(&AckNotice {
+                meter_id: ack.meter_id,
+                command_id: ack.command_id,
+                outcome: ack.outcome,
+                matched,
+            });
+        }
+    }
+
+    fn check(&self, msg: &Message) -> Result<(Accepted, Option<CommandAck>), Refusal> {
         let key = self.key(&msg.cert_spki)?;
         let verified =
             envelope::verify(&msg.payload, &key, &msg.meter_id, &msg.topic).map_err(|e| {
@@ -221,11 +299,22 @@ impl Pipeline {
                 reason: Reason::from(&e),
                 detail: e.to_string(),
             })?;
+        let mut ack = None;
         let body = match (document.document(), topic_kind(&msg.topic)) {
             (Document::Reading(r), Some(TopicKind::Readings)) => AcceptedBody::Reading {
                 energy_kwh: r.energy_kwh,
             },
             (Document::Event(e), Some(TopicKind::Events)) => AcceptedBody::Event { kind: e.kind },
+            (Document::CommandAck(a), Some(TopicKind::Events)) => {
+                ack = Some(a.clone());
+                AcceptedBody::CommandAck {
+                    command_id: a.command_id,
+                    refused: match a.outcome {
+                        AckOutcome::Done { .. } => None,
+                        AckOutcome::Refused(r) => Some(r),
+                    },
+                }
+            }
             _ => {
                 return Err(Refusal {
                     reason: Reason::InvalidDocument,
@@ -233,16 +322,19 @@ impl Pipeline {
                 });
             }
         };
-        Ok(Accepted {
-            meter_id: msg.meter_id.clone(),
-            counter: header.counter,
-            taken_at: document.document().timestamp(),
-            received_at: msg.received_at,
-            body,
-            envelope: msg.payload.clone(),
-            content_type: header.content_type,
-            source: msg.source.clone(),
-        })
+        Ok((
+            Accepted {
+                meter_id: msg.meter_id.clone(),
+                counter: header.counter,
+                taken_at: document.document().timestamp(),
+                received_at: msg.received_at,
+                body,
+                envelope: msg.payload.clone(),
+                content_type: header.content_type,
+                source: msg.source.clone(),
+            },
+            ack,
+        ))
     }
 
     fn key(&self, spki: &Arc<[u8]>) -> Result<VerifyingKey, Refusal> {

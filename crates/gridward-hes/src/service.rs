@@ -52,6 +52,9 @@ pub enum ServiceError {
     /// The syslog collector's TLS material could not be loaded.
     #[error("syslog: {0}")]
     Syslog(String),
+    /// Commands could not be set up (a manufacturer key file, the policy).
+    #[error(transparent)]
+    Commands(#[from] crate::commands::CommandSetupError),
     /// The listen address could not be bound, or a thread could not start.
     #[error("cannot listen on {addr}: {source}")]
     Io {
@@ -95,6 +98,7 @@ impl PublishHandler for Ingest {
 struct Events {
     writer: Writer,
     metrics: Arc<Metrics>,
+    commands: Option<Arc<gridward_command::Commands>>,
 }
 
 impl EventSink for Events {
@@ -105,6 +109,14 @@ impl EventSink for Events {
 
     fn connection(&self, meter: &MeterId, connected: bool, at: OffsetDateTime) {
         self.writer.connection(meter, connected, at);
+    }
+
+    fn subscribed(&self, meter: &MeterId, topic: &str, _at: OffsetDateTime) {
+        if let Some(commands) = &self.commands
+            && topic == meter.commands_topic()
+        {
+            commands.meter_reachable(meter);
+        }
     }
 }
 
@@ -125,6 +137,9 @@ pub struct Running {
     pub access: Option<Arc<gridward_access::Access>>,
     /// The audit chain.
     pub audit: AuditSink,
+    /// Commands and firmware, when a command signer is configured and present.
+    pub commands: Option<crate::commands::CommandService>,
+    dispatcher: Option<(tokio_util::sync::CancellationToken, JoinHandle<()>)>,
     api: Option<gridward_api::RunningApi>,
     audit_thread: Option<crate::audit::AuditThread>,
     syslog_stop: tokio_util::sync::CancellationToken,
@@ -179,6 +194,14 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
     }
     let target_ids = targets.iter().map(|(id, _, _)| *id).collect();
     let notifies: Vec<Arc<Notify>> = targets.iter().map(|(_, _, n)| Arc::clone(n)).collect();
+    let access = match &config.api {
+        Some(settings) => Some(Arc::new(gridward_access::Access::open(
+            &settings.users_path,
+            gridward_access::Argon2Params::OWASP,
+        )?)),
+        None => None,
+    };
+    let command_service = start_commands(config, &store, &audit, access.as_ref(), &clock)?;
     let metrics = Arc::new(Metrics::new());
     let (last, update_last) = Pipeline::last_counters_table(store.last_counters()?);
     let on_commit: crate::writer::OnCommit = Box::new(move |advanced: &[(MeterId, u64)]| {
@@ -209,16 +232,21 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
         },
         targets,
     );
-    let pipeline = Arc::new(Pipeline::new(
+    let mut pipeline = Pipeline::new(
         config.pipeline,
         writer.clone(),
         Arc::clone(&metrics),
         Arc::clone(&clock),
         last,
-    ));
+    );
+    if let Some(service) = &command_service {
+        pipeline = pipeline.with_ack_hook(ack_hook(Arc::clone(&service.commands)));
+    }
+    let pipeline = Arc::new(pipeline);
     let events = Arc::new(Events {
         writer,
         metrics: Arc::clone(&metrics),
+        commands: command_service.as_ref().map(|c| Arc::clone(&c.commands)),
     });
     let endpoint = Endpoint::new(
         config.endpoint.clone(),
@@ -240,12 +268,17 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
     })?;
     let ep = endpoint.clone();
     let task = tokio::spawn(async move { ep.run(listener, std::future::pending()).await });
-    let (api, access) = match &config.api {
-        Some(settings) => {
-            let access = Arc::new(gridward_access::Access::open(
-                &settings.users_path,
-                gridward_access::Argon2Params::OWASP,
-            )?);
+    let dispatcher = command_service.as_ref().map(|service| {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let dispatcher = gridward_command::Dispatcher::new(
+            Arc::clone(&service.commands),
+            Arc::new(crate::commands::EndpointTransport::new(endpoint.clone())),
+        );
+        let handle = tokio::spawn(dispatcher.run(stop.clone()));
+        (stop, handle)
+    });
+    let (api, access) = match (&config.api, access) {
+        (Some(settings), Some(access)) => {
             let mut ctx = gridward_api::ApiContext::new(
                 api_store,
                 Arc::clone(&access),
@@ -266,13 +299,15 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
             .await?;
             (Some(api), Some(access))
         }
-        None => (None, None),
+        _ => (None, None),
     };
     Ok(Running {
         local_addr,
         api_addr: api.as_ref().map(gridward_api::RunningApi::local_addr),
         access,
         audit,
+        commands: command_service,
+        dispatcher,
         api,
         audit_thread: Some(audit_thread),
         syslog_stop,
@@ -349,6 +384,10 @@ impl Running {
         if let Some(api) = self.api.take() {
             api.shutdown().await;
         }
+        if let Some((stop, handle)) = self.dispatcher.take() {
+            stop.cancel();
+            let _ = handle.await;
+        }
         self.endpoint.shutdown();
         let _ = self.task.await;
         // The endpoint (and with it the pipeline's writer handles) is gone once every clone is
@@ -381,6 +420,77 @@ impl Running {
         }
         syslog_stop.cancel();
     }
+}
+
+/// The command service of `[commands]`, or `None` when commands are off or no command signer
+/// is there (said at start: the head-end runs, commands are refused until one is issued).
+fn start_commands(
+    config: &Config,
+    store: &Arc<SqliteStore>,
+    audit: &AuditSink,
+    access: Option<&Arc<gridward_access::Access>>,
+    clock: &Clock,
+) -> Result<Option<crate::commands::CommandService>, ServiceError> {
+    let Some(settings) = &config.commands else {
+        return Ok(None);
+    };
+    let manufacturers = crate::commands::load_manufacturers(settings)?;
+    let signer = match crate::commands::load_signer(&config.pki_dir, settings, clock()) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!("commands are off: {e}");
+            return Ok(None);
+        }
+    };
+    let recorder = {
+        let audit = audit.clone();
+        move |entry: gridward_audit::NewEntry| audit.append(entry)
+    };
+    // A proposer may still have their proposal approved while their account is an enabled
+    // operator (without a users database there are no operators, so nothing is approved).
+    let proposers = {
+        let access = access.cloned();
+        move |username: &str| {
+            access.as_ref().is_some_and(|a| {
+                a.list_users().is_ok_and(|users| {
+                    users.iter().any(|u| {
+                        u.username == username
+                            && !u.disabled
+                            && u.role == gridward_access::Role::Operator
+                    })
+                })
+            })
+        }
+    };
+    let commands = gridward_command::Commands::new(
+        Arc::clone(store) as Arc<dyn gridward_store::CommandStore>,
+        Arc::new(signer),
+        Arc::clone(clock),
+        Arc::new(recorder),
+        Arc::new(proposers),
+        crate::commands::policy(settings),
+    )
+    .map_err(crate::commands::CommandSetupError::from)?;
+    tracing::info!(signer = %settings.signer, "commands on");
+    Ok(Some(crate::commands::CommandService {
+        commands: Arc::new(commands),
+        manufacturers: Arc::new(manufacturers),
+    }))
+}
+
+/// What the pipeline calls with a stored acknowledgement: the command service audits it and
+/// advances campaigns (on a blocking thread: it reads the store).
+fn ack_hook(commands: Arc<gridward_command::Commands>) -> crate::pipeline::AckHook {
+    Arc::new(move |notice: &crate::pipeline::AckNotice| {
+        let commands = Arc::clone(&commands);
+        let notice = notice.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = commands.on_ack(&notice.meter_id, &notice.command_id, &notice.outcome) {
+                tracing::warn!(meter = %notice.meter_id, command = %notice.command_id, error = %e,
+                    "acknowledgement stored, but the command service could not follow it up");
+            }
+        });
+    })
 }
 
 /// Starts the syslog sender of `settings`.

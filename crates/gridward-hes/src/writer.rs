@@ -221,7 +221,12 @@ fn write_loop(
                 let advanced: Vec<(MeterId, u64)> = batch
                     .iter()
                     .zip(&outcomes)
-                    .filter(|(_, o)| matches!(o, Outcome::Stored { .. }))
+                    .filter(|(_, o)| {
+                        matches!(
+                            o,
+                            Outcome::Stored { .. } | Outcome::StoredUnmatchedAck { .. }
+                        )
+                    })
                     .map(|(a, _)| (a.meter_id.clone(), a.counter))
                     .collect();
                 if !outbox.is_empty() {

@@ -5,9 +5,12 @@
 //!  Fleet::start ── CounterStore: one fsync'd write reserves a counter block for every meter
 //!      │          Outbox: unacknowledged messages of an earlier run are restored
 //!      ├── counter service task: batches reservations of all meters into one atomic rewrite
-//!      └── per meter task: connect (staggered, backoff with full jitter) ─► loop {
+//!      └── per meter task: connect (staggered, backoff with full jitter) ─► SUBSCRIBE
+//!              meters/{id}/commands and meters/{id}/firmware (QoS 1) ─► loop {
 //!              handle_timeout(now) ─► poll_publish ─► outbox ─► PUBLISH (QoS 1)
 //!              PUBACK ─► on_puback ─► latency sample, outbox done
+//!              PUBLISH from the head-end ─► on_command / on_firmware_chunk ─► device state
+//!                 persisted (same fsync'd file as the counters) ─► PUBACK ─► signed ack
 //!              disconnect ─► on_disconnected (resend later)     PINGREQ when idle }
 //! ```
 //!
@@ -23,7 +26,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gridward_core::MeterId;
+use gridward_core::command::{CommandKind, TrustedSigner};
 use gridward_core::document::{EventKind, Format};
+use gridward_core::envelope::VerifyingKey;
+use gridward_core::firmware::Installed;
 use gridward_mqtt::client::{
     self, ClientError, ClientOptions, ClientReader, ClientWriter, Packet, Protocol, QoS,
 };
@@ -34,6 +40,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
+use crate::command::{
+    ChunkOutcome, CommandOutcome, DEFAULT_CLASS_ID, DEFAULT_FIRMWARE_TIMEOUT,
+    DEFAULT_FIRMWARE_VERSION, DEFAULT_MAX_SKEW_SECS, DEFAULT_VENDOR_ID, DeviceConfig, DeviceState,
+    Relay,
+};
 use crate::counter::{CounterBlock, DEFAULT_BLOCK};
 use crate::identity::MeterIdentity;
 use crate::meter::{
@@ -41,7 +52,7 @@ use crate::meter::{
 };
 use crate::outbox::{Outbox, OutboxEntry};
 use crate::profile::{LoadProfile, ProfileError, mix, unit};
-use crate::state::{CounterStore, StateError};
+use crate::state::{CounterStore, DeviceRecord, StateError};
 use crate::stats::{FleetStats, LatencySummary, StatsSnapshot};
 
 /// Failed connects in a row after which a meter marked [`Misbehaviour::Revoked`] gives up.
@@ -95,6 +106,26 @@ pub struct FleetConfig {
     pub outbox: bool,
     /// The wall clock.
     pub clock: Clock,
+    /// The pinned command signers (e.g. [`crate::identity::Trust::command_signers`]); without
+    /// any, every command is refused as `unknown_signer`.
+    pub command_signers: Vec<TrustedSigner>,
+    /// The command kinds the meters execute.
+    pub allowed_commands: Vec<CommandKind>,
+    /// Tolerated clock skew for a command issued in the future, in seconds.
+    pub command_max_skew_secs: i64,
+    /// The manufacturer keys firmware manifests must be signed with
+    /// ([`crate::identity::load_manufacturer_keys`]); without any, every update is refused.
+    pub manufacturer_keys: Vec<VerifyingKey>,
+    /// The meters' firmware vendor id.
+    pub vendor_id: String,
+    /// The meters' firmware class id.
+    pub class_id: String,
+    /// The factory firmware version (slot A until an update; the state file keeps updates).
+    pub firmware_version: String,
+    /// The factory firmware's sequence number.
+    pub firmware_sequence: u64,
+    /// A firmware transfer not complete this long after its command fails (`firmware_incomplete`).
+    pub firmware_timeout: time::Duration,
 }
 
 impl std::fmt::Debug for FleetConfig {
@@ -107,6 +138,11 @@ impl std::fmt::Debug for FleetConfig {
             .field("interval", &self.interval)
             .field("format", &self.format)
             .field("state_dir", &self.state_dir)
+            .field("command_signers", &self.command_signers.len())
+            .field("manufacturer_keys", &self.manufacturer_keys.len())
+            .field("vendor_id", &self.vendor_id)
+            .field("class_id", &self.class_id)
+            .field("firmware_version", &self.firmware_version)
             .finish_non_exhaustive()
     }
 }
@@ -114,7 +150,10 @@ impl std::fmt::Debug for FleetConfig {
 impl FleetConfig {
     /// Defaults: MQTT 5, keep-alive 60 s, connect timeout 10 s, 500 connects/s, backoff
     /// 100 ms … 30 s, never give up, readings every 60 s in XML, 8 in flight, 4096 held,
-    /// blocks of [`DEFAULT_BLOCK`], outbox on, seed 0, UTC.
+    /// blocks of [`DEFAULT_BLOCK`], outbox on, seed 0, UTC; no command signer and no
+    /// manufacturer key, every command kind allowed, skew [`DEFAULT_MAX_SKEW_SECS`], firmware
+    /// [`DEFAULT_VENDOR_ID`] / [`DEFAULT_CLASS_ID`] [`DEFAULT_FIRMWARE_VERSION`] sequence 0,
+    /// transfer timeout [`DEFAULT_FIRMWARE_TIMEOUT`].
     pub fn new(
         host: impl Into<String>,
         port: u16,
@@ -144,6 +183,33 @@ impl FleetConfig {
             state_dir: state_dir.into(),
             outbox: true,
             clock,
+            command_signers: Vec::new(),
+            allowed_commands: CommandKind::ALL.to_vec(),
+            command_max_skew_secs: DEFAULT_MAX_SKEW_SECS,
+            manufacturer_keys: Vec::new(),
+            vendor_id: DEFAULT_VENDOR_ID.to_owned(),
+            class_id: DEFAULT_CLASS_ID.to_owned(),
+            firmware_version: DEFAULT_FIRMWARE_VERSION.to_owned(),
+            firmware_sequence: 0,
+            firmware_timeout: DEFAULT_FIRMWARE_TIMEOUT,
+        }
+    }
+
+    /// The device configuration every meter of the fleet gets.
+    fn device_config(&self) -> DeviceConfig {
+        DeviceConfig {
+            signers: Arc::from(self.command_signers.clone()),
+            allowed: Arc::from(self.allowed_commands.clone()),
+            max_skew_secs: self.command_max_skew_secs,
+            manufacturer_keys: Arc::from(self.manufacturer_keys.clone()),
+            factory_firmware: Installed {
+                vendor_id: self.vendor_id.clone(),
+                class_id: self.class_id.clone(),
+                version: self.firmware_version.clone(),
+                sequence: self.firmware_sequence,
+            },
+            firmware_timeout: self.firmware_timeout,
+            image_boots: true,
         }
     }
 }
@@ -224,10 +290,27 @@ enum Phase {
     Stop,
 }
 
+/// A durable write asked of the counter service: a counter mark, a device state, or both.
 struct Reservation {
     meter: MeterId,
-    mark: u64,
+    mark: Option<u64>,
+    device: Option<DeviceRecord>,
     reply: oneshot::Sender<bool>,
+}
+
+/// A meter task's links to the [`Fleet`]: what it is asked, and where it shows its device state.
+struct Channels {
+    controls: mpsc::UnboundedReceiver<Control>,
+    device: watch::Sender<DeviceState>,
+}
+
+/// What the fleet asks of one meter task.
+enum Control {
+    Event(EventKind),
+    /// A command as if it arrived on `topic` (no PUBACK: it did not come over MQTT).
+    Command(String, Bytes),
+    /// A firmware chunk as if it arrived on the firmware topic.
+    Chunk(Bytes),
 }
 
 /// What every meter task shares.
@@ -249,7 +332,8 @@ struct Shared {
 pub struct Fleet {
     stats: Arc<FleetStats>,
     phase: watch::Sender<Phase>,
-    controls: HashMap<MeterId, mpsc::UnboundedSender<EventKind>>,
+    controls: HashMap<MeterId, mpsc::UnboundedSender<Control>>,
+    devices: HashMap<MeterId, watch::Receiver<DeviceState>>,
     tasks: Vec<JoinHandle<MeterOutcome>>,
     counter_service: JoinHandle<()>,
     started: Instant,
@@ -307,6 +391,11 @@ impl Fleet {
         store.persist(marks.iter().copied())?;
         stats.counter_writes.fetch_add(1, Ordering::Relaxed);
         let granted: Vec<u64> = marks.iter().map(|(_, mark)| *mark).collect();
+        let records: Vec<Option<DeviceRecord>> = meters
+            .iter()
+            .map(|m| store.device(m.identity.id()).cloned())
+            .collect();
+        let device_config = config.device_config();
 
         let (outbox, mut restored) = if config.outbox {
             let (ob, entries) = Outbox::open(&store)?;
@@ -345,9 +434,14 @@ impl Fleet {
             f64::MAX
         };
         let mut controls = HashMap::with_capacity(meters.len());
+        let mut devices = HashMap::with_capacity(meters.len());
         let mut tasks = Vec::with_capacity(meters.len());
-        for (i, ((spec, mut block), mark)) in
-            meters.into_iter().zip(blocks).zip(granted).enumerate()
+        for (i, (((spec, mut block), mark), record)) in meters
+            .into_iter()
+            .zip(blocks)
+            .zip(granted)
+            .zip(records)
+            .enumerate()
         {
             block.granted(mark);
             // A revoked meter gives up soon: its refused handshakes would otherwise count towards
@@ -370,12 +464,16 @@ impl Fleet {
                 counter_block: config.counter_block,
                 misbehaviour: spec.misbehaviour,
                 misbehave_every: config.misbehave_every,
+                device: device_config.clone(),
             };
             // Readings are spread evenly over the interval.
             let interval = config.interval.clamp(MIN_INTERVAL, MAX_INTERVAL);
             let offset = interval * unit(mix(h ^ 0x51));
             let first = now.checked_add(offset).unwrap_or(now);
             let mut meter = Meter::new(id.clone(), key, meter_config, block, first);
+            if let Some(record) = &record {
+                meter.restore_device(record, now);
+            }
             if let Some(entries) = restored.remove(&id) {
                 stats
                     .restored
@@ -387,13 +485,18 @@ impl Fleet {
                 );
             }
             let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+            let (dev_tx, dev_rx) = watch::channel(meter.device_state());
+            devices.insert(id.clone(), dev_rx);
             controls.insert(id, ev_tx);
             let connect_at = started + Duration::from_secs_f64((i as f64 / rate).min(86_400.0));
             tasks.push(tokio::spawn(run_meter(
                 meter,
                 tls,
                 Arc::clone(&shared),
-                ev_rx,
+                Channels {
+                    controls: ev_rx,
+                    device: dev_tx,
+                },
                 phase_tx.subscribe(),
                 connect_at,
                 give_up_after,
@@ -403,6 +506,7 @@ impl Fleet {
             stats,
             phase: phase_tx,
             controls,
+            devices,
             tasks,
             counter_service,
             started,
@@ -427,9 +531,44 @@ impl Fleet {
     /// Asks `meter` to sign and send an event now (tamper, power). `false` if the meter is
     /// unknown or its task has ended.
     pub fn request_event(&self, meter: &MeterId, kind: EventKind) -> bool {
+        self.control(meter, Control::Event(kind))
+    }
+
+    fn control(&self, meter: &MeterId, c: Control) -> bool {
         self.controls
             .get(meter)
-            .is_some_and(|tx| tx.send(kind).is_ok())
+            .is_some_and(|tx| tx.send(c).is_ok())
+    }
+
+    /// Hands `bytes` to `meter` as if they had arrived on `topic` from the broker, by a path
+    /// that is not the head-end's (a compromised broker, a forged command): the meter verifies
+    /// and answers exactly as for a command over MQTT (without a PUBACK). `false` if the meter
+    /// is unknown or its task has ended.
+    pub fn inject_command(&self, meter: &MeterId, topic: &str, bytes: impl Into<Bytes>) -> bool {
+        self.control(meter, Control::Command(topic.to_owned(), bytes.into()))
+    }
+
+    /// Hands `bytes` to `meter` as a firmware chunk (a tampered or foreign image from a
+    /// compromised broker). `false` if the meter is unknown or its task has ended.
+    pub fn inject_firmware_chunk(&self, meter: &MeterId, bytes: impl Into<Bytes>) -> bool {
+        self.control(meter, Control::Chunk(bytes.into()))
+    }
+
+    /// A snapshot of `meter`'s device state (relay, interval, tariff, firmware), as of its last
+    /// command or firmware chunk.
+    pub fn device_state(&self, meter: &MeterId) -> Option<DeviceState> {
+        self.devices.get(meter).map(|rx| rx.borrow().clone())
+    }
+
+    /// `meter`'s relay.
+    pub fn relay_state(&self, meter: &MeterId) -> Option<Relay> {
+        self.devices.get(meter).map(|rx| rx.borrow().relay)
+    }
+
+    /// A receiver that sees every change of `meter`'s device state (to wait for a command's
+    /// effect: `rx.wait_for(|s| ...)`).
+    pub fn watch_device(&self, meter: &MeterId) -> Option<watch::Receiver<DeviceState>> {
+        self.devices.get(meter).cloned()
     }
 
     /// Stops taking readings, waits up to `drain` for what is unacknowledged to be acknowledged,
@@ -471,13 +610,22 @@ async fn counter_service(
         while let Ok(r) = rx.try_recv() {
             batch.push(r);
         }
-        let updates: Vec<(MeterId, u64)> =
-            batch.iter().map(|r| (r.meter.clone(), r.mark)).collect();
+        let marks: Vec<(MeterId, u64)> = batch
+            .iter()
+            .filter_map(|r| r.mark.map(|k| (r.meter.clone(), k)))
+            .collect();
+        let devices: Vec<(MeterId, DeviceRecord)> = batch
+            .iter()
+            .filter_map(|r| r.device.clone().map(|d| (r.meter.clone(), d)))
+            .collect();
         let store = Arc::clone(&store);
         let ok = tokio::task::spawn_blocking(move || {
             store.lock().map_err(|_| ()).and_then(|mut s| {
-                s.persist(updates.iter().map(|(m, k)| (m, *k)))
-                    .map_err(|_| ())
+                s.persist_all(
+                    marks.iter().map(|(m, k)| (m, *k)),
+                    devices.iter().map(|(m, d)| (m, d)),
+                )
+                .map_err(|_| ())
             })
         })
         .await
@@ -507,7 +655,7 @@ struct Conn {
 enum Wake {
     Timer,
     Packet(Result<Packet, ClientError>),
-    Event(Option<EventKind>),
+    Control(Option<Control>),
     Granted(u64, bool),
     Phase,
 }
@@ -519,7 +667,7 @@ async fn next_grant(g: &mut Option<(u64, oneshot::Receiver<bool>)>) -> (u64, boo
     }
 }
 
-async fn next_event(rx: &mut mpsc::UnboundedReceiver<EventKind>, open: bool) -> Option<EventKind> {
+async fn next_event(rx: &mut mpsc::UnboundedReceiver<Control>, open: bool) -> Option<Control> {
     if open {
         rx.recv().await
     } else {
@@ -549,11 +697,15 @@ async fn run_meter(
     mut m: Meter,
     tls: Arc<ClientConfig>,
     sh: Arc<Shared>,
-    mut events: mpsc::UnboundedReceiver<EventKind>,
+    channels: Channels,
     mut phase: watch::Receiver<Phase>,
     connect_at: Instant,
     give_up_after: Option<u32>,
 ) -> MeterOutcome {
+    let Channels {
+        controls: mut events,
+        device,
+    } = channels;
     let stats = &sh.stats;
     let mut conn: Option<Conn> = None;
     let mut retry_at = connect_at;
@@ -592,6 +744,12 @@ async fn run_meter(
                     stats
                         .skipped
                         .fetch_add(u64::from(out.skipped), Ordering::Relaxed);
+                    stats
+                        .command_acks
+                        .fetch_add(u64::from(out.acks), Ordering::Relaxed);
+                    if out.acks > 0 {
+                        publish_device_state(&m, &device);
+                    }
                     starved = out.starved;
                 }
                 Err(_) => {
@@ -622,13 +780,19 @@ async fn run_meter(
                 stats.state_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
+        // Device state changed by a command and not yet on disk (a failed write is retried).
+        if m.device_dirty() && !persist_device(&mut m, &sh).await {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
         if grant.is_none()
             && let Some(mark) = m.counter_reservation()
         {
             let (tx, rx) = oneshot::channel();
             let req = Reservation {
                 meter: m.id().clone(),
-                mark,
+                mark: Some(mark),
+                device: None,
                 reply: tx,
             };
             if sh.reservations.send(req).is_ok() {
@@ -637,7 +801,7 @@ async fn run_meter(
                 m.reservation_failed();
             }
         }
-        if draining && m.held() == 0 {
+        if draining && m.held() == 0 && m.pending_acks() == 0 {
             break;
         }
 
@@ -663,7 +827,27 @@ async fn run_meter(
             match result {
                 None => break,
                 Some(Ok((client, _ack))) => {
-                    let (reader, writer) = client.into_split();
+                    let (reader, mut writer) = client.into_split();
+                    m.on_connected();
+                    let mut subscribed = true;
+                    while let Some((pkid, topic)) = m.poll_subscribe() {
+                        let sent = tokio::time::timeout(
+                            WRITE_TIMEOUT,
+                            writer.subscribe(pkid, &topic, QoS::AtLeastOnce),
+                        )
+                        .await;
+                        if !sent.is_ok_and(|r| r.is_ok()) {
+                            subscribed = false;
+                            break;
+                        }
+                    }
+                    stats.connects.fetch_add(1, Ordering::Relaxed);
+                    if !subscribed {
+                        m.on_disconnected();
+                        stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                        retry_at = Instant::now() + backoff.next_delay(&mut rand::thread_rng());
+                        continue;
+                    }
                     let now = Instant::now();
                     conn = Some(Conn {
                         reader,
@@ -672,9 +856,7 @@ async fn run_meter(
                         last_write: now,
                         inflight: VecDeque::new(),
                     });
-                    m.on_connected();
                     backoff.reset();
-                    stats.connects.fetch_add(1, Ordering::Relaxed);
                     stats.connected.fetch_add(1, Ordering::Relaxed);
                 }
                 Some(Err(_)) => {
@@ -742,7 +924,7 @@ async fn run_meter(
             let wake = tokio::select! {
                 _ = tokio::time::sleep_until(wake_at) => Wake::Timer,
                 p = next_packet(&mut conn) => Wake::Packet(p),
-                e = next_event(&mut events, events_open) => Wake::Event(e),
+                e = next_event(&mut events, events_open) => Wake::Control(e),
                 (mark, ok) = next_grant(&mut grant) => Wake::Granted(mark, ok),
                 r = phase.changed() => {
                     if r.is_err() {
@@ -774,14 +956,52 @@ async fn run_meter(
                             Packet::PubAck { pkid, reason_code } => {
                                 on_puback(&mut m, c, &sh, pkid, reason_code);
                             }
+                            Packet::SubAck { pkid, return_codes } => {
+                                let refused = m.on_suback(pkid, &return_codes) == Some(false);
+                                stats
+                                    .subscribe_refused
+                                    .fetch_add(u64::from(refused), Ordering::Relaxed);
+                            }
+                            Packet::Publish {
+                                qos,
+                                topic,
+                                pkid,
+                                payload,
+                                ..
+                            } => {
+                                inbound(&mut m, &sh, &topic, &payload);
+                                publish_device_state(&m, &device);
+                                // The PUBACK only once the new state is on disk: a crash before
+                                // it makes the head-end send the command again, never lose it.
+                                if !persist_device(&mut m, &sh).await {
+                                    lost = true;
+                                } else if qos == QoS::AtLeastOnce {
+                                    let acked =
+                                        tokio::time::timeout(WRITE_TIMEOUT, c.writer.puback(pkid))
+                                            .await;
+                                    if acked.is_ok_and(|r| r.is_ok()) {
+                                        c.last_write = Instant::now();
+                                    } else {
+                                        lost = true;
+                                    }
+                                }
+                            }
                             Packet::Disconnect { .. } => lost = true,
                             _ => {}
                         }
                     }
                 }
                 Wake::Packet(Err(_)) => lost = true,
-                Wake::Event(Some(kind)) => m.request_event(kind),
-                Wake::Event(None) => events_open = false,
+                Wake::Control(Some(Control::Event(kind))) => m.request_event(kind),
+                Wake::Control(Some(Control::Command(topic, bytes))) => {
+                    handle_command(&mut m, &sh, &topic, &bytes);
+                    publish_device_state(&m, &device);
+                }
+                Wake::Control(Some(Control::Chunk(bytes))) => {
+                    handle_chunk(&mut m, &sh, &bytes);
+                    publish_device_state(&m, &device);
+                }
+                Wake::Control(None) => events_open = false,
                 Wake::Granted(mark, true) => {
                     grant = None;
                     m.counters_granted(mark);
@@ -813,6 +1033,77 @@ async fn run_meter(
         counts: m.counts(),
         held: m.held(),
         gave_up,
+    }
+}
+
+/// Persists `m`'s changed device state through the counter service; `true` when nothing is left
+/// to persist.
+async fn persist_device(m: &mut Meter, sh: &Shared) -> bool {
+    let Some((generation, record)) = m.device_record() else {
+        return !m.device_dirty();
+    };
+    let (tx, rx) = oneshot::channel();
+    let req = Reservation {
+        meter: m.id().clone(),
+        mark: None,
+        device: Some(record),
+        reply: tx,
+    };
+    let ok = sh.reservations.send(req).is_ok() && rx.await.unwrap_or(false);
+    if ok {
+        m.device_persisted(generation);
+    } else {
+        m.device_persist_failed();
+    }
+    ok
+}
+
+fn publish_device_state(m: &Meter, tx: &watch::Sender<DeviceState>) {
+    let now = m.device_state();
+    tx.send_if_modified(|s| {
+        if *s == now {
+            false
+        } else {
+            *s = now;
+            true
+        }
+    });
+}
+
+/// A PUBLISH from the head-end.
+fn inbound(m: &mut Meter, sh: &Shared, topic: &str, payload: &[u8]) {
+    if topic == m.firmware_topic() {
+        handle_chunk(m, sh, payload);
+    } else if topic == m.commands_topic() {
+        handle_command(m, sh, topic, payload);
+    } else {
+        sh.stats
+            .unexpected_publishes
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn handle_command(m: &mut Meter, sh: &Shared, topic: &str, payload: &[u8]) {
+    sh.stats.commands_received.fetch_add(1, Ordering::Relaxed);
+    let outcome = m.on_command(topic, payload, (sh.clock)());
+    let counter = match outcome {
+        CommandOutcome::Executed { .. } => &sh.stats.commands_executed,
+        CommandOutcome::Refused { .. } => &sh.stats.commands_refused,
+        CommandOutcome::AwaitingImage { .. } => return,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn handle_chunk(m: &mut Meter, sh: &Shared, payload: &[u8]) {
+    sh.stats.firmware_chunks.fetch_add(1, Ordering::Relaxed);
+    match m.on_firmware_chunk(payload, (sh.clock)()) {
+        ChunkOutcome::Installed(_) => {
+            sh.stats.commands_executed.fetch_add(1, Ordering::Relaxed);
+        }
+        ChunkOutcome::Refused { .. } => {
+            sh.stats.commands_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        ChunkOutcome::Ignored(_) | ChunkOutcome::Stored { .. } => {}
     }
 }
 

@@ -2,20 +2,27 @@
 //!
 //! ```text
 //! DIR/ca/root.crt.pem          trust anchor for the head-end's server certificate   ┐ Trust, loaded
-//! DIR/crl/*.crl.pem            CRLs (revocation is checked, fail closed)            ┘ once per fleet
+//! DIR/crl/*.crl.pem            CRLs (revocation is checked, fail closed)            │ once per fleet
+//! DIR/command-signers/*/cert.pem  pinned command signers (several during a rotation) ┘
 //! DIR/meters/{id}/chain.pem    the meter's certificate, then the issuing CA         ┐ MeterIdentity,
 //! DIR/meters/{id}/key.pem      its PKCS#8 key: TLS client key and envelope key      ┘ one per meter
 //! ```
 //!
 //! The certificate's key decides the envelope algorithm: P-256 → ES256, Ed25519 → EdDSA,
 //! RSA → RS256. The certificate must identify the meter it is loaded for ([`gridward_pki::identity_of`]).
+//!
+//! Command signers are *pinned*: a meter executes commands signed by the key of a certificate in
+//! `command-signers/`, within that certificate's validity, and by nothing else (not the TLS
+//! server key, not a CA). Firmware manufacturer keys are SPKI PEM files
+//! ([`load_manufacturer_keys`]).
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use gridward_core::MeterId;
-use gridward_core::envelope::{Algorithm, KeyError, SigningKey};
+use gridward_core::command::TrustedSigner;
+use gridward_core::envelope::{Algorithm, KeyError, SigningKey, VerifyingKey};
 use gridward_pki::Identity;
 use gridward_pki::tls::{TlsError, TlsMaterial, TlsOptions, client_config_with};
 use rustls::client::ResolvesClientCert;
@@ -118,15 +125,22 @@ fn pem_err(path: &Path, reason: impl ToString) -> LoadError {
     }
 }
 
-/// What every meter of a PKI directory trusts: the root CA and the CRLs.
+/// What every meter of a PKI directory trusts: the root CA, the CRLs and the pinned command
+/// signers.
 #[derive(Debug, Clone)]
 pub struct Trust {
     roots: Vec<CertificateDer<'static>>,
     crls: Vec<CertificateRevocationListDer<'static>>,
+    command_signers: Vec<TrustedSigner>,
 }
 
+/// The directory of command-signer certificates under a PKI directory.
+pub const COMMAND_SIGNERS_DIR: &str = "command-signers";
+
 impl Trust {
-    /// Reads `DIR/ca/root.crt.pem` and every `DIR/crl/*.crl.pem`.
+    /// Reads `DIR/ca/root.crt.pem`, every `DIR/crl/*.crl.pem`, and every
+    /// `DIR/command-signers/*/cert.pem` (none if the directory does not exist: the meters then
+    /// refuse every command as `unknown_signer`).
     pub fn load(pki_dir: &Path) -> Result<Self, LoadError> {
         let root_path = pki_dir.join("ca").join("root.crt.pem");
         let roots = read_certs(&root_path)?;
@@ -151,16 +165,110 @@ impl Trust {
         if crls.is_empty() {
             return Err(LoadError::NoCrl(crl_dir));
         }
-        Ok(Self { roots, crls })
+        let command_signers = load_command_signers(&pki_dir.join(COMMAND_SIGNERS_DIR))?;
+        Ok(Self {
+            roots,
+            crls,
+            command_signers,
+        })
     }
 
-    /// Trust from certificates and CRLs already in memory.
+    /// Trust from certificates and CRLs already in memory (no command signer).
     pub fn new(
         roots: Vec<CertificateDer<'static>>,
         crls: Vec<CertificateRevocationListDer<'static>>,
     ) -> Self {
-        Self { roots, crls }
+        Self {
+            roots,
+            crls,
+            command_signers: Vec::new(),
+        }
     }
+
+    /// As [`load`](Self::load), but pins the command signers the PKI lists at `now`
+    /// ([`gridward_pki::Pki::command_signers`]): during a rotation the superseded certificate
+    /// too (from the archive), never a revoked or expired one.
+    pub fn load_at(pki_dir: &Path, now: time::OffsetDateTime) -> Result<Self, LoadError> {
+        let trust = Self::load(pki_dir)?;
+        let pki = gridward_pki::Pki::open(pki_dir, None).map_err(|e| pem_err(pki_dir, e))?;
+        let certs = pki
+            .command_signers(now)
+            .map_err(|e| pem_err(&pki_dir.join(COMMAND_SIGNERS_DIR), e))?;
+        let signers = certs
+            .iter()
+            .map(|c| {
+                command_signer_der(&c.certificate).map_err(|reason| {
+                    pem_err(&pki_dir.join(COMMAND_SIGNERS_DIR).join(&c.name), reason)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(trust.with_command_signers(signers))
+    }
+
+    /// The same trust with `signers` pinned instead.
+    pub fn with_command_signers(mut self, signers: Vec<TrustedSigner>) -> Self {
+        self.command_signers = signers;
+        self
+    }
+
+    /// The pinned command signers.
+    pub fn command_signers(&self) -> &[TrustedSigner] {
+        &self.command_signers
+    }
+}
+
+/// Every `dir/*/cert.pem`, sorted by path, as pinned command signers; none if `dir` does not
+/// exist.
+pub fn load_command_signers(dir: &Path) -> Result<Vec<TrustedSigner>, LoadError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io_err(dir)(e)),
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path().join("cert.pem")))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    files.iter().map(|p| command_signer(p)).collect()
+}
+
+/// The command signer of one certificate file (PEM): its key and validity window.
+pub fn command_signer(cert_path: &Path) -> Result<TrustedSigner, LoadError> {
+    let certs = read_certs(cert_path)?;
+    let der = certs
+        .first()
+        .ok_or_else(|| pem_err(cert_path, "no CERTIFICATE block"))?;
+    command_signer_der(der).map_err(|reason| pem_err(cert_path, reason))
+}
+
+/// The command signer of one DER certificate: its key and validity window.
+pub fn command_signer_der(der: &[u8]) -> Result<TrustedSigner, String> {
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|e| format!("bad certificate: {e}"))?;
+    let key = VerifyingKey::from_spki_der(cert.tbs_certificate.subject_pki.raw)
+        .map_err(|e| format!("the certificate's key cannot verify commands: {e}"))?;
+    let validity = cert.validity();
+    Ok(TrustedSigner {
+        key,
+        not_before: validity.not_before.to_datetime(),
+        not_after: validity.not_after.to_datetime(),
+    })
+}
+
+/// Firmware manufacturer keys from SPKI PEM files (`-----BEGIN PUBLIC KEY-----`), e.g. as
+/// `openssl pkey -pubout` writes them.
+pub fn load_manufacturer_keys(paths: &[PathBuf]) -> Result<Vec<VerifyingKey>, LoadError> {
+    paths
+        .iter()
+        .map(|p| {
+            let pem = std::fs::read_to_string(p).map_err(io_err(p))?;
+            VerifyingKey::from_spki_pem(&pem).map_err(|source| LoadError::Key {
+                path: p.clone(),
+                source,
+            })
+        })
+        .collect()
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, LoadError> {
@@ -602,6 +710,89 @@ pub(crate) mod tests {
         assert!(matches!(
             MeterIdentity::load(&dir, &m2, &trust, &opts),
             Err(LoadError::Pem { .. })
+        ));
+    }
+
+    #[test]
+    fn command_signers_are_pinned_from_the_pki_directory() {
+        let (_tmp, dir) = test_pki(1);
+        // None issued yet: no signer, not an error.
+        assert!(Trust::load(&dir).unwrap().command_signers().is_empty());
+        let now = OffsetDateTime::now_utc();
+        let pki = Pki::open(&dir, None).unwrap();
+        let opts = IssueOptions::new("test");
+        pki.issue_command_signer("hes-commands", &opts, now)
+            .unwrap();
+        let key_pem =
+            std::fs::read_to_string(dir.join("command-signers/hes-commands/key.pem")).unwrap();
+        let key = SigningKey::from_pkcs8_pem(&key_pem).unwrap();
+        let trust = Trust::load(&dir).unwrap();
+        let [signer] = trust.command_signers() else {
+            panic!("{:?}", trust.command_signers())
+        };
+        assert_eq!(signer.key.kid(), key.kid());
+        assert!(signer.not_before <= now && now < signer.not_after);
+        // Rotation: the superseded certificate stays pinned through the PKI's listing.
+        let rotated = IssueOptions {
+            replace: true,
+            ..IssueOptions::new("test")
+        };
+        pki.issue_command_signer("hes-commands", &rotated, now)
+            .unwrap();
+        assert_eq!(Trust::load(&dir).unwrap().command_signers().len(), 1);
+        let both = Trust::load_at(&dir, now).unwrap();
+        assert_eq!(both.command_signers().len(), 2);
+        assert!(
+            both.command_signers()
+                .iter()
+                .any(|s| s.key.kid() == key.kid())
+        );
+        // A file that is no certificate is refused with its path.
+        std::fs::create_dir_all(dir.join("command-signers/junk")).unwrap();
+        std::fs::write(dir.join("command-signers/junk/cert.pem"), "junk").unwrap();
+        assert!(matches!(Trust::load(&dir), Err(LoadError::Pem { .. })));
+    }
+
+    /// Manufacturer keys as OpenSSL writes them (`openssl pkey -pubout`).
+    #[test]
+    fn manufacturer_keys_load_from_openssl_spki_pem() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut paths = Vec::new();
+        for alg in ["ed25519", "EC"] {
+            let key = tmp.path().join(format!("{alg}.key"));
+            let public = tmp.path().join(format!("{alg}.pub.pem"));
+            let mut genpkey = std::process::Command::new("openssl");
+            genpkey.arg("genpkey").arg("-algorithm").arg(alg);
+            if alg == "EC" {
+                genpkey.args(["-pkeyopt", "ec_paramgen_curve:P-256"]);
+            }
+            let ok = genpkey.arg("-out").arg(&key).status().unwrap().success();
+            assert!(ok);
+            let ok = std::process::Command::new("openssl")
+                .args(["pkey", "-pubout", "-in"])
+                .arg(&key)
+                .arg("-out")
+                .arg(&public)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok);
+            paths.push(public);
+        }
+        let keys = load_manufacturer_keys(&paths).unwrap();
+        assert_eq!(
+            keys.iter().map(VerifyingKey::algorithm).collect::<Vec<_>>(),
+            [Algorithm::EdDsa, Algorithm::Es256]
+        );
+        let missing = tmp.path().join("missing.pem");
+        assert!(matches!(
+            load_manufacturer_keys(&[missing]),
+            Err(LoadError::Io { .. })
+        ));
+        std::fs::write(tmp.path().join("bad.pem"), "junk").unwrap();
+        assert!(matches!(
+            load_manufacturer_keys(&[tmp.path().join("bad.pem")]),
+            Err(LoadError::Key { .. })
         ));
     }
 

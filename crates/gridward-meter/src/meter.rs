@@ -12,6 +12,9 @@
 //!   on_disconnected()       everything in flight goes back to the front of the queue, to be
 //!                           resent byte for byte, with the same counter, after the reconnect
 //!   poll_timeout()          when handle_timeout wants to be called next
+//!   poll_subscribe()        after a connect: SUBSCRIBE to the command and firmware topics
+//!   on_command(..)          a command arrived (see crate::command); its acknowledgement is
+//!   on_firmware_chunk(..)   signed by handle_timeout once device_record() is persisted
 //! ```
 //!
 //! A genuine message is only ever forgotten when the head-end acknowledged it or refused it
@@ -23,10 +26,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use gridward_core::MeterId;
-use gridward_core::document::{DocumentError, Event, EventKind, Format, Reading};
+use gridward_core::command::{AckOutcome, Refusal};
+use gridward_core::document::{Document, DocumentError, Event, EventKind, Format, Reading};
 use gridward_core::envelope::{self, EnvelopeError, EnvelopeParams, SigningKey};
 use time::{Duration, OffsetDateTime};
 
+use crate::command::{Device, DeviceConfig};
 use crate::counter::{CounterBlock, DEFAULT_BLOCK};
 use crate::profile::LoadProfile;
 
@@ -58,31 +63,36 @@ pub enum Misbehaviour {
     /// [`REVOKED_GIVE_UP`](crate::fleet::REVOKED_GIVE_UP) failed connects in a row, so its refused
     /// handshakes do not get a shared source address banned.
     Revoked,
+    /// Every new firmware image fails its self-test after the reboot: the meter falls back to
+    /// the old slot and acknowledges `firmware_not_confirmed`. Its messages are genuine.
+    FirmwareFailsBoot,
 }
 
 impl Misbehaviour {
     /// Every misbehaviour.
-    pub const ALL: [Misbehaviour; 4] = [
+    pub const ALL: [Misbehaviour; 5] = [
         Self::Replay,
         Self::ReplayVerbatim,
         Self::Tamper,
         Self::Revoked,
+        Self::FirmwareFailsBoot,
     ];
 
-    /// A short name: `replay`, `replay-verbatim`, `tamper`, `revoked`.
+    /// A short name: `replay`, `replay-verbatim`, `tamper`, `revoked`, `firmware-fails-boot`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Replay => "replay",
             Self::ReplayVerbatim => "replay-verbatim",
             Self::Tamper => "tamper",
             Self::Revoked => "revoked",
+            Self::FirmwareFailsBoot => "firmware-fails-boot",
         }
     }
 
     /// Whether the meter sends deliberately broken messages (as opposed to being refused at
-    /// connect, [`Misbehaviour::Revoked`]).
+    /// connect, [`Misbehaviour::Revoked`], or failing firmware, [`Misbehaviour::FirmwareFailsBoot`]).
     pub fn sends_bad_messages(self) -> bool {
-        !matches!(self, Self::Revoked)
+        !matches!(self, Self::Revoked | Self::FirmwareFailsBoot)
     }
 }
 
@@ -93,6 +103,8 @@ pub enum MessageKind {
     Reading,
     /// An event.
     Event(EventKind),
+    /// The acknowledgement of a command: `None` done, else the refusal.
+    CommandAck(Option<Refusal>),
     /// An unacknowledged message restored from the outbox after a crash of the meter process.
     Restored,
     /// A deliberately broken message (sent once, never resent).
@@ -163,6 +175,8 @@ pub struct Produced {
     pub events: u32,
     /// Misbehaviour messages made.
     pub misbehaviours: u32,
+    /// Command acknowledgements signed.
+    pub acks: u32,
     /// Readings not taken because the queue was full.
     pub skipped: u32,
     /// Work left undone because no counter was available: persist the reservation, then call
@@ -183,7 +197,7 @@ pub enum MeterError {
 }
 
 /// A meter's settings.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct MeterConfig {
     /// Time between readings, within [`MIN_INTERVAL`]..=[`MAX_INTERVAL`] (clamped).
     pub interval: Duration,
@@ -201,11 +215,13 @@ pub struct MeterConfig {
     pub misbehaviour: Option<Misbehaviour>,
     /// Misbehave after every this many genuine readings (once an acknowledgement has been seen).
     pub misbehave_every: u32,
+    /// Command signers, allowed kinds, manufacturer keys and factory firmware.
+    pub device: DeviceConfig,
 }
 
 impl MeterConfig {
     /// Defaults: readings every `interval`, XML, 8 in flight, 4096 held, blocks of
-    /// [`DEFAULT_BLOCK`], well-behaved.
+    /// [`DEFAULT_BLOCK`], well-behaved, [`DeviceConfig::default`] (no command signer pinned).
     pub fn new(interval: Duration, profile: LoadProfile) -> Self {
         Self {
             interval,
@@ -216,6 +232,7 @@ impl MeterConfig {
             counter_block: DEFAULT_BLOCK,
             misbehaviour: None,
             misbehave_every: 3,
+            device: DeviceConfig::default(),
         }
     }
 }
@@ -237,15 +254,23 @@ pub struct MeterCounts {
     pub resent: u64,
     /// Readings skipped because the queue was full.
     pub skipped: u64,
+    /// Commands executed (firmware: installed and confirmed).
+    pub commands_executed: u64,
+    /// Commands refused (by verification, or a firmware failure after it).
+    pub commands_refused: u64,
+    /// Command acknowledgements signed.
+    pub acks: u64,
 }
 
 /// One simulated meter. See the module documentation for the driving loop.
 pub struct Meter {
-    id: MeterId,
+    pub(crate) id: MeterId,
     key: SigningKey,
-    config: MeterConfig,
+    pub(crate) config: MeterConfig,
     readings_topic: Arc<str>,
     events_topic: Arc<str>,
+    commands_topic: Arc<str>,
+    firmware_topic: Arc<str>,
     counter: CounterBlock,
     reservation_pending: Option<u64>,
     next_reading: OffsetDateTime,
@@ -258,7 +283,11 @@ pub struct Meter {
     readings_since_misbehaviour: u32,
     /// Genuine messages at the back of the queue not yet returned by `take_new`.
     unreported: usize,
-    counts: MeterCounts,
+    pub(crate) counts: MeterCounts,
+    /// Topics to subscribe to on this connection, and SUBSCRIBEs awaiting their SUBACK.
+    subscribe_due: Vec<Arc<str>>,
+    subacks_pending: Vec<u16>,
+    pub(crate) device: Device,
 }
 
 impl std::fmt::Debug for Meter {
@@ -284,9 +313,12 @@ impl Meter {
         counter: CounterBlock,
         first_reading: OffsetDateTime,
     ) -> Self {
+        let device = Device::new(config.device.clone());
         Self {
             readings_topic: id.readings_topic().into(),
             events_topic: id.events_topic().into(),
+            commands_topic: id.commands_topic().into(),
+            firmware_topic: id.firmware_topic().into(),
             id,
             key,
             config,
@@ -302,7 +334,34 @@ impl Meter {
             readings_since_misbehaviour: 0,
             unreported: 0,
             counts: MeterCounts::default(),
+            subscribe_due: Vec::new(),
+            subacks_pending: Vec::new(),
+            device,
         }
+    }
+
+    /// The topic commands arrive on (`meters/{id}/commands`).
+    pub fn commands_topic(&self) -> &str {
+        &self.commands_topic
+    }
+
+    /// The topic firmware chunks arrive on (`meters/{id}/firmware`).
+    pub fn firmware_topic(&self) -> &str {
+        &self.firmware_topic
+    }
+
+    /// The reporting interval in force (set by a command, else configured), clamped to
+    /// [`MIN_INTERVAL`]..=[`MAX_INTERVAL`].
+    pub fn interval(&self) -> Duration {
+        self.device
+            .interval_override()
+            .unwrap_or(self.config.interval)
+            .clamp(MIN_INTERVAL, MAX_INTERVAL)
+    }
+
+    /// The next reading one interval from `now` (after a change of the interval).
+    pub(crate) fn reschedule(&mut self, now: OffsetDateTime) {
+        self.next_reading = now.checked_add(self.interval()).unwrap_or(NEVER);
     }
 
     /// The meter id.
@@ -377,14 +436,23 @@ impl Meter {
         }
     }
 
-    /// When [`handle_timeout`](Self::handle_timeout) should be called next.
+    /// When [`handle_timeout`](Self::handle_timeout) should be called next: the next reading
+    /// or the deadline of a firmware transfer; the Unix epoch (a past instant: call it now)
+    /// while a requested reading or a releasable acknowledgement waits.
     pub fn poll_timeout(&self) -> OffsetDateTime {
-        self.next_reading
+        if self.device.read_now || self.device.ack_ready() {
+            return OffsetDateTime::UNIX_EPOCH;
+        }
+        match self.device.transfer_deadline() {
+            Some(d) => d.min(self.next_reading),
+            None => self.next_reading,
+        }
     }
 
-    /// Whether events are waiting to be signed (call [`handle_timeout`](Self::handle_timeout) now).
+    /// Whether events (or command acknowledgements, or a requested reading) are waiting to be
+    /// signed (call [`handle_timeout`](Self::handle_timeout) now).
     pub fn has_requested_events(&self) -> bool {
-        !self.requested_events.is_empty()
+        !self.requested_events.is_empty() || self.device.read_now || self.device.ack_ready()
     }
 
     /// A new high-water mark to persist, if half the block is used and none is being persisted.
@@ -419,6 +487,38 @@ impl Meter {
     pub fn handle_timeout(&mut self, now: OffsetDateTime) -> Result<Produced, MeterError> {
         let mut out = Produced::default();
         let ts = whole_second(now);
+        self.expire_transfer(now);
+        while self.device.ack_ready() {
+            let Ok(counter) = self.counter.take() else {
+                out.starved = true;
+                return Ok(out);
+            };
+            let Some((_, ack)) = self.device.acks.pop_front() else {
+                break;
+            };
+            let refusal = match ack.outcome {
+                AckOutcome::Done { .. } => None,
+                AckOutcome::Refused(r) => Some(r),
+            };
+            let body = Document::CommandAck(ack).to_json();
+            let envelope = self.sign_as(
+                counter,
+                ts,
+                &self.events_topic,
+                Format::Json,
+                body.as_bytes(),
+            )?;
+            self.queue.push_back(Message {
+                counter,
+                topic: self.events_topic.clone(),
+                envelope,
+                kind: MessageKind::CommandAck(refusal),
+                sends: 0,
+            });
+            self.unreported += 1;
+            out.acks += 1;
+            self.counts.acks += 1;
+        }
         while let Some(&kind) = self.requested_events.front() {
             let Ok(counter) = self.counter.take() else {
                 out.starved = true;
@@ -439,7 +539,8 @@ impl Meter {
             out.events += 1;
             self.counts.events += 1;
         }
-        if now < self.next_reading {
+        let read_now = self.device.read_now;
+        if now < self.next_reading && !read_now {
             return Ok(out);
         }
         if self.held() >= self.config.max_held {
@@ -467,12 +568,16 @@ impl Meter {
                 out.misbehaviours += 1;
             }
         }
-        self.advance_schedule(now);
+        self.device.read_now = false;
+        // A reading asked for by a command does not move the schedule.
+        if now >= self.next_reading {
+            self.advance_schedule(now);
+        }
         Ok(out)
     }
 
     fn advance_schedule(&mut self, now: OffsetDateTime) {
-        let interval = self.config.interval.clamp(MIN_INTERVAL, MAX_INTERVAL);
+        let interval = self.interval();
         // Both fit an i64 of nanoseconds: the interval is at most a week.
         let step = interval.whole_nanoseconds() as i64;
         self.next_reading = match self.next_reading.checked_add(interval) {
@@ -488,7 +593,9 @@ impl Meter {
     }
 
     fn reading_body(&self, ts: OffsetDateTime) -> Result<String, MeterError> {
-        let reading = Reading::new(self.id.clone(), ts, self.config.profile.register_kwh(ts))?;
+        let profile = &self.config.profile;
+        let kwh = self.device.register(ts, |t| profile.register_kwh(t));
+        let reading = Reading::new(self.id.clone(), ts, kwh)?;
         Ok(match self.config.format {
             Format::Xml => reading.to_xml(),
             Format::Json => reading.to_json(),
@@ -502,11 +609,22 @@ impl Meter {
         topic: &str,
         payload: &[u8],
     ) -> Result<Bytes, MeterError> {
+        self.sign_as(counter, ts, topic, self.config.format, payload)
+    }
+
+    fn sign_as(
+        &self,
+        counter: u64,
+        ts: OffsetDateTime,
+        topic: &str,
+        format: Format,
+        payload: &[u8],
+    ) -> Result<Bytes, MeterError> {
         let params = EnvelopeParams {
             meter_id: &self.id,
             counter,
             timestamp: ts.unix_timestamp(),
-            content_type: self.config.format,
+            content_type: format,
             topic,
         };
         Ok(Bytes::from(envelope::sign(&self.key, &params, payload)?))
@@ -560,7 +678,7 @@ impl Meter {
                     sends: 0,
                 }
             }
-            Misbehaviour::Revoked => return Ok(false),
+            Misbehaviour::Revoked | Misbehaviour::FirmwareFailsBoot => return Ok(false),
         };
         self.queue.push_back(message);
         self.unreported += 1;
@@ -573,12 +691,36 @@ impl Meter {
     pub fn on_connected(&mut self) {
         self.connected = true;
         self.next_packet_id = 1;
+        self.subscribe_due = vec![self.commands_topic.clone(), self.firmware_topic.clone()];
+        self.subacks_pending.clear();
+    }
+
+    /// The next SUBSCRIBE to write after a connect (QoS 1, the command topic, then the firmware
+    /// topic), with a packet id no PUBLISH in flight uses until its SUBACK.
+    pub fn poll_subscribe(&mut self) -> Option<(u16, Arc<str>)> {
+        if !self.connected || self.subscribe_due.is_empty() {
+            return None;
+        }
+        let topic = self.subscribe_due.remove(0);
+        let pkid = self.allocate_packet_id();
+        self.subacks_pending.push(pkid);
+        Some((pkid, topic))
+    }
+
+    /// A SUBACK for `packet_id`: `Some(granted)` if it answers one of ours (granted: every
+    /// return code below 0x80), `None` otherwise.
+    pub fn on_suback(&mut self, packet_id: u16, return_codes: &[u8]) -> Option<bool> {
+        let pos = self.subacks_pending.iter().position(|p| *p == packet_id)?;
+        self.subacks_pending.remove(pos);
+        Some(!return_codes.is_empty() && return_codes.iter().all(|c| *c < 0x80))
     }
 
     /// The connection is gone: every genuine message in flight goes back to the front of the
     /// queue, in its original order, to be resent unchanged; misbehaviour in flight is dropped.
     pub fn on_disconnected(&mut self) {
         self.connected = false;
+        self.subscribe_due.clear();
+        self.subacks_pending.clear();
         while let Some((_, m)) = self.inflight.pop_back() {
             if m.kind.is_genuine() {
                 self.queue.push_front(m);
@@ -616,7 +758,10 @@ impl Meter {
         loop {
             let id = self.next_packet_id;
             self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-            if id != 0 && !self.inflight.iter().any(|(p, _)| *p == id) {
+            if id != 0
+                && !self.inflight.iter().any(|(p, _)| *p == id)
+                && !self.subacks_pending.contains(&id)
+            {
                 return id;
             }
         }

@@ -115,7 +115,7 @@ pub fn sign_document(
         }
         let topic = match parsed {
             Document::Reading(_) => meter.readings_topic(),
-            Document::Event(_) => meter.events_topic(),
+            Document::Event(_) | Document::CommandAck(_) => meter.events_topic(),
         };
         (doc_ts, topic)
     };

@@ -196,12 +196,27 @@ counters! {
     unexpected_acks,
     /// Meters that stopped trying to connect.
     gave_up,
+    /// Commands received (over MQTT or injected).
+    commands_received,
+    /// Commands executed (firmware: installed and confirmed).
+    commands_executed,
+    /// Commands refused (by verification, or a firmware failure after it).
+    commands_refused,
+    /// Command acknowledgements signed.
+    command_acks,
+    /// Firmware chunks received.
+    firmware_chunks,
+    /// SUBACKs that refused a subscription.
+    subscribe_refused,
+    /// PUBLISHes from the head-end on a topic the meter does not read.
+    unexpected_publishes,
 }
 
 impl StatsSnapshot {
     /// Genuine messages signed (or restored) but not yet acknowledged or refused.
     pub fn unacknowledged(&self) -> u64 {
-        (self.readings + self.events + self.restored).saturating_sub(self.acked + self.rejected)
+        (self.readings + self.events + self.command_acks + self.restored)
+            .saturating_sub(self.acked + self.rejected)
     }
 }
 

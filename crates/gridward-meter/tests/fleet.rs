@@ -13,14 +13,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gridward_core::MeterId;
+use gridward_core::command::{
+    self, AckOutcome, Command, CommandAck, CommandBody, CommandId, Refusal,
+};
 use gridward_core::document::{Document, EventKind, Format, Limits};
-use gridward_core::envelope::{EnvelopeError, VerifyingKey, verify};
+use gridward_core::envelope::{EnvelopeError, SigningKey, VerifyingKey, verify};
+use gridward_core::firmware::{self, Manifest};
 use gridward_core::security::{Reason, SecurityEvent};
+use gridward_meter::command::Relay;
 use gridward_meter::fleet::{Clock, Fleet, FleetConfig, MeterSpec};
 use gridward_meter::identity::{self, MeterIdentity, Trust};
 use gridward_meter::meter::Misbehaviour;
 use gridward_mqtt::client::Protocol;
-use gridward_mqtt::{Endpoint, EndpointConfig, EventSink, InboundPublish, PublishHandler, Verdict};
+use gridward_mqtt::{
+    Endpoint, EndpointConfig, EventSink, InboundPublish, OutboundResult, PublishHandler, Verdict,
+};
 use gridward_pki::tls::{TlsOptions, server_config};
 use gridward_pki::{InitOptions, IssueOptions, LeafKind, Pki, RevocationReason, RevokeTarget};
 use time::OffsetDateTime;
@@ -38,6 +45,9 @@ struct Stored {
     duplicates: u64,
     refused: Vec<(MeterId, Reason)>,
     events: Vec<(MeterId, EventKind)>,
+    acks: Vec<CommandAck>,
+    /// Per meter: the register of each reading, in counter order.
+    registers: HashMap<MeterId, Vec<f64>>,
 }
 
 /// The stand-in pipeline. It decides (and stores) as each message arrives, in arrival order;
@@ -81,8 +91,14 @@ impl Pipeline {
         let Ok(doc) = verified.into_document(&Limits::default()) else {
             return refuse(&mut s, Reason::InvalidDocument);
         };
-        if let Document::Event(e) = doc.document() {
-            s.events.push((msg.meter_id.clone(), e.kind));
+        match doc.document() {
+            Document::Event(e) => s.events.push((msg.meter_id.clone(), e.kind)),
+            Document::CommandAck(a) => s.acks.push(a.clone()),
+            Document::Reading(r) => s
+                .registers
+                .entry(msg.meter_id.clone())
+                .or_default()
+                .push(r.energy_kwh),
         }
         s.last.insert(msg.meter_id.clone(), counter);
         s.readings
@@ -416,5 +432,212 @@ async fn unacknowledged_readings_survive_a_restart_of_the_meter_process() {
     assert!(stored.refused.is_empty(), "{:?}", stored.refused);
     let total: usize = stored.readings.values().map(BTreeMap::len).sum();
     assert_eq!(total as u64, r2.stats.acked);
+    endpoint.shutdown();
+}
+
+/// Publishes `payload` to `meter` on `topic` through the endpoint (retrying until the meter is
+/// connected and subscribed) and waits for the meter's PUBACK.
+async fn deliver(endpoint: &Endpoint<Handler>, meter: &MeterId, topic: String, payload: Vec<u8>) {
+    for _ in 0..200 {
+        if let Ok(rx) = endpoint.publish(meter, topic.clone(), payload.clone().into())
+            && let Ok(OutboundResult::Acked { reason_code: 0 }) = rx.await
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{topic} was never acknowledged by {meter}");
+}
+
+/// Waits until the pipeline stored an acknowledgement of `cid`.
+async fn ack_of(pipeline: &Pipeline, cid: CommandId) -> CommandAck {
+    for _ in 0..200 {
+        if let Some(a) = pipeline
+            .stored
+            .lock()
+            .unwrap()
+            .acks
+            .iter()
+            .find(|a| a.command_id == cid)
+        {
+            return a.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no acknowledgement of {cid}");
+}
+
+fn ed25519() -> SigningKey {
+    let pkcs8 =
+        aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new())
+            .unwrap();
+    SigningKey::from_pkcs8_der(pkcs8.as_ref()).unwrap()
+}
+
+/// Commands over the real endpoint: a PKI-issued command signer pinned by the fleet, a relay
+/// disconnect with readings still flowing, a firmware update in chunks on the firmware topic,
+/// a forged command from a "compromised broker", and the state surviving a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_and_firmware_over_mqtt_survive_a_restart() {
+    let s = setup(1);
+    let now = OffsetDateTime::now_utc();
+    Pki::open(&s.pki, None)
+        .unwrap()
+        .issue_command_signer("hes-commands", &IssueOptions::new("test"), now)
+        .unwrap();
+    let signer = SigningKey::from_pkcs8_pem(
+        &std::fs::read_to_string(s.pki.join("command-signers/hes-commands/key.pem")).unwrap(),
+    )
+    .unwrap();
+    let maker = ed25519();
+    let pipeline = Arc::new(Pipeline::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (endpoint, _events, _task) = start_endpoint(&s.pki, &pipeline, listener).await;
+    let trust = Trust::load_at(&s.pki, now).unwrap();
+    assert_eq!(trust.command_signers().len(), 1);
+    let make_config = || {
+        let mut c = fleet_config(&s, port);
+        c.format = Format::Json;
+        c.command_signers = trust.command_signers().to_vec();
+        c.manufacturer_keys = vec![maker.verifying_key().unwrap()];
+        c
+    };
+    let meter = id(1);
+    let command = |body, counter: u64| {
+        let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        let c = Command {
+            id: CommandId::random(),
+            meter_id: meter.clone(),
+            body,
+            counter,
+            issued_at: now,
+            expires_at: now + time::Duration::minutes(5),
+        };
+        (c.id, command::sign(&signer, &c).unwrap())
+    };
+
+    let fleet = Fleet::start(vec![MeterSpec::from(load(&s, 1))], make_config())
+        .await
+        .unwrap();
+    assert_eq!(fleet.relay_state(&meter), Some(Relay::Connected));
+
+    // Disconnect: the state is changed (and persisted) before the PUBACK.
+    let (cid, bytes) = command(CommandBody::Disconnect, 1);
+    deliver(&endpoint, &meter, meter.commands_topic(), bytes).await;
+    assert_eq!(fleet.relay_state(&meter), Some(Relay::Disconnected));
+    // The PUBACK came after the new state was on disk.
+    let file = std::fs::read_to_string(s.state.join("counters")).unwrap();
+    let line = file.lines().find(|l| l.starts_with("T-000001 ")).unwrap();
+    assert!(line.contains(" cmd=1") && line.contains(" open="), "{file}");
+    let a = ack_of(&pipeline, cid).await;
+    assert_eq!(
+        a.outcome,
+        AckOutcome::Done {
+            detail: Some("relay open".into())
+        }
+    );
+    let readings_then = pipeline
+        .stored
+        .lock()
+        .unwrap()
+        .registers
+        .get(&meter)
+        .map_or(0, Vec::len);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    {
+        // Readings keep flowing while disconnected, and the register does not move.
+        let stored = pipeline.stored.lock().unwrap();
+        let regs = &stored.registers[&meter];
+        assert!(regs.len() >= readings_then + 2, "{regs:?}");
+        let tail = &regs[readings_then..];
+        assert!(tail.windows(2).all(|w| w[0] == w[1]), "{tail:?}");
+    }
+
+    // A forged command (another key) delivered by a compromised broker: refused, signed ack.
+    let c = Command {
+        id: CommandId::random(),
+        meter_id: meter.clone(),
+        body: CommandBody::Reconnect,
+        counter: 100,
+        issued_at: now.replace_nanosecond(0).unwrap(),
+        expires_at: now + time::Duration::minutes(5),
+    };
+    let forged = command::sign(&ed25519(), &c).unwrap();
+    assert!(fleet.inject_command(&meter, &meter.commands_topic(), forged));
+    let a = ack_of(&pipeline, c.id).await;
+    assert_eq!(a.outcome, AckOutcome::Refused(Refusal::UnknownSigner));
+    assert_eq!(fleet.relay_state(&meter), Some(Relay::Disconnected));
+
+    // Firmware: the manifest in the command, the image in chunks on the firmware topic.
+    let image: Vec<u8> = (0..40_000u32).map(|i| (i % 253) as u8).collect();
+    let digest: [u8; 32] = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &image)
+        .as_ref()
+        .try_into()
+        .unwrap();
+    let manifest = Manifest {
+        manifest_version: firmware::MANIFEST_VERSION,
+        sequence: 7,
+        vendor_id: "gridward-sim".into(),
+        class_id: "sim-meter-1".into(),
+        version: "1.7.0".into(),
+        digest,
+        size: image.len() as u64,
+        expires_at: None,
+        rollback_from: None,
+    };
+    let signed = firmware::sign_manifest(&maker, &manifest).unwrap();
+    let (cid, bytes) = command(CommandBody::FirmwareUpdate { manifest: signed }, 2);
+    deliver(&endpoint, &meter, meter.commands_topic(), bytes).await;
+    for chunk in firmware::chunks(digest, &image) {
+        deliver(&endpoint, &meter, meter.firmware_topic(), chunk.encode()).await;
+    }
+    let a = ack_of(&pipeline, cid).await;
+    assert_eq!(
+        a.outcome,
+        AckOutcome::Done {
+            detail: Some("firmware 1.7.0 (sequence 7) confirmed".into())
+        }
+    );
+    let st = fleet.device_state(&meter).unwrap();
+    assert_eq!(
+        (st.firmware.version.as_str(), st.firmware.sequence),
+        ("1.7.0", 7)
+    );
+    assert_eq!(st.last_command, Some(2));
+    let report = fleet.stop(Duration::from_secs(5)).await;
+    assert_eq!(report.stats.unacknowledged(), 0, "{:?}", report.stats);
+    assert_eq!(report.stats.command_acks, 3);
+
+    // Restart: relay, firmware and the command counter come back from the state file.
+    let fleet = Fleet::start(vec![MeterSpec::from(load(&s, 1))], make_config())
+        .await
+        .unwrap();
+    let st = fleet.device_state(&meter).unwrap();
+    assert_eq!(st.relay, Relay::Disconnected);
+    assert_eq!(
+        (st.firmware.version.as_str(), st.firmware.sequence),
+        ("1.7.0", 7)
+    );
+    assert_eq!(st.last_command, Some(2));
+    // The old disconnect again (a replay): refused, counter not fresh.
+    let (_, replay) = command(CommandBody::Disconnect, 1);
+    let rid = command::unverified_id(&replay).unwrap();
+    deliver(&endpoint, &meter, meter.commands_topic(), replay).await;
+    assert_eq!(
+        ack_of(&pipeline, rid).await.outcome,
+        AckOutcome::Refused(Refusal::CounterNotFresh)
+    );
+    // A genuine reconnect after the restart.
+    let (cid, bytes) = command(CommandBody::Reconnect, 3);
+    deliver(&endpoint, &meter, meter.commands_topic(), bytes).await;
+    assert_eq!(fleet.relay_state(&meter), Some(Relay::Connected));
+    assert!(matches!(
+        ack_of(&pipeline, cid).await.outcome,
+        AckOutcome::Done { .. }
+    ));
+    fleet.stop(Duration::from_secs(5)).await;
+    let stored = pipeline.stored.lock().unwrap();
+    assert!(stored.refused.is_empty(), "{:?}", stored.refused);
     endpoint.shutdown();
 }

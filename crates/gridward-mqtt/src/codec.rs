@@ -92,6 +92,9 @@ pub struct ConnectInfo {
     pub problem_information: bool,
     /// MQTT 5 Maximum Packet Size the client accepts (absent: no limit but the protocol's).
     pub max_packet_size: Option<u32>,
+    /// MQTT 5 Receive Maximum: QoS 1 publishes the client is willing to have unacknowledged from
+    /// the server at once (absent: 65,535; 0 is a protocol error). Always `None` for 3.1.1.
+    pub receive_maximum: Option<u16>,
 }
 
 /// One MQTT control packet, either protocol version, reduced to the fields Gridward uses.
@@ -409,6 +412,7 @@ fn decode_v4(frame: &[u8], name: &'static str) -> Result<Packet, CodecError> {
                 username: c.login.map(|l| l.username),
                 problem_information: false,
                 max_packet_size: None,
+                receive_maximum: None,
             })
         }
         v4::Packet::ConnAck(c) => Packet::ConnAck {
@@ -498,6 +502,7 @@ fn decode_v5(frame: &[u8], name: &'static str) -> Result<Packet, CodecError> {
             problem_information: c.properties.as_ref().and_then(|p| p.request_problem_info)
                 != Some(0),
             max_packet_size: c.properties.as_ref().and_then(|p| p.max_packet_size),
+            receive_maximum: c.properties.as_ref().and_then(|p| p.receive_maximum),
             client_id: c.client_id,
             keep_alive: c.keep_alive,
             clean_start: c.clean_start,
@@ -772,6 +777,12 @@ pub fn encode_suback(buf: &mut BytesMut, protocol: Protocol, pkid: u16, codes: &
 /// Appends an UNSUBACK for `count` filters (MQTT 5: every reason 0x11 "no subscription existed"
 /// or `code`).
 pub fn encode_unsuback(buf: &mut BytesMut, protocol: Protocol, pkid: u16, count: usize, code: u8) {
+    encode_unsuback_codes(buf, protocol, pkid, &vec![code; count]);
+}
+
+/// Appends an UNSUBACK with one MQTT 5 reason code per filter (0x00 success, 0x11 no
+/// subscription existed, ...); a 3.1.1 UNSUBACK carries no codes.
+pub fn encode_unsuback_codes(buf: &mut BytesMut, protocol: Protocol, pkid: u16, codes: &[u8]) {
     buf.put_u8(0xB0);
     match protocol {
         Protocol::V311 => {
@@ -779,12 +790,10 @@ pub fn encode_unsuback(buf: &mut BytesMut, protocol: Protocol, pkid: u16, count:
             buf.put_u16(pkid);
         }
         Protocol::V5 => {
-            put_remaining_length(buf, 3 + count);
+            put_remaining_length(buf, 3 + codes.len());
             buf.put_u16(pkid);
             buf.put_u8(0);
-            for _ in 0..count {
-                buf.put_u8(code);
-            }
+            buf.put_slice(codes);
         }
     }
 }
@@ -980,6 +989,7 @@ mod tests {
                     username: None,
                     problem_information: protocol == Protocol::V5,
                     max_packet_size: None,
+                    receive_maximum: None,
                 })
             );
         }
@@ -1117,11 +1127,12 @@ mod tests {
     }
 
     #[test]
-    fn v5_connect_problem_information_and_maximum_packet_size() {
+    fn v5_connect_problem_information_packet_size_and_receive_maximum() {
         let mut buf = BytesMut::new();
         let props = v5::ConnectProperties {
             request_problem_info: Some(0),
             max_packet_size: Some(128),
+            receive_maximum: Some(4),
             ..v5::ConnectProperties::new()
         };
         let c = v5::Connect {
@@ -1136,6 +1147,7 @@ mod tests {
         };
         assert!(!info.problem_information);
         assert_eq!(info.max_packet_size, Some(128));
+        assert_eq!(info.receive_maximum, Some(4));
     }
 
     #[test]

@@ -26,6 +26,14 @@ pub struct EndpointConfig {
     /// (default 32). At the limit the endpoint stops reading from that connection (back-pressure);
     /// announced to MQTT 5 clients as Receive Maximum.
     pub max_inflight: u16,
+    /// Head-end → meter QoS 1 publishes (commands, firmware) of one connection sent and not yet
+    /// acknowledged by the meter's PUBACK (default 16). Lowered further to an MQTT 5 client's
+    /// Receive Maximum; further messages wait in the session's queue.
+    pub max_outbound_inflight: u16,
+    /// Head-end → meter publishes one connection holds while they wait for the meter's
+    /// subscription or for room in the in-flight window (default 256). Beyond it a publish is
+    /// refused at once (`OutboundRefusal::QueueFull`).
+    pub max_outbound_queue: usize,
     /// Sustained packet rate of one meter, packets per second (default 50).
     /// Exceeded beyond the burst: security event `rate_limited`, disconnect. The bucket is the
     /// meter's, not the connection's: a reconnecting meter continues with what its last
@@ -69,6 +77,8 @@ impl Default for EndpointConfig {
             connect_timeout: Duration::from_secs(10),
             max_keep_alive: Duration::from_secs(20 * 60),
             max_inflight: 32,
+            max_outbound_inflight: 16,
+            max_outbound_queue: 256,
             rate_per_second: 50.0,
             rate_burst: 200,
             ban_after_failures: 10,
@@ -110,6 +120,8 @@ impl EndpointConfig {
             ("connect_timeout", !self.connect_timeout.is_zero()),
             ("max_keep_alive", self.max_keep_alive.as_secs() > 0),
             ("max_inflight", self.max_inflight > 0),
+            ("max_outbound_inflight", self.max_outbound_inflight > 0),
+            ("max_outbound_queue", self.max_outbound_queue > 0),
             (
                 "rate_per_second",
                 self.rate_per_second.is_finite() && self.rate_per_second > 0.0,
@@ -142,6 +154,22 @@ mod tests {
             ..EndpointConfig::default()
         };
         assert_eq!(c.validate(), Err(ConfigError::NotPositive("max_inflight")));
+        let c = EndpointConfig {
+            max_outbound_inflight: 0,
+            ..EndpointConfig::default()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::NotPositive("max_outbound_inflight"))
+        );
+        let c = EndpointConfig {
+            max_outbound_queue: 0,
+            ..EndpointConfig::default()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::NotPositive("max_outbound_queue"))
+        );
         let c = EndpointConfig {
             rate_per_second: f64::NAN,
             ..EndpointConfig::default()

@@ -6,9 +6,17 @@
 //! accept ─► banned? ─► connection permit? ─► TLS (client cert, CRLs) ─► identity_of = Meter(id)?
 //!        ─► Session: CONNECT (ClientID = id) ─► registry (takeover, revocation) ─► PUBLISH ─► PublishHandler
 //!                                                                     PUBACK ◄─ verdict (in order)
+//!
+//! head-end: Endpoint::publish(meter, topic, payload) ─► registry ─► that meter's session loop
+//!        ─► Session::publish ─► PUBLISH QoS 1 (once subscribed) ─► meter's PUBACK ─► oneshot: OutboundResult
 //! ```
 //!
-//! Every refusal goes to the [`EventSink`] as a `SecurityEvent`; connects and disconnects too.
+//! Every refusal goes to the [`EventSink`] as a `SecurityEvent`; connects and disconnects too,
+//! and each new subscription of a meter to its commands or firmware topic
+//! ([`EventSink::subscribed`]): from then on [`Endpoint::publish`] reaches it there.
+//! A message handed to [`Endpoint::publish`] is sent at most once on that connection; if the
+//! connection ends before the meter's PUBACK, its receiver gets [`OutboundResult::Disconnected`]
+//! and the head-end resends on the next connection (no MQTT session state is kept).
 //! [`Endpoint::reload`] swaps the TLS configuration for new handshakes and disconnects live
 //! sessions whose certificate is now revoked. [`Endpoint::run`] serves one listener until its
 //! shutdown future resolves (or [`Endpoint::shutdown`] is called), then drains: connections get
@@ -25,7 +33,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use gridward_core::MeterId;
 use gridward_core::security::{Reason, SecurityEvent};
 use gridward_pki::tls::{TlsError, TlsMaterial, server_config};
@@ -34,7 +42,7 @@ use rustls::ServerConfig;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +54,7 @@ use crate::config::{ConfigError, EndpointConfig};
 use crate::handler::{EventSink, InboundPublish, PublishHandler, Verdict};
 use crate::limits::{Admission, BanList, BanPolicy, MeterBuckets};
 use crate::peer::{PeerCert, RevocationError, Revocations, handshake_reason};
-use crate::session::{Action, Cancel, Session};
+use crate::session::{Action, Cancel, OutboundResult, Session};
 
 /// The wall clock of the endpoint (for `received_at` and event times). The binary passes
 /// `Arc::new(time::OffsetDateTime::now_utc)`; tests may pass a fixed or stepping clock.
@@ -71,6 +79,33 @@ pub enum EndpointError {
     /// The listener failed.
     #[error("listener error: {0}")]
     Listener(#[source] io::Error),
+}
+
+/// Why [`Endpoint::publish`] could not hand a message to a meter's session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The meter has no live MQTT session (never connected, disconnected, or its session is
+    /// ending): keep the message and send it when the meter connects and subscribes again.
+    #[error("the meter is not connected: send when it reconnects")]
+    NotConnected,
+    /// The meter's session has not yet taken up the messages handed to it before (its
+    /// connection is slow to write): retry shortly.
+    #[error("the meter's session is busy with earlier messages: retry shortly")]
+    Busy,
+}
+
+/// Head-end → meter messages one session loop accepts before it has taken them up; beyond,
+/// [`Endpoint::publish`] answers [`PublishError::Busy`]. The session's own queue is bounded by
+/// [`EndpointConfig::max_outbound_queue`].
+const OUTBOUND_CHANNEL: usize = 64;
+
+/// One message from [`Endpoint::publish`] to a session loop.
+#[derive(Debug)]
+struct OutboundRequest {
+    topic: String,
+    payload: Bytes,
+    done: oneshot::Sender<OutboundResult>,
 }
 
 /// Counters of an endpoint (since it was created).
@@ -111,6 +146,8 @@ struct Live {
     conn_id: u64,
     cert: Arc<PeerCert>,
     control: oneshot::Sender<Cancel>,
+    /// Head-end → meter messages for the session loop.
+    outbound: mpsc::Sender<OutboundRequest>,
 }
 
 #[derive(Debug, Default)]
@@ -268,6 +305,38 @@ impl<H: PublishHandler> Endpoint<H> {
     pub fn disconnect(&self, meter: &MeterId) -> bool {
         let live = lock(&self.inner.registry).live.remove(meter);
         live.is_some_and(|l| l.control.send(Cancel::Admin).is_ok())
+    }
+
+    /// Sends `payload` to `meter` on `topic` (its `meters/{id}/commands` or
+    /// `meters/{id}/firmware`) as a QoS 1 PUBLISH, once the meter has subscribed to that topic.
+    /// The receiver resolves with how it ended: [`OutboundResult::Acked`] with the meter's
+    /// PUBACK, [`OutboundResult::Refused`] if the session refused it unsent (another topic, too
+    /// large for the meter, queue full), [`OutboundResult::Disconnected`] if the connection ended
+    /// first (resend on the next one).
+    ///
+    /// # Errors
+    ///
+    /// [`PublishError::NotConnected`] if the meter has no live session,
+    /// [`PublishError::Busy`] if its session has not taken up earlier messages yet.
+    pub fn publish(
+        &self,
+        meter: &MeterId,
+        topic: String,
+        payload: Bytes,
+    ) -> Result<oneshot::Receiver<OutboundResult>, PublishError> {
+        let (done, rx) = oneshot::channel();
+        let request = OutboundRequest {
+            topic,
+            payload,
+            done,
+        };
+        let reg = lock(&self.inner.registry);
+        let live = reg.live.get(meter).ok_or(PublishError::NotConnected)?;
+        match live.outbound.try_send(request) {
+            Ok(()) => Ok(rx),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(PublishError::Busy),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(PublishError::NotConnected),
+        }
     }
 
     /// Meters with a live MQTT session.
@@ -601,6 +670,12 @@ struct SessionLoop<'a, H> {
     pending: Vec<(u64, VerdictFuture)>,
     control_tx: Option<oneshot::Sender<Cancel>>,
     control_rx: oneshot::Receiver<Cancel>,
+    /// Moved into the registry when the session is registered.
+    outbound_tx: Option<mpsc::Sender<OutboundRequest>>,
+    outbound_rx: mpsc::Receiver<OutboundRequest>,
+    /// The receivers of head-end → meter messages handed to the session, by tag.
+    waiting: HashMap<u64, oneshot::Sender<OutboundResult>>,
+    next_tag: u64,
     /// CONNECT accepted and the session entered the registry.
     connected: bool,
     /// The session was cut for abuse (rate limit, oversize or malformed packet): it counts
@@ -619,6 +694,7 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
         accepted_at: Instant,
     ) -> Self {
         let (control_tx, control_rx) = oneshot::channel();
+        let (outbound_tx, outbound_rx) = mpsc::channel(OUTBOUND_CHANNEL);
         Self {
             inner,
             peer,
@@ -628,6 +704,10 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
             pending: Vec::new(),
             control_tx: Some(control_tx),
             control_rx,
+            outbound_tx: Some(outbound_tx),
+            outbound_rx,
+            waiting: HashMap::new(),
+            next_tag: 0,
             connected: false,
             abused: false,
             closing: false,
@@ -639,6 +719,7 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
     /// session not cut for abuse.
     async fn run(mut self, tls: &mut TlsStream<TcpStream>, shutdown: &CancellationToken) -> bool {
         self.drive(tls, shutdown).await;
+        self.end_outbound();
         self.finish();
         self.orphan_pending().await;
         self.connected && !self.abused
@@ -652,6 +733,7 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
         let mut rbuf = BytesMut::new();
         let mut actions = Vec::new();
         let mut control_done = false;
+        let mut outbound_done = false;
         let mut shutdown_seen = false;
         let mut drain_deadline: Option<Instant> = None;
         let mut lifetime_done = false;
@@ -734,6 +816,16 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
                         self.session.on_verdict(seq, verdict, &mut actions);
                     }
                 }
+                request = self.outbound_rx.recv(), if !outbound_done => match request {
+                    Some(OutboundRequest { topic, payload, done }) => {
+                        let tag = self.next_tag;
+                        self.next_tag += 1;
+                        self.waiting.insert(tag, done);
+                        self.session.publish(&topic, payload, tag, &mut actions);
+                    }
+                    // Out of the registry (taken over, revoked, disconnected): no more requests.
+                    None => outbound_done = true,
+                },
                 read = tls.read_buf(&mut rbuf), if want_read => match read {
                     // The client closed the connection (or it broke): nothing more to send.
                     Ok(0) | Err(_) => return,
@@ -809,6 +901,21 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
                         .event(reason, Some(&self.peer.meter), self.addr, detail);
                 }
                 Action::Connected { .. } => self.register(),
+                Action::Subscribed { topic } => {
+                    tracing::debug!(topic = %topic, "meter subscribed");
+                    self.inner
+                        .events
+                        .subscribed(&self.peer.meter, &topic, self.inner.now());
+                }
+                Action::OutboundDone { tag, result } => {
+                    if let OutboundResult::Refused(why) = &result {
+                        tracing::debug!(reason = %why, "head-end publish refused");
+                    }
+                    if let Some(done) = self.waiting.remove(&tag) {
+                        // The caller may have stopped waiting: nothing to do then.
+                        let _ = done.send(result);
+                    }
+                }
                 Action::Close => self.closing = true,
             }
         }
@@ -834,12 +941,16 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
         if let Some(bucket) = lock(&self.inner.buckets).get(&meter) {
             self.session.set_bucket(bucket);
         }
+        let Some(outbound) = self.outbound_tx.take() else {
+            return;
+        };
         let old = reg.live.insert(
             meter.clone(),
             Live {
                 conn_id: self.conn_id,
                 cert: Arc::clone(self.peer),
                 control,
+                outbound,
             },
         );
         if let Some(old) = old {
@@ -851,6 +962,23 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
         // Reported under the registry lock so that connect / disconnect reports of one meter
         // reach the sink in registry order (the sink does not block).
         self.inner.events.connection(&meter, true, self.inner.now());
+    }
+
+    /// The connection is over: closes the session (if the connection ended under it), so every
+    /// head-end → meter message not acknowledged ends with [`OutboundResult::Disconnected`],
+    /// and answers the same to requests that had not reached the session yet. Closing the
+    /// channel first makes [`Endpoint::publish`] answer `NotConnected` from here on.
+    fn end_outbound(&mut self) {
+        let mut actions = Vec::new();
+        self.session.on_connection_lost(&mut actions);
+        self.apply(&mut actions);
+        self.outbound_rx.close();
+        while let Ok(request) = self.outbound_rx.try_recv() {
+            let _ = request.done.send(OutboundResult::Disconnected);
+        }
+        for (_, done) in self.waiting.drain() {
+            let _ = done.send(OutboundResult::Disconnected);
+        }
     }
 
     /// The connection is over: verdicts still due are no longer needed, but the pipeline's work

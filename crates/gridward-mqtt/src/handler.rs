@@ -116,6 +116,13 @@ pub trait EventSink: Send + Sync + 'static {
     /// `meter` completed CONNECT (`connected = true`) or its connection ended (`false`).
     /// A connection taken over by a newer one of the same meter reports no `false`.
     fn connection(&self, meter: &MeterId, connected: bool, at: OffsetDateTime);
+    /// `meter` subscribed to `topic`, its `meters/{id}/commands` or `meters/{id}/firmware`
+    /// topic, on its current connection: head-end messages for that topic reach it from now on
+    /// (`Endpoint::publish`). Reported once per topic and connection, after the SUBACK.
+    /// The default does nothing.
+    fn subscribed(&self, meter: &MeterId, topic: &str, at: OffsetDateTime) {
+        let _ = (meter, topic, at);
+    }
 }
 
 impl<T: EventSink + ?Sized> EventSink for Arc<T> {
@@ -125,6 +132,10 @@ impl<T: EventSink + ?Sized> EventSink for Arc<T> {
 
     fn connection(&self, meter: &MeterId, connected: bool, at: OffsetDateTime) {
         (**self).connection(meter, connected, at);
+    }
+
+    fn subscribed(&self, meter: &MeterId, topic: &str, at: OffsetDateTime) {
+        (**self).subscribed(meter, topic, at);
     }
 }
 

@@ -1,12 +1,14 @@
 //! # gridward-mqtt
 //!
 //! Gridward's device-facing MQTT side. It knows nothing about storage or HTTP: accepted messages
-//! go to a [`handler::PublishHandler`], refusals and connection changes to a
-//! [`handler::EventSink`].
+//! go to a [`handler::PublishHandler`], refusals, connection changes and subscriptions to a
+//! [`handler::EventSink`]; head-end messages for a meter (commands, firmware) come in through
+//! [`Endpoint::publish`] and go out as QoS 1 PUBLISHes, the meter's PUBACK reported back.
 //!
 //! - [`endpoint`]: the MQTT 3.1.1 / 5 endpoint over mutual TLS — certificate-bound identity,
 //!   topic ACL, QoS 0/1 with PUBACK after the pipeline's verdict, keep-alive, packet size,
-//!   connection and rate limits, source bans, certificate/CRL reload, graceful shutdown.
+//!   connection and rate limits, source bans, certificate/CRL reload, graceful shutdown, and
+//!   head-end → meter publishes ([`Endpoint::publish`]).
 //! - [`session`]: the sans-IO session state machine the endpoint runs for each meter.
 //! - [`handler`]: the endpoint ↔ pipeline contract.
 //! - [`config`]: [`config::EndpointConfig`], every limit with a safe default.
@@ -28,6 +30,7 @@ pub mod peer;
 pub mod session;
 
 pub use config::EndpointConfig;
-pub use endpoint::{Clock, Endpoint, EndpointError, EndpointStats};
+pub use endpoint::{Clock, Endpoint, EndpointError, EndpointStats, PublishError};
 pub use handler::{EventSink, InboundPublish, PublishHandler, Verdict};
 pub use peer::Revocations;
+pub use session::{OutboundRefusal, OutboundResult};

@@ -1,10 +1,35 @@
 //! The sans-IO MQTT session of one authenticated meter: packets and time in, [`Action`]s out.
 //!
 //! The endpoint's I/O loop owns the socket; it feeds every decoded packet (or decoding error),
-//! every verdict from the pipeline and every timer tick into a [`Session`] and carries out the
-//! actions: write bytes, hand a message to the pipeline, raise a security event, close.
+//! every verdict from the pipeline, every head-end → meter message and every timer tick into a
+//! [`Session`] and carries out the actions: write bytes, hand a message to the pipeline, raise a
+//! security event, report a subscription or the end of an outbound message, close.
 //! Everything the endpoint decides about MQTT — identity binding of the ClientID, the topic ACL,
-//! QoS, keep-alive, rate limit, PUBACK ordering — is decided here and tested in memory.
+//! QoS, keep-alive, rate limit, PUBACK ordering, the downward path — is decided here and tested
+//! in memory.
+//!
+//! ## The downward path (head-end → meter)
+//!
+//! ```text
+//! Session::publish(topic, payload, tag) ─► queue (≤ max_outbound_queue) ─► meter subscribed to the
+//!   topic and room in the window? ─► PUBLISH QoS 1, own packet id ─► meter's PUBACK ─► OutboundDone
+//! ```
+//!
+//! - A meter may subscribe (QoS 0 or 1) to its own `meters/{id}/commands` and
+//!   `meters/{id}/firmware` only; [`Action::Subscribed`] follows the SUBACK of a new one.
+//! - A message goes only to the meter's commands or firmware topic, and only once the meter has
+//!   subscribed to it; until then it waits in the session's queue. A full queue, another topic or
+//!   a PUBLISH larger than the client's Maximum Packet Size end it at once with
+//!   [`OutboundResult::Refused`]: it is never sent.
+//! - Packet ids are the server's own space (1..=65,535, never one still unacknowledged);
+//!   at most `max_outbound_inflight` messages, lowered to an MQTT 5 client's Receive Maximum,
+//!   are unacknowledged at once.
+//! - Each message is sent at most once per connection and never with DUP set: the session keeps
+//!   no state across connections (clean sessions), the head-end resends a byte-identical payload
+//!   on the meter's next connection. When the session closes, for whatever cause, every message
+//!   not yet acknowledged (sent or still queued) ends with [`OutboundResult::Disconnected`].
+//! - A meter subscribed at QoS 0 gets the message at QoS 0 (MQTT: the lower of the two), which
+//!   ends with [`OutboundResult::SentUnacknowledged`] once handed to the connection.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -71,6 +96,62 @@ pub struct Delivery {
     pub qos: QoS,
 }
 
+/// How one head-end → meter message given to [`Session::publish`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OutboundResult {
+    /// The meter answered the QoS 1 PUBLISH with PUBACK. `reason_code` is the MQTT 5 reason code
+    /// (0x00 success, 0x10 no matching subscribers, >= 0x80 failure); always 0 under 3.1.1.
+    /// The meter's own signed acknowledgement, not this, proves that a command was executed.
+    Acked {
+        /// The PUBACK's reason code.
+        reason_code: u8,
+    },
+    /// Sent at QoS 0 because the meter subscribed at QoS 0: handed to the connection, no
+    /// acknowledgement will come.
+    SentUnacknowledged,
+    /// Never sent, and it will not be on this connection.
+    Refused(OutboundRefusal),
+    /// The session ended (or is ending) before the meter acknowledged the message, sent or not:
+    /// resend the byte-identical payload on the meter's next connection.
+    Disconnected,
+}
+
+/// Why [`Session::publish`] refused a message without sending it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboundRefusal {
+    /// The topic is neither the meter's commands topic nor its firmware topic.
+    #[error(
+        "topic {topic:?} is not this meter's meters/{{id}}/commands or meters/{{id}}/firmware topic"
+    )]
+    TopicNotAllowed {
+        /// The topic asked for.
+        topic: String,
+    },
+    /// The PUBLISH would be larger than the meter accepts (its MQTT 5 Maximum Packet Size, or
+    /// MQTT's own limit): split the payload or send a smaller one.
+    #[error("a PUBLISH of {size} bytes exceeds the {max} bytes the meter accepts")]
+    TooLarge {
+        /// Size of the PUBLISH packet, fixed header included.
+        size: usize,
+        /// What the meter accepts.
+        max: usize,
+    },
+    /// `max_outbound_queue` messages already wait for this meter: retry once some are
+    /// acknowledged.
+    #[error(
+        "{max} messages already wait for this meter (max_outbound_queue): retry after some are acknowledged"
+    )]
+    QueueFull {
+        /// The queue's bound.
+        max: usize,
+    },
+    /// The PUBLISH cannot be encoded.
+    #[error("the PUBLISH cannot be encoded: {0}")]
+    Encoding(String),
+}
+
 /// What the I/O loop must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -91,6 +172,19 @@ pub enum Action {
         protocol: Protocol,
         /// The keep-alive in force.
         keep_alive: Duration,
+    },
+    /// The meter subscribed to `topic` (its commands or firmware topic; the SUBACK was queued
+    /// before this action): it is now reachable there.
+    Subscribed {
+        /// The topic.
+        topic: String,
+    },
+    /// The head-end → meter message `tag` (see [`Session::publish`]) is over.
+    OutboundDone {
+        /// The caller's id of the message.
+        tag: u64,
+        /// How it ended.
+        result: OutboundResult,
     },
     /// Flush what was sent, then close the connection. Nothing follows.
     Close,
@@ -134,6 +228,21 @@ struct InFlight {
     unavailable: bool,
 }
 
+/// The two topics a meter may subscribe to, and the head-end publish to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Downlink {
+    Commands = 0,
+    Firmware = 1,
+}
+
+/// A head-end → meter message waiting to be sent.
+#[derive(Debug, Clone)]
+struct Outbound {
+    tag: u64,
+    to: Downlink,
+    payload: Bytes,
+}
+
 /// The MQTT session of one meter whose certificate has been verified.
 #[derive(Debug)]
 pub struct Session {
@@ -141,6 +250,19 @@ pub struct Session {
     readings_topic: String,
     events_topic: String,
     commands_topic: String,
+    firmware_topic: String,
+    /// The granted QoS of the meter's subscription to its commands / firmware topic
+    /// (indexed by [`Downlink`]).
+    subscriptions: [Option<QoS>; 2],
+    /// Messages waiting for a subscription or room in the window, oldest first.
+    outbound_queue: VecDeque<Outbound>,
+    /// QoS 1 messages sent and not yet acknowledged: (packet id, tag), oldest first.
+    outbound_sent: VecDeque<(u16, u64)>,
+    next_pkid: u16,
+    max_outbound_queue: usize,
+    max_outbound_inflight: usize,
+    /// The window in force: `max_outbound_inflight`, lowered to the client's Receive Maximum.
+    outbound_window: usize,
     state: State,
     protocol: Protocol,
     inflight: VecDeque<InFlight>,
@@ -165,6 +287,14 @@ impl Session {
             readings_topic: meter.readings_topic(),
             events_topic: meter.events_topic(),
             commands_topic: meter.commands_topic(),
+            firmware_topic: meter.firmware_topic(),
+            subscriptions: [None; 2],
+            outbound_queue: VecDeque::new(),
+            outbound_sent: VecDeque::new(),
+            next_pkid: 1,
+            max_outbound_queue: config.max_outbound_queue.max(1),
+            max_outbound_inflight: usize::from(config.max_outbound_inflight.max(1)),
+            outbound_window: usize::from(config.max_outbound_inflight.max(1)),
             meter,
             state: State::AwaitingConnect,
             protocol: Protocol::V311,
@@ -229,6 +359,22 @@ impl Session {
     /// Messages handed to the pipeline and not yet decided.
     pub fn inflight(&self) -> usize {
         self.inflight.len()
+    }
+
+    /// Head-end → meter QoS 1 messages sent and not yet acknowledged.
+    pub fn outbound_inflight(&self) -> usize {
+        self.outbound_sent.len()
+    }
+
+    /// Head-end → meter messages waiting for a subscription or room in the window.
+    pub fn outbound_queued(&self) -> usize {
+        self.outbound_queue.len()
+    }
+
+    /// Whether the meter is subscribed to `topic` (its commands or firmware topic).
+    pub fn is_subscribed(&self, topic: &str) -> bool {
+        self.downlink(topic)
+            .is_some_and(|d| self.subscriptions[d as usize].is_some())
     }
 
     /// When [`Session::on_tick`] must next be called (CONNECT deadline or keep-alive expiry).
@@ -322,7 +468,11 @@ impl Session {
             },
             State::Connected => {
                 self.last_packet = now;
-                if !self.bucket.take(now) {
+                // A PUBACK for one of our own publishes was asked for by the head-end: it does
+                // not count against the meter's rate (a firmware transfer must not trip it).
+                let solicited = matches!(&packet, Packet::PubAck { pkid, .. }
+                    if self.outbound_sent.iter().any(|(p, _)| p == pkid));
+                if !solicited && !self.bucket.take(now) {
                     // Stop reading; what is already in flight still gets its PUBACK, then close.
                     self.event(
                         out,
@@ -370,6 +520,27 @@ impl Session {
             self.close(out);
             return;
         }
+        if info.receive_maximum == Some(0) {
+            // MQTT 5 §3.1.2.11.3: a Receive Maximum of 0 is a Protocol Error.
+            self.event(
+                out,
+                Reason::MalformedPacket,
+                "CONNECT with Receive Maximum 0 (a protocol error)".to_owned(),
+            );
+            codec::encode_connack(
+                &mut buf,
+                self.protocol,
+                false,
+                rc::PROTOCOL_ERROR,
+                &ConnAckProperties::default(),
+            );
+            out.push(Action::Send(buf.freeze()));
+            self.close(out);
+            return;
+        }
+        self.outbound_window = self
+            .max_outbound_inflight
+            .min(info.receive_maximum.map_or(usize::MAX, usize::from));
         let asked = Duration::from_secs(u64::from(info.keep_alive));
         let overridden = asked.is_zero() || asked > self.max_keep_alive;
         self.keep_alive = if overridden {
@@ -409,9 +580,15 @@ impl Session {
             } => self.on_publish(qos, topic, pkid, payload, out),
             Packet::Subscribe { pkid, filters } => {
                 let mut codes = Vec::with_capacity(filters.len());
+                let mut new = Vec::new();
                 for (filter, qos) in &filters {
-                    if *filter == self.commands_topic && *qos != QoS::ExactlyOnce {
+                    if let Some(to) = self.downlink(filter)
+                        && *qos != QoS::ExactlyOnce
+                    {
                         codes.push(*qos as u8);
+                        if self.subscriptions[to as usize].replace(*qos).is_none() {
+                            new.push(to);
+                        }
                     } else {
                         self.event(
                             out,
@@ -427,16 +604,24 @@ impl Session {
                 let mut buf = BytesMut::new();
                 codec::encode_suback(&mut buf, self.protocol, pkid, &codes);
                 out.push(Action::Send(buf.freeze()));
+                for to in new {
+                    out.push(Action::Subscribed {
+                        topic: self.topic(to).to_owned(),
+                    });
+                }
+                // What waited for this subscription goes out after the SUBACK.
+                self.send_outbound(out);
             }
             Packet::Unsubscribe { pkid, filters } => {
+                let codes: Vec<u8> = filters
+                    .iter()
+                    .map(|f| match self.downlink(f) {
+                        Some(to) if self.subscriptions[to as usize].take().is_some() => 0,
+                        _ => rc::NO_SUBSCRIPTION_EXISTED,
+                    })
+                    .collect();
                 let mut buf = BytesMut::new();
-                codec::encode_unsuback(
-                    &mut buf,
-                    self.protocol,
-                    pkid,
-                    filters.len(),
-                    rc::NO_SUBSCRIPTION_EXISTED,
-                );
+                codec::encode_unsuback_codes(&mut buf, self.protocol, pkid, &codes);
                 out.push(Action::Send(buf.freeze()));
             }
             Packet::PingReq => {
@@ -445,8 +630,18 @@ impl Session {
                 out.push(Action::Send(buf.freeze()));
             }
             Packet::Disconnect { .. } => self.close(out),
-            // The endpoint sends no QoS 1 publishes yet; a stray PUBACK is harmless.
-            Packet::PubAck { .. } => {}
+            Packet::PubAck { pkid, reason_code } => {
+                // A PUBACK for a packet id not in flight (stray or repeated) is harmless.
+                if let Some(i) = self.outbound_sent.iter().position(|(p, _)| *p == pkid)
+                    && let Some((_, tag)) = self.outbound_sent.remove(i)
+                {
+                    out.push(Action::OutboundDone {
+                        tag,
+                        result: OutboundResult::Acked { reason_code },
+                    });
+                    self.send_outbound(out);
+                }
+            }
             other => {
                 self.event(
                     out,
@@ -540,6 +735,54 @@ impl Session {
         self.flush_ready(out);
     }
 
+    /// A head-end → meter message: `payload` for the meter's `topic` (its commands or firmware
+    /// topic), `tag` the caller's id for it. It is sent as a QoS 1 PUBLISH once the meter has
+    /// subscribed to `topic` and the in-flight window has room; [`Action::OutboundDone`] with
+    /// `tag` reports how it ended (at once for a refusal or a session that is ending).
+    pub fn publish(&mut self, topic: &str, payload: Bytes, tag: u64, out: &mut Vec<Action>) {
+        let done = |result| Action::OutboundDone { tag, result };
+        if matches!(self.state, State::Draining(_) | State::Closed) {
+            out.push(done(OutboundResult::Disconnected));
+            return;
+        }
+        let Some(to) = self.downlink(topic) else {
+            out.push(done(OutboundResult::Refused(
+                OutboundRefusal::TopicNotAllowed {
+                    topic: topic.to_owned(),
+                },
+            )));
+            return;
+        };
+        if self.state == State::Connected {
+            let size = publish_len(self.protocol, topic.len(), payload.len());
+            let max = self
+                .client_max_packet_size
+                .min(codec::MAX_REMAINING_LENGTH + 5);
+            if size > max {
+                out.push(done(OutboundResult::Refused(OutboundRefusal::TooLarge {
+                    size,
+                    max,
+                })));
+                return;
+            }
+        }
+        if self.outbound_queue.len() >= self.max_outbound_queue {
+            out.push(done(OutboundResult::Refused(OutboundRefusal::QueueFull {
+                max: self.max_outbound_queue,
+            })));
+            return;
+        }
+        self.outbound_queue.push_back(Outbound { tag, to, payload });
+        self.send_outbound(out);
+    }
+
+    /// The connection ended under the session (the peer closed it, a read or write failed):
+    /// closes without sending anything; every message not yet acknowledged ends with
+    /// [`OutboundResult::Disconnected`].
+    pub fn on_connection_lost(&mut self, out: &mut Vec<Action>) {
+        self.close(out);
+    }
+
     /// Ends the session from outside.
     pub fn on_cancel(&mut self, cause: Cancel, out: &mut Vec<Action>) {
         match self.state {
@@ -625,6 +868,106 @@ impl Session {
         }
     }
 
+    /// Which of the meter's downward topics `topic` is, if any.
+    fn downlink(&self, topic: &str) -> Option<Downlink> {
+        if topic == self.commands_topic {
+            Some(Downlink::Commands)
+        } else if topic == self.firmware_topic {
+            Some(Downlink::Firmware)
+        } else {
+            None
+        }
+    }
+
+    fn topic(&self, to: Downlink) -> &str {
+        match to {
+            Downlink::Commands => &self.commands_topic,
+            Downlink::Firmware => &self.firmware_topic,
+        }
+    }
+
+    /// An unused packet id for a server → client PUBLISH (1..=65,535, round robin).
+    fn allocate_pkid(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            let pkid = self.next_pkid;
+            self.next_pkid = pkid.checked_add(1).unwrap_or(1);
+            if !self.outbound_sent.iter().any(|(p, _)| *p == pkid) {
+                return Some(pkid);
+            }
+        }
+        None
+    }
+
+    /// Sends every queued message whose topic the meter has subscribed to, oldest first, as far
+    /// as the window allows (QoS 0 deliveries need no room in it). Per topic, order is kept.
+    fn send_outbound(&mut self, out: &mut Vec<Action>) {
+        if self.state != State::Connected {
+            return;
+        }
+        let mut buf = BytesMut::new();
+        let mut done = Vec::new();
+        let mut i = 0;
+        while i < self.outbound_queue.len() {
+            let to = self.outbound_queue[i].to;
+            let Some(qos) = self.subscriptions[to as usize] else {
+                i += 1;
+                continue;
+            };
+            let pkid = if qos == QoS::AtMostOnce {
+                0
+            } else if self.outbound_sent.len() >= self.outbound_window {
+                i += 1;
+                continue;
+            } else {
+                match self.allocate_pkid() {
+                    Some(pkid) => pkid,
+                    None => break,
+                }
+            };
+            let Some(msg) = self.outbound_queue.remove(i) else {
+                break;
+            };
+            let start = buf.len();
+            let encoded = codec::encode_publish(
+                &mut buf,
+                self.protocol,
+                self.topic(to),
+                qos,
+                pkid,
+                false,
+                msg.payload,
+            );
+            let size = buf.len() - start;
+            let result = match encoded {
+                Ok(()) if size <= self.client_max_packet_size => {
+                    if qos == QoS::AtMostOnce {
+                        done.push(Action::OutboundDone {
+                            tag: msg.tag,
+                            result: OutboundResult::SentUnacknowledged,
+                        });
+                    } else {
+                        self.outbound_sent.push_back((pkid, msg.tag));
+                    }
+                    continue;
+                }
+                Ok(()) => OutboundRefusal::TooLarge {
+                    size,
+                    max: self.client_max_packet_size,
+                },
+                Err(e) => OutboundRefusal::Encoding(e.to_string()),
+            };
+            buf.truncate(start);
+            done.push(Action::OutboundDone {
+                tag: msg.tag,
+                result: OutboundResult::Refused(result),
+            });
+        }
+        if !buf.is_empty() {
+            out.push(Action::Send(buf.freeze()));
+        }
+        out.extend(done);
+    }
+
     fn event(&self, out: &mut Vec<Action>, reason: Reason, detail: String) {
         out.push(Action::Event { reason, detail });
     }
@@ -642,9 +985,30 @@ impl Session {
     fn close(&mut self, out: &mut Vec<Action>) {
         if self.state != State::Closed {
             self.state = State::Closed;
+            let sent = self.outbound_sent.drain(..).map(|(_, tag)| tag);
+            let queued = self.outbound_queue.drain(..).map(|m| m.tag);
+            for tag in sent.chain(queued) {
+                out.push(Action::OutboundDone {
+                    tag,
+                    result: OutboundResult::Disconnected,
+                });
+            }
             out.push(Action::Close);
         }
     }
+}
+
+/// Size of a PUBLISH packet without properties, fixed header included.
+fn publish_len(protocol: Protocol, topic_len: usize, payload_len: usize) -> usize {
+    let properties = usize::from(protocol == Protocol::V5);
+    let remaining = 2 + topic_len + 2 + properties + payload_len;
+    let length_field = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + length_field + remaining
 }
 
 #[cfg(test)]
@@ -676,6 +1040,7 @@ mod tests {
             username: None,
             problem_information: protocol == Protocol::V5,
             max_packet_size: None,
+            receive_maximum: None,
         })
     }
 
@@ -1256,5 +1621,543 @@ mod tests {
             sent(Protocol::V5, &out),
             vec![Packet::Disconnect { reason_code: 0x8E }]
         );
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // The downward path: head-end → meter publishes.
+
+    const COMMANDS: &str = "meters/MTR-1/commands";
+    const FIRMWARE: &str = "meters/MTR-1/firmware";
+
+    /// Connected with CONNECT properties changed by `f`.
+    fn connected_with(protocol: Protocol, f: impl FnOnce(&mut ConnectInfo)) -> Session {
+        let t0 = Instant::now();
+        let mut s = Session::new(meter(), &cfg(), t0);
+        let Packet::Connect(mut info) = connect(protocol, "MTR-1", 30) else {
+            unreachable!()
+        };
+        f(&mut info);
+        let mut out = Vec::new();
+        s.on_packet(Packet::Connect(info), t0, &mut out);
+        assert!(s.is_connected(), "{out:?}");
+        s
+    }
+
+    fn subscribe(s: &mut Session, pkid: u16, topic: &str, qos: QoS) -> Vec<Action> {
+        let mut out = Vec::new();
+        s.on_packet(
+            Packet::Subscribe {
+                pkid,
+                filters: vec![(topic.into(), qos)],
+            },
+            Instant::now(),
+            &mut out,
+        );
+        out
+    }
+
+    fn payload(n: u64) -> Bytes {
+        Bytes::from(format!("command {n}").into_bytes())
+    }
+
+    /// The PUBLISHes among the Sends of `out`: (pkid, topic, payload), checking the flags.
+    fn publishes(protocol: Protocol, out: &[Action]) -> Vec<(u16, String, Bytes)> {
+        sent(protocol, out)
+            .into_iter()
+            .filter_map(|p| match p {
+                Packet::Publish {
+                    dup,
+                    qos,
+                    retain,
+                    topic,
+                    pkid,
+                    payload,
+                } => {
+                    assert!(!dup, "a first send never has DUP set");
+                    assert!(!retain);
+                    assert_eq!(qos, QoS::AtLeastOnce);
+                    Some((pkid, topic, payload))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn done(out: &[Action]) -> Vec<(u64, OutboundResult)> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::OutboundDone { tag, result } => Some((*tag, result.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn puback(s: &mut Session, pkid: u16, reason_code: u8) -> Vec<Action> {
+        let mut out = Vec::new();
+        s.on_packet(
+            Packet::PubAck { pkid, reason_code },
+            Instant::now(),
+            &mut out,
+        );
+        out
+    }
+
+    #[test]
+    fn publish_before_subscribe_waits_then_goes_out_after_the_suback() {
+        for protocol in [Protocol::V311, Protocol::V5] {
+            let (mut s, _) = connected(protocol);
+            let mut out = Vec::new();
+            s.publish(COMMANDS, payload(1), 41, &mut out);
+            assert!(out.is_empty(), "nothing before the subscription: {out:?}");
+            assert_eq!((s.outbound_queued(), s.outbound_inflight()), (1, 0));
+            assert!(!s.is_subscribed(COMMANDS));
+
+            let out = subscribe(&mut s, 9, COMMANDS, QoS::AtLeastOnce);
+            assert!(s.is_subscribed(COMMANDS) && !s.is_subscribed(FIRMWARE));
+            // SUBACK, then the notification, then the waiting PUBLISH.
+            assert!(matches!(&out[..], [
+                Action::Send(_),
+                Action::Subscribed { topic },
+                Action::Send(_),
+            ] if topic == COMMANDS));
+            assert_eq!(
+                sent(protocol, &out[..1]),
+                vec![Packet::SubAck {
+                    pkid: 9,
+                    return_codes: vec![1]
+                }]
+            );
+            assert_eq!(
+                publishes(protocol, &out),
+                vec![(1, COMMANDS.to_owned(), payload(1))]
+            );
+            assert_eq!((s.outbound_queued(), s.outbound_inflight()), (0, 1));
+
+            // Subscribed: the next one goes out at once, with the next packet id.
+            let mut out = Vec::new();
+            s.publish(COMMANDS, payload(2), 42, &mut out);
+            assert_eq!(
+                publishes(protocol, &out),
+                vec![(2, COMMANDS.to_owned(), payload(2))]
+            );
+            // Subscribing again is granted, but is no news.
+            let out = subscribe(&mut s, 10, COMMANDS, QoS::AtLeastOnce);
+            assert!(!out.iter().any(|a| matches!(a, Action::Subscribed { .. })));
+        }
+    }
+
+    #[test]
+    fn each_topic_waits_for_its_own_subscription() {
+        let (mut s, _) = connected(Protocol::V5);
+        let mut out = Vec::new();
+        s.publish(COMMANDS, payload(1), 1, &mut out);
+        s.publish(FIRMWARE, payload(2), 2, &mut out);
+        s.publish(COMMANDS, payload(3), 3, &mut out);
+        assert!(out.is_empty());
+        let out = subscribe(&mut s, 1, FIRMWARE, QoS::AtLeastOnce);
+        assert_eq!(
+            publishes(Protocol::V5, &out),
+            vec![(1, FIRMWARE.to_owned(), payload(2))]
+        );
+        let out = subscribe(&mut s, 2, COMMANDS, QoS::AtLeastOnce);
+        assert_eq!(
+            publishes(Protocol::V5, &out),
+            vec![
+                (2, COMMANDS.to_owned(), payload(1)),
+                (3, COMMANDS.to_owned(), payload(3))
+            ],
+            "in order"
+        );
+    }
+
+    #[test]
+    fn puback_ends_the_message_and_unknown_pkids_are_ignored() {
+        for protocol in [Protocol::V311, Protocol::V5] {
+            let (mut s, _) = connected(protocol);
+            subscribe(&mut s, 1, COMMANDS, QoS::AtLeastOnce);
+            let mut out = Vec::new();
+            s.publish(COMMANDS, payload(1), 7, &mut out);
+            s.publish(COMMANDS, payload(2), 8, &mut out);
+            // An id the server never used, and the meter's own (inbound) id space: ignored.
+            assert!(puback(&mut s, 99, 0).is_empty());
+            // Out of order is fine: each PUBACK names its message.
+            let code = if protocol == Protocol::V5 { 0x10 } else { 0 };
+            assert_eq!(
+                done(&puback(&mut s, 2, code)),
+                vec![(8, OutboundResult::Acked { reason_code: code })]
+            );
+            assert_eq!(
+                done(&puback(&mut s, 1, 0)),
+                vec![(7, OutboundResult::Acked { reason_code: 0 })]
+            );
+            // Repeated: nothing more.
+            assert!(puback(&mut s, 1, 0).is_empty());
+            assert_eq!(s.outbound_inflight(), 0);
+            assert!(s.is_connected());
+        }
+    }
+
+    #[test]
+    fn receive_maximum_bounds_the_window() {
+        let mut s = connected_with(Protocol::V5, |c| c.receive_maximum = Some(2));
+        subscribe(&mut s, 1, COMMANDS, QoS::AtLeastOnce);
+        let mut out = Vec::new();
+        for tag in 0..5 {
+            s.publish(COMMANDS, payload(tag), tag, &mut out);
+        }
+        let first: Vec<u16> = publishes(Protocol::V5, &out).iter().map(|p| p.0).collect();
+        assert_eq!(first, vec![1, 2], "two in flight at most");
+        assert_eq!((s.outbound_inflight(), s.outbound_queued()), (2, 3));
+        // Each PUBACK makes room for exactly one more, in order.
+        let out = puback(&mut s, 1, 0);
+        assert_eq!(
+            publishes(Protocol::V5, &out),
+            vec![(3, COMMANDS.to_owned(), payload(2))]
+        );
+        assert_eq!(
+            done(&out),
+            vec![(0, OutboundResult::Acked { reason_code: 0 })]
+        );
+        assert_eq!(s.outbound_inflight(), 2);
+    }
+
+    #[test]
+    fn window_defaults_to_the_configured_16_and_a_larger_receive_maximum_does_not_raise_it() {
+        let config = EndpointConfig {
+            max_outbound_queue: 100,
+            ..cfg()
+        };
+        for (protocol, receive_maximum) in [(Protocol::V311, None), (Protocol::V5, Some(1000))] {
+            let t0 = Instant::now();
+            let mut s = Session::new(meter(), &config, t0);
+            let Packet::Connect(mut info) = connect(protocol, "MTR-1", 30) else {
+                unreachable!()
+            };
+            info.receive_maximum = receive_maximum;
+            let mut out = Vec::new();
+            s.on_packet(Packet::Connect(info), t0, &mut out);
+            subscribe(&mut s, 1, COMMANDS, QoS::AtLeastOnce);
+            let mut out = Vec::new();
+            for tag in 0..20 {
+                s.publish(COMMANDS, payload(tag), tag, &mut out);
+            }
+            assert_eq!(publishes(protocol, &out).len(), 16, "{protocol:?}");
+            assert_eq!(s.outbound_queued(), 4);
+        }
+    }
+
+    #[test]
+    fn receive_maximum_zero_is_a_protocol_error() {
+        let t0 = Instant::now();
+        let mut s = Session::new(meter(), &cfg(), t0);
+        let Packet::Connect(mut info) = connect(Protocol::V5, "MTR-1", 30) else {
+            unreachable!()
+        };
+        info.receive_maximum = Some(0);
+        let mut out = Vec::new();
+        s.on_packet(Packet::Connect(info), t0, &mut out);
+        assert_eq!(events(&out), vec![Reason::MalformedPacket]);
+        assert_eq!(
+            sent(Protocol::V5, &out),
+            vec![Packet::ConnAck {
+                session_present: false,
+                code: 0x82
+            }]
+        );
+        assert!(s.is_closed() && !s.is_connected());
+    }
+
+    #[test]
+    fn packet_ids_skip_those_in_flight_and_wrap_around() {
+        let (mut s, _) = connected(Protocol::V5);
+        subscribe(&mut s, 1, COMMANDS, QoS::AtLeastOnce);
+        let mut out = Vec::new();
+        s.publish(COMMANDS, payload(0), 0, &mut out); // pkid 1, left unacknowledged
+        s.next_pkid = u16::MAX;
+        s.publish(COMMANDS, payload(1), 1, &mut out);
+        s.publish(COMMANDS, payload(2), 2, &mut out);
+        let ids: Vec<u16> = publishes(Protocol::V5, &out).iter().map(|p| p.0).collect();
+        assert_eq!(
+            ids,
+            vec![1, u16::MAX, 2],
+            "0 is never used, 1 is still in flight"
+        );
+    }
+
+    #[test]
+    fn close_ends_every_unacknowledged_message_as_disconnected() {
+        type Ending = fn(&mut Session, &mut Vec<Action>);
+        let endings: [(&str, Ending); 4] = [
+            ("taken over", |s, out| s.on_cancel(Cancel::TakenOver, out)),
+            ("connection lost", |s, out| s.on_connection_lost(out)),
+            ("keep-alive", |s, out| {
+                s.on_tick(Instant::now() + Duration::from_secs(3600), out)
+            }),
+            ("meter's DISCONNECT", |s, out| {
+                s.on_packet(Packet::Disconnect { reason_code: 0 }, Instant::now(), out)
+            }),
+        ];
+        for (name, end) in endings {
+            let mut s = connected_with(Protocol::V5, |c| c.receive_maximum = Some(1));
+            let mut out = Vec::new();
+            s.publish(FIRMWARE, payload(0), 10, &mut out); // waits for a subscription
+            subscribe(&mut s, 1, COMMANDS, QoS::AtLeastOnce);
+            s.publish(COMMANDS, payload(1), 11, &mut out); // sent
+            s.publish(COMMANDS, payload(2), 12, &mut out); // waits for the window
+            assert_eq!((s.outbound_inflight(), s.outbound_queued()), (1, 2));
+            let mut out = Vec::new();
+            end(&mut s, &mut out);
+            let mut tags: Vec<u64> = done(&out)
+                .into_iter()
+                .map(|(tag, result)| {
+                    assert_eq!(result, OutboundResult::Disconnected, "{name}");
+                    tag
+                })
+                .collect();
+            tags.sort_unstable();
+            assert_eq!(tags, vec![10, 11, 12], "{name}");
+            assert_eq!(out.last(), Some(&Action::Close), "{name}: Close comes last");
+            // A PUBACK after the end changes nothing; a new message ends at once.
+            assert!(puback(&mut s, 1, 0).is_empty());
+            let mut out = Vec::new();
+            s.publish(COMMANDS, payload(3), 13, &mut out);
+            assert_eq!(done(&out), vec![(13, OutboundResult::Disconnected)]);
+        }
+    }
+
+    #[test]
+    fn a_draining_session_sends_nothing_new() {
+        let (mut s, t0) = connected(Protocol::V5);
+        subscribe(&mut s, 1, COMMANDS, QoS::AtLeastOnce);
+        let mut out = Vec::new();
+        s.on_packet(
+            publish("meters/MTR-1/readings", QoS::AtLeastOnce, 3),
+            t0,
+            &mut out,
+        );
+        s.on_cancel(Cancel::Shutdown, &mut out);
+        assert!(s.is_draining());
+        let mut out = Vec::new();
+        s.publish(COMMANDS, payload(1), 5, &mut out);
+        assert_eq!(done(&out), vec![(5, OutboundResult::Disconnected)]);
+        assert!(publishes(Protocol::V5, &out).is_empty());
+    }
+
+    #[test]
+    fn subscriptions_to_another_meters_downward_topics_are_refused() {
+        for (protocol, fail) in [(Protocol::V311, 0x80), (Protocol::V5, 0x87)] {
+            let (mut s, t0) = connected(protocol);
+            let mut out = Vec::new();
+            s.on_packet(
+                Packet::Subscribe {
+                    pkid: 4,
+                    filters: vec![
+                        ("meters/MTR-2/commands".into(), QoS::AtLeastOnce),
+                        ("meters/MTR-2/firmware".into(), QoS::AtLeastOnce),
+                        ("meters/MTR-1/readings".into(), QoS::AtLeastOnce),
+                        ("meters/MTR-1/+".into(), QoS::AtLeastOnce),
+                        (FIRMWARE.into(), QoS::ExactlyOnce),
+                        (FIRMWARE.into(), QoS::AtMostOnce),
+                    ],
+                },
+                t0,
+                &mut out,
+            );
+            assert_eq!(events(&out), vec![Reason::SubscribeNotAuthorized; 5]);
+            assert_eq!(
+                sent(protocol, &out),
+                vec![Packet::SubAck {
+                    pkid: 4,
+                    return_codes: vec![fail, fail, fail, fail, fail, 0]
+                }]
+            );
+            let notified: Vec<&Action> = out
+                .iter()
+                .filter(|a| matches!(a, Action::Subscribed { .. }))
+                .collect();
+            assert_eq!(
+                notified,
+                vec![&Action::Subscribed {
+                    topic: FIRMWARE.into()
+                }]
+            );
+            assert!(s.is_connected() && !s.is_subscribed(COMMANDS));
+        }
+    }
+
+    #[test]
+    fn publish_to_another_topic_is_refused_unsent() {
+        let (mut s, _) = connected(Protocol::V5);
+        subscribe(&mut s, 1, COMMANDS, QoS::AtLeastOnce);
+        for topic in [
+            "meters/MTR-2/commands",
+            "meters/MTR-1/readings",
+            "meters/MTR-1/commands/x",
+            "#",
+        ] {
+            let mut out = Vec::new();
+            s.publish(topic, payload(1), 3, &mut out);
+            assert_eq!(
+                done(&out),
+                vec![(
+                    3,
+                    OutboundResult::Refused(OutboundRefusal::TopicNotAllowed {
+                        topic: topic.into()
+                    })
+                )]
+            );
+            assert!(sent(Protocol::V5, &out).is_empty());
+        }
+        assert_eq!(s.outbound_queued() + s.outbound_inflight(), 0);
+    }
+
+    #[test]
+    fn a_publish_larger_than_the_meter_accepts_is_refused_unsent() {
+        let mut s = connected_with(Protocol::V5, |c| c.max_packet_size = Some(200));
+        let mut out = Vec::new();
+        s.publish(COMMANDS, Bytes::from(vec![7u8; 300]), 1, &mut out);
+        let size = publish_len(Protocol::V5, COMMANDS.len(), 300);
+        assert_eq!(
+            done(&out),
+            vec![(
+                1,
+                OutboundResult::Refused(OutboundRefusal::TooLarge { size, max: 200 })
+            )]
+        );
+        // Not queued: the subscription sends nothing.
+        let out = subscribe(&mut s, 1, COMMANDS, QoS::AtLeastOnce);
+        assert!(publishes(Protocol::V5, &out).is_empty());
+        // Exactly at the limit goes.
+        let fits = (0..200)
+            .rev()
+            .find(|n| publish_len(Protocol::V5, COMMANDS.len(), *n) <= 200)
+            .unwrap();
+        let mut out = Vec::new();
+        s.publish(COMMANDS, Bytes::from(vec![7u8; fits]), 2, &mut out);
+        assert_eq!(publishes(Protocol::V5, &out).len(), 1);
+        let Action::Send(bytes) = &out[0] else {
+            panic!("{out:?}")
+        };
+        assert_eq!(bytes.len(), 200);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_further_messages() {
+        let config = EndpointConfig {
+            max_outbound_queue: 2,
+            ..cfg()
+        };
+        let t0 = Instant::now();
+        let mut s = Session::new(meter(), &config, t0);
+        let mut out = Vec::new();
+        s.on_packet(connect(Protocol::V5, "MTR-1", 30), t0, &mut out);
+        let mut out = Vec::new();
+        for tag in 0..3 {
+            s.publish(COMMANDS, payload(tag), tag, &mut out);
+        }
+        assert_eq!(
+            done(&out),
+            vec![(
+                2,
+                OutboundResult::Refused(OutboundRefusal::QueueFull { max: 2 })
+            )]
+        );
+        assert_eq!(s.outbound_queued(), 2);
+    }
+
+    #[test]
+    fn a_qos0_subscription_gets_qos0_and_no_acknowledgement() {
+        let (mut s, _) = connected(Protocol::V5);
+        let out = subscribe(&mut s, 1, COMMANDS, QoS::AtMostOnce);
+        assert_eq!(
+            sent(Protocol::V5, &out),
+            vec![Packet::SubAck {
+                pkid: 1,
+                return_codes: vec![0]
+            }]
+        );
+        let mut out = Vec::new();
+        s.publish(COMMANDS, payload(1), 4, &mut out);
+        assert_eq!(
+            sent(Protocol::V5, &out),
+            vec![Packet::Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: false,
+                topic: COMMANDS.into(),
+                pkid: 0,
+                payload: payload(1),
+            }]
+        );
+        assert!(matches!(out[0], Action::Send(_)), "bytes before the report");
+        assert_eq!(done(&out), vec![(4, OutboundResult::SentUnacknowledged)]);
+        assert_eq!(s.outbound_inflight(), 0);
+    }
+
+    #[test]
+    fn unsubscribe_removes_the_subscription() {
+        let (mut s, t0) = connected(Protocol::V5);
+        subscribe(&mut s, 1, COMMANDS, QoS::AtLeastOnce);
+        let mut out = Vec::new();
+        s.on_packet(
+            Packet::Unsubscribe {
+                pkid: 2,
+                filters: vec![COMMANDS.into(), FIRMWARE.into(), "#".into()],
+            },
+            t0,
+            &mut out,
+        );
+        let [Action::Send(bytes)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        // UNSUBACK pkid 2, no properties, success / no subscription existed ×2.
+        assert_eq!(bytes.to_vec(), vec![0xB0, 6, 0, 2, 0, 0x00, 0x11, 0x11]);
+        assert!(!s.is_subscribed(COMMANDS));
+        let mut out = Vec::new();
+        s.publish(COMMANDS, payload(1), 1, &mut out);
+        assert!(out.is_empty(), "waits for a new subscription");
+        assert_eq!(s.outbound_queued(), 1);
+    }
+
+    #[test]
+    fn solicited_pubacks_do_not_count_against_the_rate_limit() {
+        // Burst 5: the SUBSCRIBE takes one token; ten PUBACKs for our own publishes take none.
+        let mut s = connected_with(Protocol::V5, |c| c.receive_maximum = Some(1));
+        subscribe(&mut s, 1, COMMANDS, QoS::AtLeastOnce);
+        let mut out = Vec::new();
+        for tag in 0..10 {
+            s.publish(COMMANDS, payload(tag), tag, &mut out);
+        }
+        for pkid in 1..=10 {
+            let out = puback(&mut s, pkid, 0);
+            assert_eq!(done(&out).len(), 1, "PUBACK {pkid}");
+        }
+        assert!(s.is_connected());
+        // Stray PUBACKs still do.
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            out.extend(puback(&mut s, 999, 0));
+        }
+        assert_eq!(events(&out), vec![Reason::RateLimited]);
+    }
+
+    #[test]
+    fn publish_len_is_the_encoded_size() {
+        for protocol in [Protocol::V311, Protocol::V5] {
+            for n in [0, 1, 100, 127, 128, 16_000, 16_400, 70_000, 2_100_000] {
+                let mut buf = BytesMut::new();
+                codec::encode_publish(
+                    &mut buf,
+                    protocol,
+                    COMMANDS,
+                    QoS::AtLeastOnce,
+                    1,
+                    false,
+                    Bytes::from(vec![0u8; n]),
+                )
+                .unwrap();
+                assert_eq!(publish_len(protocol, COMMANDS.len(), n), buf.len(), "{n}");
+            }
+        }
     }
 }

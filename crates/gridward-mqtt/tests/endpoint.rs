@@ -1,6 +1,6 @@
 //! The MQTT endpoint end to end: real sockets on 127.0.0.1, a real Gridward PKI in a temporary
 //! directory, real TLS with the `gridward-pki` profile, the crate's own client, and
-//! `mosquitto_pub` (Debian mosquitto-clients) as a client not written here.
+//! `mosquitto_pub` / `mosquitto_sub` (Debian mosquitto-clients) as clients not written here.
 //!
 //! The recording `PublishHandler` / `EventSink` below is the endpoint's real interface to the
 //! ingest pipeline, not a stand-in for a network peer.
@@ -19,7 +19,10 @@ use gridward_core::security::{Reason, SecurityEvent};
 use gridward_mqtt::client::{
     Client, ClientError, ClientOptions, ConnAck, Packet, Protocol, QoS, connect_tls, tls_connect,
 };
-use gridward_mqtt::{Endpoint, EndpointConfig, EventSink, InboundPublish, PublishHandler, Verdict};
+use gridward_mqtt::{
+    Endpoint, EndpointConfig, EventSink, InboundPublish, OutboundRefusal, OutboundResult,
+    PublishError, PublishHandler, Verdict,
+};
 use gridward_pki::tls::{TlsMaterial, client_config, server_config};
 use gridward_pki::{
     CrlIssuer, InitOptions, IssueOptions, LeafKind, Pki, RevocationReason, RevokeTarget,
@@ -100,6 +103,8 @@ struct Recorder {
     publishes: Mutex<Vec<InboundPublish>>,
     events: Mutex<Vec<SecurityEvent>>,
     conns: Mutex<Vec<(String, bool)>>,
+    /// (meter, topic) of every `EventSink::subscribed`.
+    subs: Mutex<Vec<(String, String)>>,
     verdict: Mutex<Option<Verdict>>,
     /// When set, each message waits for one permit before its verdict.
     gate: Option<Arc<Semaphore>>,
@@ -154,6 +159,10 @@ impl Recorder {
     fn conns(&self) -> Vec<(String, bool)> {
         self.conns.lock().unwrap().clone()
     }
+
+    fn subs(&self) -> Vec<(String, String)> {
+        self.subs.lock().unwrap().clone()
+    }
 }
 
 impl PublishHandler for Recorder {
@@ -193,6 +202,13 @@ impl EventSink for Recorder {
             .lock()
             .unwrap()
             .push((meter.to_string(), connected));
+    }
+
+    fn subscribed(&self, meter: &MeterId, topic: &str, _at: OffsetDateTime) {
+        self.subs
+            .lock()
+            .unwrap()
+            .push((meter.to_string(), topic.to_owned()));
     }
 }
 
@@ -1339,6 +1355,284 @@ async fn graceful_shutdown_acknowledges_what_is_in_flight() {
 }
 
 // ----------------------------------------------------------------------------------------------
+// The downward path: head-end → meter publishes.
+
+fn m(id: &str) -> MeterId {
+    MeterId::new(id).unwrap()
+}
+
+async fn outcome(rx: tokio::sync::oneshot::Receiver<OutboundResult>) -> OutboundResult {
+    tokio::time::timeout(Duration::from_secs(10), rx)
+        .await
+        .expect("an outcome within 10 s")
+        .expect("the endpoint always answers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_end_publish_reaches_the_subscribed_meter_and_its_puback_comes_back() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    let meter = m("M-1");
+    // Every byte value: the payload (a signed command) must arrive byte-identical.
+    let firmware: Bytes = (0..=255u8).cycle().take(5000).collect::<Vec<u8>>().into();
+    for protocol in [Protocol::V311, Protocol::V5] {
+        rec.subs.lock().unwrap().clear();
+        let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", protocol).await.unwrap();
+        wait_until("session", || srv.ep.is_connected(&meter)).await;
+        // Before the subscription: accepted, and waits in the session.
+        let command = srv
+            .ep
+            .publish(
+                &meter,
+                meter.commands_topic(),
+                Bytes::from_static(b"signed command 1"),
+            )
+            .unwrap();
+        c.subscribe(1, &meter.commands_topic(), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut c).await,
+            Some(Packet::SubAck {
+                pkid: 1,
+                return_codes: vec![1]
+            })
+        );
+        let Some(Packet::Publish {
+            dup,
+            qos,
+            retain,
+            topic,
+            pkid,
+            payload,
+        }) = next(&mut c).await
+        else {
+            panic!("{protocol:?}: the waiting command after the SUBACK");
+        };
+        assert!(!dup && !retain && qos == QoS::AtLeastOnce);
+        assert_eq!(topic, "meters/M-1/commands");
+        assert_eq!(payload, Bytes::from_static(b"signed command 1"));
+        assert_eq!(
+            rec.subs(),
+            vec![("M-1".to_owned(), "meters/M-1/commands".to_owned())]
+        );
+        c.writer().puback(pkid).await.unwrap();
+        assert_eq!(
+            outcome(command).await,
+            OutboundResult::Acked { reason_code: 0 }
+        );
+
+        // The firmware topic, subscribed first this time.
+        c.subscribe(2, &meter.firmware_topic(), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        assert!(matches!(
+            next(&mut c).await,
+            Some(Packet::SubAck { pkid: 2, .. })
+        ));
+        wait_until("firmware subscription", || rec.subs().len() == 2).await;
+        let image = srv
+            .ep
+            .publish(&meter, meter.firmware_topic(), firmware.clone())
+            .unwrap();
+        let Some(Packet::Publish {
+            topic,
+            pkid: second,
+            payload,
+            ..
+        }) = next(&mut c).await
+        else {
+            panic!("the firmware image");
+        };
+        assert_eq!(topic, "meters/M-1/firmware");
+        assert_eq!(payload, firmware);
+        assert_ne!(second, pkid, "a new packet id for the next message");
+        c.writer().puback(second).await.unwrap();
+        assert_eq!(
+            outcome(image).await,
+            OutboundResult::Acked { reason_code: 0 }
+        );
+
+        // Refused by the session, never sent: another meter's topic.
+        let foreign = srv
+            .ep
+            .publish(&meter, "meters/M-2/commands".into(), Bytes::new())
+            .unwrap();
+        assert_eq!(
+            outcome(foreign).await,
+            OutboundResult::Refused(OutboundRefusal::TopicNotAllowed {
+                topic: "meters/M-2/commands".into()
+            })
+        );
+        c.disconnect().await.unwrap();
+        wait_until("session end", || !srv.ep.is_connected(&meter)).await;
+    }
+    assert!(rec.events.lock().unwrap().is_empty(), "{:?}", rec.reasons());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_to_a_meter_without_a_session_is_not_connected() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    let meter = m("M-2");
+    assert_eq!(
+        srv.ep
+            .publish(&meter, meter.commands_topic(), Bytes::from_static(b"x"))
+            .unwrap_err(),
+        PublishError::NotConnected
+    );
+    // Connected, then gone: not connected again.
+    let (mut c, _) = connect_as(&srv, &fx, "M-2", "M-2", Protocol::V5)
+        .await
+        .unwrap();
+    wait_until("session", || srv.ep.is_connected(&meter)).await;
+    assert!(
+        srv.ep
+            .publish(&meter, meter.commands_topic(), Bytes::from_static(b"x"))
+            .is_ok()
+    );
+    c.disconnect().await.unwrap();
+    wait_until("session end", || !srv.ep.is_connected(&meter)).await;
+    assert_eq!(
+        srv.ep
+            .publish(&meter, meter.commands_topic(), Bytes::from_static(b"x"))
+            .unwrap_err(),
+        PublishError::NotConnected
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_leaving_with_unacknowledged_messages_ends_them_disconnected() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    let meter = m("M-3");
+    for how in ["connection dropped", "DISCONNECT", "taken over"] {
+        let (mut c, _) = connect_as(&srv, &fx, "M-3", "M-3", Protocol::V5)
+            .await
+            .unwrap();
+        wait_until("session", || srv.ep.is_connected(&meter)).await;
+        c.subscribe(1, &meter.commands_topic(), QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        assert!(matches!(next(&mut c).await, Some(Packet::SubAck { .. })));
+        let sent = srv
+            .ep
+            .publish(&meter, meter.commands_topic(), Bytes::from_static(b"c1"))
+            .unwrap();
+        // Never subscribed: waits in the session until it ends.
+        let queued = srv
+            .ep
+            .publish(&meter, meter.firmware_topic(), Bytes::from_static(b"f1"))
+            .unwrap();
+        assert!(matches!(next(&mut c).await, Some(Packet::Publish { .. })));
+        // No PUBACK; the connection ends.
+        let newer = match how {
+            "connection dropped" => {
+                drop(c);
+                None
+            }
+            "DISCONNECT" => {
+                c.disconnect().await.unwrap();
+                None
+            }
+            _ => Some(
+                connect_as(&srv, &fx, "M-3", "M-3", Protocol::V5)
+                    .await
+                    .unwrap(),
+            ),
+        };
+        assert_eq!(outcome(sent).await, OutboundResult::Disconnected, "{how}");
+        assert_eq!(outcome(queued).await, OutboundResult::Disconnected, "{how}");
+        if let Some((mut newer, _)) = newer {
+            // The newer connection is the meter's now: messages go to it (after it subscribes).
+            let again = srv
+                .ep
+                .publish(&meter, meter.commands_topic(), Bytes::from_static(b"c1"))
+                .unwrap();
+            newer
+                .subscribe(1, &meter.commands_topic(), QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            assert!(matches!(
+                next(&mut newer).await,
+                Some(Packet::SubAck { .. })
+            ));
+            let Some(Packet::Publish { pkid, payload, .. }) = next(&mut newer).await else {
+                panic!("the resent command on the newer connection");
+            };
+            assert_eq!(payload, Bytes::from_static(b"c1"));
+            newer.writer().puback(pkid).await.unwrap();
+            assert_eq!(
+                outcome(again).await,
+                OutboundResult::Acked { reason_code: 0 }
+            );
+            newer.disconnect().await.unwrap();
+        }
+        wait_until("session end", || !srv.ep.is_connected(&meter)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_larger_than_the_meter_accepts_is_refused() {
+    // The crate's client announces no Maximum Packet Size (nor can an MQTT 3.1.1 client): a raw
+    // MQTT 5 CONNECT announces 256 bytes.
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    let meter = m("M-1");
+    let stream = tls_connect(srv.addr, "localhost", fx.meter_tls("M-1"))
+        .await
+        .unwrap();
+    let mut c = Client::new(stream, Protocol::V5);
+    // CONNECT, MQTT 5, clean start, keep-alive 30, properties: Maximum Packet Size (0x27) 256.
+    let mut connect = vec![0x10, 0];
+    let body = [
+        &[0, 4][..],
+        b"MQTT",
+        &[5, 0x02, 0, 30, 5, 0x27, 0, 0, 1, 0],
+        &[0, 3],
+        b"M-1",
+    ]
+    .concat();
+    connect[1] = u8::try_from(body.len()).unwrap();
+    connect.extend_from_slice(&body);
+    c.send_raw(&connect).await.unwrap();
+    assert!(matches!(
+        next(&mut c).await,
+        Some(Packet::ConnAck { code: 0, .. })
+    ));
+    c.subscribe(1, &meter.commands_topic(), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut c).await, Some(Packet::SubAck { .. })));
+    let big = srv
+        .ep
+        .publish(&meter, meter.commands_topic(), vec![0u8; 300].into())
+        .unwrap();
+    assert!(matches!(
+        outcome(big).await,
+        OutboundResult::Refused(OutboundRefusal::TooLarge { max: 256, .. })
+    ));
+    // A small one still goes: the big one was never sent.
+    let small = srv
+        .ep
+        .publish(&meter, meter.commands_topic(), Bytes::from_static(b"ok"))
+        .unwrap();
+    let Some(Packet::Publish { pkid, payload, .. }) = next(&mut c).await else {
+        panic!("the small message");
+    };
+    assert_eq!(payload, Bytes::from_static(b"ok"));
+    c.writer().puback(pkid).await.unwrap();
+    assert_eq!(
+        outcome(small).await,
+        OutboundResult::Acked { reason_code: 0 }
+    );
+}
+
+// ----------------------------------------------------------------------------------------------
 // A client not written here: mosquitto_pub (Debian mosquitto-clients).
 
 fn mosquitto_pub(
@@ -1430,4 +1724,83 @@ async fn mosquitto_pub_reaches_the_handler() {
     })
     .await;
     assert_eq!(rec.publishes().len(), 2);
+}
+
+// ----------------------------------------------------------------------------------------------
+// A subscriber not written here: mosquitto_sub (Debian mosquitto-clients).
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_sub_receives_what_the_head_end_publishes() {
+    if std::process::Command::new("mosquitto_sub")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIPPED: mosquitto_sub not found; install Debian package mosquitto-clients to run this test"
+        );
+        return;
+    }
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    let meter = m("M-1");
+    let dir = fx.meter_dir("M-1");
+    for version in ["mqttv311", "mqttv5"] {
+        rec.subs.lock().unwrap().clear();
+        let child = std::process::Command::new("mosquitto_sub")
+            .arg("-h")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(srv.addr.port().to_string())
+            .arg("--cafile")
+            .arg(fx.dir.join("ca").join("root.crt.pem"))
+            .arg("--cert")
+            .arg(dir.join("chain.pem"))
+            .arg("--key")
+            .arg(dir.join("key.pem"))
+            .arg("-i")
+            .arg("M-1")
+            .arg("-t")
+            .arg(meter.commands_topic())
+            .arg("-q")
+            .arg("1")
+            .arg("-C")
+            .arg("1")
+            .arg("-N")
+            .arg("-W")
+            .arg("20")
+            .arg("-V")
+            .arg(version)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let waiter = tokio::task::spawn_blocking(move || child.wait_with_output());
+        // mosquitto_sub is reachable once its subscription is in.
+        wait_until("mosquitto_sub's subscription", || {
+            rec.subs() == vec![("M-1".to_owned(), "meters/M-1/commands".to_owned())]
+        })
+        .await;
+        let payload = format!("signed command for mosquitto_sub {version}");
+        let rx = srv
+            .ep
+            .publish(&meter, meter.commands_topic(), payload.clone().into())
+            .unwrap();
+        // mosquitto_sub sends its PUBACK before it prints and exits.
+        assert_eq!(
+            outcome(rx).await,
+            OutboundResult::Acked { reason_code: 0 },
+            "{version}"
+        );
+        let out = waiter.await.unwrap().unwrap();
+        assert!(
+            out.status.success(),
+            "{version}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.stdout, payload.as_bytes(), "{version}: byte-identical");
+    }
+    wait_until("both sessions over", || !srv.ep.is_connected(&meter)).await;
+    assert!(rec.events.lock().unwrap().is_empty(), "{:?}", rec.reasons());
 }

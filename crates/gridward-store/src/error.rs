@@ -65,4 +65,14 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A record with the same key is stored already (a command id, a meter's command counter,
+    /// a firmware digest, a meter listed twice). Nothing was stored.
+    #[error("already stored: {0}")]
+    Conflict(String),
+    /// The record the operation refers to does not exist. Nothing was changed.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The request cannot be carried out as given (a value out of range). Nothing was changed.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
 }

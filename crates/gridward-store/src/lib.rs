@@ -11,12 +11,16 @@
 //!                                           │                 Replay / RegisterWentBackwards → security event
 //!                                           └─ + one outbox row per stored reading and target
 //!   forwarder  ──► outbox_pending ──► (deliver) ──► outbox_settle
+//!   command ack ──► Store::commit ──► command acknowledged | refused   (same transaction)
 //!   rejections ──► Store::record_security_events
 //!   CLI / API  ──► readings, meter_events, security_events, meters, counts
 //! ```
 //!
 //! - [`model`]: the values that cross the trait ([`Accepted`], [`Outcome`], query and row types).
 //! - [`store`]: the [`Store`] trait and its contract.
+//! - [`commands`]: the downward path behind [`CommandStore`]: command counters, signed commands
+//!   and their lifecycle, four-eyes proposals, firmware images and campaigns. A meter's
+//!   acknowledgement is committed like an event and settles its command in the same transaction.
 //! - [`outbox`]: the downstream outbox: one row per stored reading and target, written in the
 //!   reading's transaction, settled by the forwarder.
 //! - [`sqlite`]: [`SqliteStore`]: WAL, `synchronous = FULL`, batched transactions, migrations.
@@ -26,12 +30,18 @@
 
 #![forbid(unsafe_code)]
 
+pub mod commands;
 pub mod error;
 pub mod model;
 pub mod outbox;
 pub mod sqlite;
 pub mod store;
 
+pub use commands::{
+    CampaignMember, CampaignState, CommandQuery, CommandStatus, CommandStore, DecideError,
+    Decision, NewCampaign, NewCommand, NewFirmware, NewProposal, ProposalStatus, StoredCampaign,
+    StoredCommand, StoredFirmware, StoredProposal, UnknownStatus,
+};
 pub use error::StoreError;
 pub use model::{
     Accepted, AcceptedBody, Counts, DEFAULT_QUERY_LIMIT, MeterEventQuery, MeterRow, Outcome,

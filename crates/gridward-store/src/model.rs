@@ -2,6 +2,7 @@
 //! fate was, and what queries return. Backend-neutral: no SQL here.
 
 use gridward_core::MeterId;
+use gridward_core::command::{CommandId, Refusal};
 use gridward_core::document::{Event, EventKind, Format, Reading};
 use gridward_core::downstream::ForwardedReading;
 use sha2::{Digest, Sha256};
@@ -57,13 +58,33 @@ pub enum AcceptedBody {
         /// What happened.
         kind: EventKind,
     },
+    /// A meter's signed acknowledgement of a command (it arrives on the events topic and
+    /// consumes the meter's counter like an event). Stored as a message of its own kind, which
+    /// [`Store::meter_events`](crate::Store::meter_events) does not list; in the same
+    /// transaction the acknowledged command, if it is this meter's and not final, becomes
+    /// acknowledged or refused (see [`Outcome::StoredUnmatchedAck`]).
+    CommandAck {
+        /// The command acknowledged.
+        command_id: CommandId,
+        /// `None`: executed; otherwise why the meter refused it.
+        refused: Option<Refusal>,
+    },
 }
 
 /// What [`Store::commit`](crate::Store::commit) did with one item of a batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Outcome {
     /// Stored; `id` identifies the stored message (unique across readings and meter events).
+    /// For a [`AcceptedBody::CommandAck`]: stored, and its command settled.
     Stored {
+        /// The stored message's id.
+        id: i64,
+    },
+    /// A [`AcceptedBody::CommandAck`] stored (it consumed the meter's counter: acknowledge it
+    /// like [`Outcome::Stored`]) but matching no command awaiting it: the id is unknown, the
+    /// command is another meter's, or it is already final (expired, settled, acknowledged
+    /// before). No command changed; worth a security event if the id is unknown or foreign.
+    StoredUnmatchedAck {
         /// The stored message's id.
         id: i64,
     },
@@ -230,7 +251,7 @@ pub struct Counts {
     pub meters: u64,
     /// Stored readings.
     pub readings: u64,
-    /// Stored meter events.
+    /// Stored meter events (command acknowledgements are not counted).
     pub meter_events: u64,
     /// Recorded security events.
     pub security_events: u64,

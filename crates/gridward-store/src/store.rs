@@ -20,7 +20,8 @@ use crate::outbox::{DeadLetter, OutboxItem, OutboxStats, Settlement, TargetId};
 ///
 /// The batch is stored in **one transaction that is durable when `commit` returns `Ok`**
 /// (it survives a process crash and a power loss), so the caller may acknowledge (MQTT PUBACK)
-/// every item whose outcome is [`Outcome::Stored`] or [`Outcome::Duplicate`] right after.
+/// every item whose outcome is [`Outcome::Stored`], [`Outcome::StoredUnmatchedAck`] or
+/// [`Outcome::Duplicate`] right after.
 /// Items are decided in order; later items see the effects of earlier ones, also for the same
 /// meter. For each item:
 ///
@@ -32,7 +33,16 @@ use crate::outbox::{DeadLetter, OutboxItem, OutboxStats, Settlement, TargetId};
 /// 3. otherwise the message is appended ([`Outcome::Stored`]) and becomes the meter's last
 ///    counter, last register (readings only) and last-seen time.
 ///
-/// Only [`Outcome::Stored`] writes anything; the other outcomes leave the store unchanged.
+/// Only [`Outcome::Stored`] and [`Outcome::StoredUnmatchedAck`] write anything; the other
+/// outcomes leave the store unchanged.
+///
+/// A command acknowledgement ([`AcceptedBody::CommandAck`](crate::AcceptedBody::CommandAck)) is
+/// decided like an event (same counter sequence, same duplicate and replay rules). When stored,
+/// the same transaction settles the command it names if that command is this meter's and not
+/// final: acknowledged (executed) or refused (the refusal code as outcome), settled at the
+/// message's `received_at`, with the message as its acknowledgement ([`Outcome::Stored`]).
+/// Otherwise no command changes ([`Outcome::StoredUnmatchedAck`]). Acknowledgements never go
+/// to the outbox and are not meter events.
 ///
 /// ## The outbox
 ///
@@ -94,7 +104,8 @@ pub trait Store: Send + Sync + 'static {
     /// One meter's readings (see [`ReadingQuery`]), oldest first.
     fn readings(&self, query: &ReadingQuery) -> Result<Vec<StoredReading>, StoreError>;
 
-    /// Meter events (tamper, power), see [`MeterEventQuery`], oldest first.
+    /// Meter events (tamper, power), see [`MeterEventQuery`], oldest first. Command
+    /// acknowledgements, although they share the events topic and counter, are not listed.
     fn meter_events(&self, query: &MeterEventQuery) -> Result<Vec<StoredMeterEvent>, StoreError>;
 
     /// Security events (see [`SecurityEventQuery`]), oldest first.

@@ -29,6 +29,9 @@
 //! the first message signed more than a day before `since` (signing times follow the head-end's
 //! clock within the freshness window, so a meter's older messages cannot be newer than that).
 
+#[cfg(test)]
+mod command_tests;
+mod commands;
 mod outbox;
 mod schema;
 #[cfg(test)]
@@ -39,6 +42,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use gridward_core::MeterId;
+use gridward_core::command::{CommandId, Refusal};
 use gridward_core::document::{EventKind, Format};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use time::OffsetDateTime;
@@ -71,8 +75,11 @@ const SINCE_SLACK_MICROS: i64 = 24 * 3600 * 1_000_000;
 
 /// `messages.kind` of a reading.
 const KIND_READING: i64 = 0;
-/// `messages.kind` of a meter event.
+/// `messages.kind` of a meter event (and of a command acknowledgement).
 const KIND_EVENT: i64 = 1;
+/// `messages.event_kind` of a command acknowledgement (not a meter event: the meter-event
+/// queries and counts exclude it; the literal is repeated in their SQL).
+const EVENT_KIND_ACK: &str = "command_ack";
 
 /// The embedded SQLite backend of [`Store`] (see the [module documentation](self)).
 #[derive(Debug)]
@@ -401,7 +408,8 @@ impl Store for SqliteStore {
             "SELECT m.id, mt.meter_id, m.counter, m.event_kind, m.taken_at, m.received_at,
                     m.content_type, m.source, m.envelope_sha256
              FROM messages AS m INDEXED BY messages_events JOIN meters AS mt ON mt.id = m.meter
-             WHERE m.kind = 1 AND m.taken_at >= ?1 AND (?2 IS NULL OR mt.meter_id = ?2)
+             WHERE m.kind = 1 AND m.event_kind <> 'command_ack' AND m.taken_at >= ?1
+               AND (?2 IS NULL OR mt.meter_id = ?2)
              ORDER BY m.taken_at DESC, m.id DESC LIMIT ?3",
         )?;
         let raw = stmt
@@ -602,7 +610,9 @@ impl Store for SqliteStore {
         Ok(Counts {
             meters: count("SELECT COUNT(*) FROM meters")?,
             readings: count("SELECT COUNT(*) FROM messages WHERE kind = 0")?,
-            meter_events: count("SELECT COUNT(*) FROM messages WHERE kind = 1")?,
+            meter_events: count(
+                "SELECT COUNT(*) FROM messages WHERE kind = 1 AND event_kind <> 'command_ack'",
+            )?,
             security_events: count("SELECT COUNT(*) FROM security_events")?,
         })
     }
@@ -618,10 +628,13 @@ struct ItemRow {
     taken_at: i64,
     received_at: i64,
     sha: [u8; 32],
+    /// For a command acknowledgement: the command and the refusal, if refused.
+    ack: Option<(CommandId, Option<Refusal>)>,
 }
 
 impl ItemRow {
     fn new(index: usize, item: &Accepted) -> Result<Self, StoreError> {
+        let mut ack = None;
         let (kind, energy_kwh, event_kind) = match item.body {
             AcceptedBody::Reading { energy_kwh } => {
                 // SQLite stores NaN as NULL; a negative register is not a register.
@@ -634,6 +647,13 @@ impl ItemRow {
                 (KIND_READING, Some(energy_kwh), None)
             }
             AcceptedBody::Event { kind } => (KIND_EVENT, None, Some(kind.as_str())),
+            AcceptedBody::CommandAck {
+                command_id,
+                refused,
+            } => {
+                ack = Some((command_id, refused));
+                (KIND_EVENT, None, Some(EVENT_KIND_ACK))
+            }
         };
         Ok(Self {
             counter: counter_to_sql(item.counter),
@@ -643,6 +663,7 @@ impl ItemRow {
             taken_at: micros(item.taken_at)?,
             received_at: micros(item.received_at)?,
             sha: item.envelope_sha256(),
+            ack,
         })
     }
 }
@@ -707,6 +728,11 @@ fn commit_one(tx: &Transaction<'_>, item: &Accepted, row: &ItemRow) -> Result<Ou
         row.energy_kwh,
         row.received_at
     ])?;
+    if let Some((command, refused)) = row.ack
+        && !commands::apply_ack(tx, &item.meter_id, &command, refused, row.received_at, id)?
+    {
+        return Ok(Outcome::StoredUnmatchedAck { id });
+    }
     Ok(Outcome::Stored { id })
 }
 

@@ -22,6 +22,24 @@
 //!   (`state` 0 pending, 1 delivered, 2 dead). Partial indexes cover the pending and the dead
 //!   rows only: appends go to the end of both, and delivered rows leave the pending index.
 //!
+//! ## Version 3: the downward path
+//!
+//! - `command_counters`: the last command counter reserved per meter (keyed by meter id text:
+//!   a command may be addressed to a meter that never connected).
+//! - `commands`: signed commands, `seq` the row number (the paging cursor), `id` the 16-byte
+//!   command id (unique), `UNIQUE (meter_id, counter)`, the envelope stored once at insertion,
+//!   `status` as text. Partial indexes over the open (queued, sent) commands serve the
+//!   dispatcher (by meter and counter) and the expiry sweep (by expiry); the listing has one
+//!   index per filter, ordered by `seq`.
+//! - `proposals` and `proposal_meters`: four-eyes proposals and their meters in order.
+//! - `firmware`: manifest and image (the image is the last column, so describing a firmware does
+//!   not read the image's overflow pages).
+//! - `campaigns` and `campaign_members`: staged campaigns; each member's command is joined from
+//!   `commands`.
+//! - Command acknowledgements are stored in `messages` as meter events (`kind = 1`) with
+//!   `event_kind = 'command_ack'` (the version 1 `CHECK` on `kind` would need a rebuild of the
+//!   largest table to admit a third kind); the meter-event queries exclude that kind.
+//!
 //! Times are integers, microseconds since 1970-01-01 UTC. Counters are `u64` stored bit for bit
 //! in SQLite's signed 64-bit integers (values above `i64::MAX` read negative in SQL); the store
 //! compares them in Rust, never in SQL.
@@ -35,7 +53,7 @@ pub const APPLICATION_ID: i32 = 0x4752_4457;
 
 /// The migration steps, oldest first. Step `i` takes the schema from version `i` to `i + 1`.
 /// Never edit a released step: append a new one.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
 
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -102,6 +120,109 @@ CREATE TABLE outbox (
 
 CREATE INDEX outbox_pending ON outbox (target, id) WHERE state = 0;
 CREATE INDEX outbox_dead ON outbox (target, id) WHERE state = 2;
+";
+
+const V3: &str = "
+CREATE TABLE command_counters (
+    meter_id TEXT    PRIMARY KEY,
+    last     INTEGER NOT NULL CHECK (last > 0)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE proposals (
+    id          INTEGER PRIMARY KEY,
+    kind        TEXT    NOT NULL,
+    args_json   TEXT    NOT NULL,
+    proposed_by TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    reason      TEXT    NOT NULL,
+    status      TEXT    NOT NULL DEFAULT 'pending'
+                CHECK (status IN ('pending', 'approved', 'rejected', 'expired')),
+    decided_by  TEXT,
+    decided_at  INTEGER,
+    note        TEXT
+) STRICT;
+
+CREATE INDEX proposals_pending ON proposals (expires_at) WHERE status = 'pending';
+CREATE INDEX proposals_status ON proposals (status, id);
+
+CREATE TABLE proposal_meters (
+    proposal INTEGER NOT NULL REFERENCES proposals (id),
+    position INTEGER NOT NULL,
+    meter_id TEXT    NOT NULL,
+    PRIMARY KEY (proposal, position),
+    UNIQUE (proposal, meter_id)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE firmware (
+    id          INTEGER PRIMARY KEY,
+    digest      BLOB    NOT NULL UNIQUE CHECK (length(digest) = 32),
+    manifest    BLOB    NOT NULL,
+    vendor_id   TEXT    NOT NULL,
+    class_id    TEXT    NOT NULL,
+    version     TEXT    NOT NULL,
+    sequence    INTEGER NOT NULL,
+    uploaded_by TEXT    NOT NULL,
+    uploaded_at INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    image       BLOB    NOT NULL
+) STRICT;
+
+CREATE TABLE campaigns (
+    id                INTEGER PRIMARY KEY,
+    firmware_id       INTEGER NOT NULL REFERENCES firmware (id),
+    first_stage       INTEGER NOT NULL CHECK (first_stage >= 0),
+    success_threshold REAL    NOT NULL CHECK (success_threshold BETWEEN 0 AND 1),
+    max_failures      INTEGER NOT NULL CHECK (max_failures >= 0),
+    created_by        TEXT    NOT NULL,
+    created_at        INTEGER NOT NULL,
+    state             TEXT    NOT NULL
+                      CHECK (state IN ('running', 'paused', 'completed', 'cancelled')),
+    stage             INTEGER NOT NULL CHECK (stage IN (1, 2)),
+    updated_at        INTEGER NOT NULL,
+    note              TEXT
+) STRICT;
+
+CREATE TABLE campaign_members (
+    campaign   INTEGER NOT NULL REFERENCES campaigns (id),
+    position   INTEGER NOT NULL,
+    meter_id   TEXT    NOT NULL,
+    stage      INTEGER NOT NULL CHECK (stage IN (1, 2)),
+    command_id BLOB    CHECK (command_id IS NULL OR length(command_id) = 16),
+    PRIMARY KEY (campaign, position),
+    UNIQUE (campaign, meter_id)
+) STRICT, WITHOUT ROWID;
+
+CREATE TABLE commands (
+    seq         INTEGER PRIMARY KEY,
+    id          BLOB    NOT NULL UNIQUE CHECK (length(id) = 16),
+    meter_id    TEXT    NOT NULL,
+    kind        TEXT    NOT NULL,
+    args_json   TEXT    NOT NULL,
+    counter     INTEGER NOT NULL CHECK (counter > 0),
+    issued_at   INTEGER NOT NULL,
+    expires_at  INTEGER NOT NULL,
+    envelope    BLOB    NOT NULL,
+    issued_by   TEXT    NOT NULL,
+    approved_by TEXT,
+    proposal_id INTEGER REFERENCES proposals (id),
+    campaign_id INTEGER REFERENCES campaigns (id),
+    status      TEXT    NOT NULL DEFAULT 'queued'
+                CHECK (status IN ('queued', 'sent', 'acknowledged', 'refused', 'expired', 'failed')),
+    sent_at     INTEGER,
+    attempts    INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    settled_at  INTEGER,
+    outcome     TEXT,
+    ack_message INTEGER REFERENCES messages (id),
+    UNIQUE (meter_id, counter)
+) STRICT;
+
+CREATE INDEX commands_open ON commands (meter_id, counter) WHERE status IN ('queued', 'sent');
+CREATE INDEX commands_expiry ON commands (expires_at) WHERE status IN ('queued', 'sent');
+CREATE INDEX commands_meter ON commands (meter_id, seq);
+CREATE INDEX commands_status ON commands (status, seq);
+CREATE INDEX commands_campaign ON commands (campaign_id, seq) WHERE campaign_id IS NOT NULL;
+CREATE INDEX commands_proposal ON commands (proposal_id, seq) WHERE proposal_id IS NOT NULL;
 ";
 
 /// Checks that `conn` is a new or a Gridward database no newer than `steps` knows, then applies

@@ -1,0 +1,176 @@
+//! The head-end's side of the downward path: the command service (`gridward-command`) wired to
+//! the MQTT endpoint (its [`Transport`]), the audit log, the users database (who may still have a
+//! proposal approved) and the ingest pipeline (acknowledgements).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use gridward_command::{Commands, Delivery, NotReachable, Policy, Transport};
+use gridward_core::MeterId;
+use gridward_core::envelope::{SigningKey, VerifyingKey};
+use gridward_mqtt::{Endpoint, OutboundResult, PublishHandler};
+use gridward_pki::Pki;
+use time::OffsetDateTime;
+use tokio::sync::oneshot;
+
+use crate::config::CommandSettings;
+
+/// The endpoint as the dispatcher's link to meters.
+pub struct EndpointTransport<H> {
+    endpoint: Endpoint<H>,
+}
+
+impl<H> std::fmt::Debug for EndpointTransport<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointTransport").finish_non_exhaustive()
+    }
+}
+
+impl<H> EndpointTransport<H> {
+    /// Sends through `endpoint`.
+    pub fn new(endpoint: Endpoint<H>) -> Self {
+        Self { endpoint }
+    }
+}
+
+impl<H: PublishHandler> Transport for EndpointTransport<H> {
+    fn is_reachable(&self, meter: &MeterId) -> bool {
+        self.endpoint.is_connected(meter)
+    }
+
+    fn send(
+        &self,
+        meter: &MeterId,
+        topic: String,
+        payload: Bytes,
+    ) -> Result<oneshot::Receiver<Delivery>, NotReachable> {
+        let done = self
+            .endpoint
+            .publish(meter, topic, payload)
+            .map_err(|_| NotReachable)?;
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let delivery = match done.await {
+                // PUBACK 0x00 (or, MQTT 5, "no matching subscribers" 0x10: still received).
+                Ok(OutboundResult::Acked { reason_code }) if reason_code < 0x80 => Delivery::Acked,
+                Ok(OutboundResult::SentUnacknowledged) => Delivery::Acked,
+                Ok(other) => {
+                    tracing::debug!(result = ?other, "publication to the meter not acknowledged");
+                    Delivery::Lost
+                }
+                Err(_) => Delivery::Lost,
+            };
+            let _ = tx.send(delivery);
+        });
+        Ok(rx)
+    }
+}
+
+/// Why commands could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandSetupError {
+    /// No usable command-signer certificate or key.
+    #[error("{0}")]
+    Signer(String),
+    /// A manufacturer key file cannot be used.
+    #[error("firmware.manufacturers: {path}: {reason}")]
+    Manufacturer {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The configured policy is unusable.
+    #[error("commands: {0}")]
+    Policy(#[from] gridward_command::PolicyError),
+}
+
+/// The command key of `settings.signer`: the current certificate of that name must be valid now
+/// and its key on disk.
+///
+/// # Errors
+///
+/// [`CommandSetupError::Signer`] naming what to do.
+pub fn load_signer(
+    pki_dir: &std::path::Path,
+    settings: &CommandSettings,
+    now: OffsetDateTime,
+) -> Result<SigningKey, CommandSetupError> {
+    let fail = |e: String| {
+        CommandSetupError::Signer(format!(
+            "command signer {:?}: {e} (issue one with `gridward pki issue command-signer --dir {} {}`, or set [commands] signer = \"off\")",
+            settings.signer,
+            pki_dir.display(),
+            settings.signer
+        ))
+    };
+    let pki = Pki::open(pki_dir, None).map_err(|e| fail(e.to_string()))?;
+    let valid = pki
+        .command_signers(now)
+        .map_err(|e| fail(e.to_string()))?
+        .into_iter()
+        .any(|c| c.name == settings.signer && c.current && c.is_valid_at(now));
+    if !valid {
+        return Err(fail("no current certificate valid now".into()));
+    }
+    let path = pki
+        .command_signer_key_path(&settings.signer)
+        .map_err(|e| fail(e.to_string()))?;
+    let pem = std::fs::read_to_string(&path)
+        .map_err(|e| fail(format!("cannot read {}: {e}", path.display())))?;
+    SigningKey::from_pkcs8_pem(&pem).map_err(|e| fail(format!("{}: {e}", path.display())))
+}
+
+/// The manufacturer keys of `[firmware] manufacturers`.
+///
+/// # Errors
+///
+/// [`CommandSetupError::Manufacturer`] for a file that is not an SPKI PEM public key.
+pub fn load_manufacturers(
+    settings: &CommandSettings,
+) -> Result<Vec<VerifyingKey>, CommandSetupError> {
+    let mut keys = Vec::new();
+    for path in &settings.manufacturers {
+        let fail = |reason: String| CommandSetupError::Manufacturer {
+            path: path.display().to_string(),
+            reason,
+        };
+        let pem = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+        keys.push(VerifyingKey::from_spki_pem(&pem).map_err(|e| fail(e.to_string()))?);
+    }
+    Ok(keys)
+}
+
+/// The command service's policy from `[commands]`.
+pub fn policy(settings: &CommandSettings) -> Policy {
+    let rate = settings.dispatch_rate_per_sec.round().clamp(1.0, 100_000.0) as u32;
+    Policy {
+        critical_kinds: settings.critical.clone(),
+        four_eyes_threshold: settings.four_eyes_threshold,
+        approval_window: time::Duration::try_from(settings.approval_window)
+            .unwrap_or(time::Duration::minutes(30)),
+        default_ttl: time::Duration::try_from(settings.ttl).unwrap_or(time::Duration::hours(1)),
+        dispatch_rate_per_sec: rate,
+        dispatch_burst: rate,
+        ..Policy::default()
+    }
+}
+
+/// A running command service with its manufacturer keys.
+#[derive(Clone)]
+pub struct CommandService {
+    /// The service.
+    pub commands: Arc<Commands>,
+    /// Trusted manufacturer keys for firmware uploads.
+    pub manufacturers: Arc<Vec<VerifyingKey>>,
+}
+
+impl std::fmt::Debug for CommandService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandService")
+            .field("commands", &self.commands)
+            .field("manufacturers", &self.manufacturers.len())
+            .finish()
+    }
+}
