@@ -54,7 +54,7 @@ pub const MAX_DOCUMENT_AGE_SECONDS: i64 = 35 * 24 * 3600;
 pub const KEY_ID_LEN: usize = 16;
 
 /// CBOR tag of a COSE_Sign1 structure.
-const COSE_SIGN1_TAG_BYTE: u8 = 0xd2;
+pub(crate) const COSE_SIGN1_TAG_BYTE: u8 = 0xd2;
 
 /// A signature algorithm allowed in an envelope.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,7 +96,7 @@ impl Algorithm {
         }
     }
 
-    fn iana(self) -> iana::Algorithm {
+    pub(crate) fn iana(self) -> iana::Algorithm {
         match self {
             Self::Es256 => iana::Algorithm::ES256,
             Self::EdDsa => iana::Algorithm::EdDSA,
@@ -315,7 +315,7 @@ impl SigningKey {
     }
 
     /// Signs raw bytes with this key's algorithm (ES256 signatures are raw `r ‖ s`).
-    fn sign_bytes(&self, msg: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+    pub(crate) fn sign_bytes(&self, msg: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
         let rng = SystemRandom::new();
         match &self.inner {
             SigningKeyInner::Es256(k) => k
@@ -388,6 +388,11 @@ impl VerifyingKey {
     /// The key id envelopes signed by this key must carry.
     pub fn kid(&self) -> &[u8] {
         &self.kid
+    }
+
+    /// Whether `signature` is this key's signature over `msg`, with the key's algorithm.
+    pub(crate) fn verifies(&self, msg: &[u8], signature: &[u8]) -> bool {
+        self.key.verify_sig(msg, signature).is_ok()
     }
 }
 
@@ -672,7 +677,7 @@ impl VerifiedDocument {
     }
 }
 
-fn check_unprotected(h: &coset::Header) -> Result<(), EnvelopeError> {
+pub(crate) fn check_unprotected(h: &coset::Header) -> Result<(), EnvelopeError> {
     if h.alg.is_some() {
         return Err(EnvelopeError::AlgorithmInUnprotectedHeader);
     }
@@ -794,14 +799,14 @@ fn parse_protected(h: &coset::Header) -> Result<EnvelopeHeader, EnvelopeError> {
     })
 }
 
-fn label_string(l: &Label) -> String {
+pub(crate) fn label_string(l: &Label) -> String {
     match l {
         Label::Int(i) => i.to_string(),
         Label::Text(t) => format!("{t:?}"),
     }
 }
 
-fn hex_string(bytes: &[u8]) -> String {
+pub(crate) fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -20,6 +20,10 @@
 //!   only verification produces a [`envelope::VerifiedEnvelope`].
 //! - [`replay`]: the per-meter counter and time-window check.
 //! - [`backoff`]: retry delays, exponential with full jitter (the randomness is passed in).
+//! - [`command`]: commands signed by the head-end's command key, the meter's checks
+//!   ([`command::verify`]) and its acknowledgement ([`command::CommandAck`]).
+//! - [`firmware`]: manufacturer-signed firmware manifests, image chunks and the meter's install
+//!   decision ([`firmware::check_install`]).
 //! - [`security`]: [`security::SecurityEvent`] and the stable reason codes every refusal carries.
 //! - [`httpsig`]: HTTP Message Signatures (RFC 9421) and `Content-Digest` (RFC 9530) for the
 //!   requests Gridward forwards downstream; only [`httpsig::verify_request`] produces a
@@ -31,6 +35,7 @@
 
 pub mod backoff;
 pub mod command;
+mod cose;
 pub mod document;
 pub mod downstream;
 pub mod envelope;

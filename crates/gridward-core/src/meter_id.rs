@@ -77,6 +77,11 @@ impl MeterId {
     pub fn commands_topic(&self) -> String {
         format!("meters/{}/commands", self.0)
     }
+
+    /// The topic a meter receives firmware manifests and images on: `meters/{id}/firmware`.
+    pub fn firmware_topic(&self) -> String {
+        format!("meters/{}/firmware", self.0)
+    }
 }
 
 /// The prefix of a meter identity URI SAN.
@@ -149,6 +154,7 @@ mod tests {
         assert_eq!(id.readings_topic(), "meters/123/readings");
         assert_eq!(id.events_topic(), "meters/123/events");
         assert_eq!(id.commands_topic(), "meters/123/commands");
+        assert_eq!(id.firmware_topic(), "meters/123/firmware");
         assert_eq!(id.to_uri(), "urn:gridward:meter:123");
     }
 }

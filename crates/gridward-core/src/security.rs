@@ -74,11 +74,17 @@ pub enum Reason {
     /// A downstream target (billing, MDM) refused a forwarded reading for good (a 4xx other
     /// than 408/429): the reading is a dead letter until an operator retries it.
     DownstreamRejected,
+    /// A meter refused a command (its signed acknowledgement said `refused`); the detail names
+    /// the meter's refusal code ([`crate::command::Refusal::code`]).
+    CommandRefused,
+    /// A firmware upload (at the head-end) or install (reported by the meter) was refused: bad
+    /// manufacturer signature, wrong class, rollback, expired manifest, digest or size mismatch.
+    FirmwareRefused,
 }
 
 impl Reason {
     /// Every reason, for reports that list counts per reason.
-    pub const ALL: [Reason; 27] = [
+    pub const ALL: [Reason; 29] = [
         Reason::TlsHandshakeFailed,
         Reason::CertificateMissing,
         Reason::CertificateUntrusted,
@@ -106,6 +112,8 @@ impl Reason {
         Reason::InvalidDocument,
         Reason::RegisterWentBackwards,
         Reason::DownstreamRejected,
+        Reason::CommandRefused,
+        Reason::FirmwareRefused,
     ];
 
     /// The stable snake_case code of this reason.
@@ -138,6 +146,8 @@ impl Reason {
             Self::InvalidDocument => "invalid_document",
             Self::RegisterWentBackwards => "register_went_backwards",
             Self::DownstreamRejected => "downstream_rejected",
+            Self::CommandRefused => "command_refused",
+            Self::FirmwareRefused => "firmware_refused",
         }
     }
 
@@ -254,6 +264,14 @@ mod tests {
                 "{code} missing from Reason::ALL"
             );
         }
+    }
+
+    #[test]
+    fn command_and_firmware_codes_are_stable() {
+        assert_eq!(Reason::CommandRefused.code(), "command_refused");
+        assert_eq!(Reason::FirmwareRefused.code(), "firmware_refused");
+        assert!(Reason::ALL.contains(&Reason::CommandRefused));
+        assert!(Reason::ALL.contains(&Reason::FirmwareRefused));
     }
 
     #[test]

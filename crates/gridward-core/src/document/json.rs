@@ -9,7 +9,9 @@ use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use super::{Document, DocumentError, Energy, build_event, build_reading, snippet};
+use super::{
+    AckFields, Document, DocumentError, Energy, build_ack, build_event, build_reading, snippet,
+};
 
 /// The keys a JSON document may contain.
 const METER_ID: &str = "MeterID";
@@ -19,8 +21,17 @@ const TIMESTAMP: &str = "Timestamp";
 const ENERGY: &str = "EnergyConsumed";
 /// See [`METER_ID`].
 const EVENT_TYPE: &str = "EventType";
-/// Reported when a document has neither `EnergyConsumed` nor `EventType`.
-const KIND_FIELD: &str = "EnergyConsumed or EventType";
+/// See [`METER_ID`]: an acknowledgement's command id.
+const COMMAND_ID: &str = "CommandID";
+/// See [`METER_ID`]: an acknowledgement's outcome.
+const OUTCOME: &str = "Outcome";
+/// See [`METER_ID`]: an acknowledgement's optional detail (with `done`).
+const DETAIL: &str = "Detail";
+/// See [`METER_ID`]: an acknowledgement's refusal code (with `refused`).
+const REASON: &str = "Reason";
+/// Reported when a document has neither `EnergyConsumed` nor `EventType` nor the fields of an
+/// acknowledgement.
+const KIND_FIELD: &str = "EnergyConsumed, EventType or CommandID";
 
 /// A JSON value, as much of it as the document checks need.
 #[derive(Debug)]
@@ -129,12 +140,17 @@ pub(super) fn parse(text: &str) -> Result<Document, DocumentError> {
     };
 
     let (mut meter_id, mut timestamp, mut energy, mut event_type) = (None, None, None, None);
+    let (mut command_id, mut outcome, mut detail, mut reason) = (None, None, None, None);
     for (key, value) in entries {
         let (name, slot) = match key.as_str() {
             METER_ID => (METER_ID, &mut meter_id),
             TIMESTAMP => (TIMESTAMP, &mut timestamp),
             ENERGY => (ENERGY, &mut energy),
             EVENT_TYPE => (EVENT_TYPE, &mut event_type),
+            COMMAND_ID => (COMMAND_ID, &mut command_id),
+            OUTCOME => (OUTCOME, &mut outcome),
+            DETAIL => (DETAIL, &mut detail),
+            REASON => (REASON, &mut reason),
             _ => return Err(DocumentError::UnknownField(snippet(&key))),
         };
         if slot.is_some() {
@@ -143,7 +159,9 @@ pub(super) fn parse(text: &str) -> Result<Document, DocumentError> {
         *slot = Some(value);
     }
 
-    if energy.is_some() && event_type.is_some() {
+    let is_ack = command_id.is_some() || outcome.is_some() || detail.is_some() || reason.is_some();
+    let kinds = [energy.is_some(), event_type.is_some(), is_ack];
+    if kinds.iter().filter(|k| **k).count() > 1 {
         return Err(DocumentError::AmbiguousKind);
     }
     let meter_id = string(
@@ -154,6 +172,26 @@ pub(super) fn parse(text: &str) -> Result<Document, DocumentError> {
         TIMESTAMP,
         timestamp.ok_or(DocumentError::MissingField(TIMESTAMP))?,
     )?;
+    if is_ack {
+        let command_id = string(
+            COMMAND_ID,
+            command_id.ok_or(DocumentError::MissingField(COMMAND_ID))?,
+        )?;
+        let outcome = string(
+            OUTCOME,
+            outcome.ok_or(DocumentError::MissingField(OUTCOME))?,
+        )?;
+        let detail = detail.map(|d| string(DETAIL, d)).transpose()?;
+        let reason = reason.map(|r| string(REASON, r)).transpose()?;
+        return build_ack(AckFields {
+            meter_id: &meter_id,
+            timestamp: &timestamp,
+            command_id: &command_id,
+            outcome: &outcome,
+            detail,
+            reason: reason.as_deref(),
+        });
+    }
     match (energy, event_type) {
         (Some(Value::Number(kwh)), None) => {
             build_reading(&meter_id, &timestamp, Energy::Number(kwh))

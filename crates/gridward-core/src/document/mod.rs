@@ -1,6 +1,8 @@
 //! Reading and event documents: the payload a meter signs, in XML or JSON, parsed strictly.
 //!
-//! Two documents exist, each in two equivalent forms (`docs/wire-format.md` §3):
+//! Two documents exist in two equivalent forms each (`docs/wire-format.md` §3), and a third,
+//! a meter's acknowledgement of a command ([`CommandAck`], `docs/wire-format.md` §9), in JSON
+//! only:
 //!
 //! ```text
 //! <EnergyUsageReport><MeterID>123456789</MeterID><Timestamp>2024-02-06T12:00:00Z</Timestamp><EnergyConsumed>350.5</EnergyConsumed></EnergyUsageReport>
@@ -8,6 +10,8 @@
 //!
 //! <MeterEvent><MeterID>123456789</MeterID><Timestamp>2024-02-06T12:00:00Z</Timestamp><EventType>CoverOpened</EventType></MeterEvent>
 //! {"MeterID":"123456789","Timestamp":"2024-02-06T12:00:00Z","EventType":"CoverOpened"}
+//!
+//! {"MeterID":"123456789","Timestamp":"2024-02-06T12:00:00Z","CommandID":"000102030405060708090a0b0c0d0e0f","Outcome":"done","Detail":"relay open"}
 //! ```
 //!
 //! [`parse`] turns bytes into a [`Document`]; [`Document::encode`] (and the `to_json` / `to_xml`
@@ -36,6 +40,13 @@
 //! JSON: one object with exactly the three fields of one document kind; `MeterID`, `Timestamp`
 //! and `EventType` are strings, `EnergyConsumed` a number. Unknown, duplicate and missing fields
 //! are refused, and so is an object carrying both `EnergyConsumed` and `EventType`.
+//! An acknowledgement has `MeterID`, `Timestamp`, `CommandID` (32 hex digits), `Outcome`
+//! (`done` or `refused`), and either an optional `Detail` (with `done`, 1 to
+//! [`MAX_ACK_DETAIL_CHARS`] characters, no control characters) or a `Reason` (with `refused`, a
+//! [`Refusal`] code); an object mixing its fields with a reading's or an event's is refused.
+//! XML has no acknowledgement: [`Document::encode`] writes an acknowledgement as JSON whatever
+//! the format asked for ([`Document::encoding_format`] says which), and the XML parser never
+//! produces one.
 //!
 //! Values:
 //! - `MeterID` must be a valid [`MeterId`];
@@ -59,6 +70,7 @@ use std::str::FromStr;
 
 use time::{Date, Month, OffsetDateTime, Time, UtcOffset};
 
+use crate::command::{AckOutcome, CommandAck, CommandId, MAX_ACK_DETAIL_CHARS, Refusal};
 use crate::{MeterId, MeterIdError};
 
 /// Default and recommended upper bound on a document's size, in bytes.
@@ -202,13 +214,15 @@ pub struct Event {
     pub kind: EventKind,
 }
 
-/// A parsed document: a reading or an event.
+/// A parsed document: a reading, an event, or a command acknowledgement.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Document {
     /// An `EnergyUsageReport`.
     Reading(Reading),
     /// A `MeterEvent`.
     Event(Event),
+    /// A meter's acknowledgement of a command (JSON only).
+    CommandAck(CommandAck),
 }
 
 /// Why a document was refused. Every variant is a distinct reason for the security log.
@@ -313,8 +327,11 @@ pub enum DocumentError {
         /// The JSON type it has.
         found: &'static str,
     },
-    /// A JSON object has both `EnergyConsumed` and `EventType`: neither a reading nor an event.
-    #[error("document has both EnergyConsumed and EventType")]
+    /// A JSON object mixes the fields of several document kinds (`EnergyConsumed`,
+    /// `EventType`, the acknowledgement's `CommandID`/`Outcome`/`Detail`/`Reason`).
+    #[error(
+        "document mixes the fields of a reading (EnergyConsumed), an event (EventType) and a command acknowledgement (CommandID, Outcome, Detail, Reason)"
+    )]
     AmbiguousKind,
 
     /// A required field is absent.
@@ -356,6 +373,27 @@ pub enum DocumentError {
     /// `EventType` is not one of the [`EventKind`] names.
     #[error("unknown EventType {0:?}")]
     UnknownEventType(String),
+    /// An acknowledgement's `CommandID` is not 32 hex digits.
+    #[error("invalid CommandID {0:?}: expected 32 hex digits")]
+    InvalidCommandId(String),
+    /// An acknowledgement's `Outcome` is neither `done` nor `refused`.
+    #[error("unknown Outcome {0:?} (expected done or refused)")]
+    UnknownOutcome(String),
+    /// An acknowledgement's `Reason` is not a refusal code.
+    #[error("unknown Reason {0:?} (expected a command refusal code such as expired)")]
+    UnknownRefusal(String),
+    /// An acknowledgement's `Detail` breaks the rules.
+    #[error("invalid Detail: {0} (1 to {MAX_ACK_DETAIL_CHARS} characters, no control characters)")]
+    InvalidDetail(&'static str),
+    /// A field that the acknowledgement's outcome excludes (`Detail` with `refused`, `Reason`
+    /// with `done`).
+    #[error("field {field} is not allowed with Outcome {outcome}")]
+    FieldNotAllowed {
+        /// The field.
+        field: &'static str,
+        /// The outcome.
+        outcome: &'static str,
+    },
     /// The document is valid but of the other kind than required (an event where a reading
     /// was expected).
     #[error("expected a {expected} document, found a {found}")]
@@ -385,9 +423,9 @@ pub fn parse_reading(
 ) -> Result<Reading, DocumentError> {
     match parse(bytes, format, limits)? {
         Document::Reading(r) => Ok(r),
-        Document::Event(_) => Err(DocumentError::WrongDocumentKind {
+        other => Err(DocumentError::WrongDocumentKind {
             expected: "reading",
-            found: "event",
+            found: other.kind_name(),
         }),
     }
 }
@@ -506,6 +544,7 @@ impl Document {
         match self {
             Document::Reading(r) => &r.meter_id,
             Document::Event(e) => &e.meter_id,
+            Document::CommandAck(a) => &a.meter_id,
         }
     }
 
@@ -514,14 +553,16 @@ impl Document {
         match self {
             Document::Reading(r) => r.timestamp,
             Document::Event(e) => e.timestamp,
+            Document::CommandAck(a) => a.timestamp,
         }
     }
 
-    /// `"reading"` or `"event"`.
+    /// `"reading"`, `"event"` or `"command_ack"`.
     pub fn kind_name(&self) -> &'static str {
         match self {
             Document::Reading(_) => "reading",
             Document::Event(_) => "event",
+            Document::CommandAck(_) => "command_ack",
         }
     }
 
@@ -530,20 +571,38 @@ impl Document {
         match self {
             Document::Reading(r) => r.to_json(),
             Document::Event(e) => e.to_json(),
+            Document::CommandAck(a) => a.to_json(),
         }
     }
 
-    /// The canonical XML form.
+    /// The canonical XML form of a reading or an event.
+    ///
+    /// A command acknowledgement has no XML form (it is JSON only): for one, this returns its
+    /// JSON form, as [`Document::encode`] does. Label what you send with
+    /// [`Document::encoding_format`].
     pub fn to_xml(&self) -> String {
         match self {
             Document::Reading(r) => r.to_xml(),
             Document::Event(e) => e.to_xml(),
+            Document::CommandAck(a) => a.to_json(),
         }
     }
 
-    /// The canonical form in `f`.
+    /// Whether the document has an XML form (readings and events do, acknowledgements do not).
+    pub fn has_xml_form(&self) -> bool {
+        !matches!(self, Document::CommandAck(_))
+    }
+
+    /// The format [`Document::encode`] writes when asked for `f`: `f`, except JSON for a
+    /// command acknowledgement, which has no XML form. Use it as the envelope's content type.
+    pub fn encoding_format(&self, f: Format) -> Format {
+        if self.has_xml_form() { f } else { Format::Json }
+    }
+
+    /// The canonical form in [`Document::encoding_format`]`(f)`: in `f` for a reading or an
+    /// event, always JSON for a command acknowledgement.
     pub fn encode(&self, f: Format) -> String {
-        match f {
+        match self.encoding_format(f) {
             Format::Xml => self.to_xml(),
             Format::Json => self.to_json(),
         }
@@ -559,6 +618,12 @@ impl From<Reading> for Document {
 impl From<Event> for Document {
     fn from(e: Event) -> Self {
         Document::Event(e)
+    }
+}
+
+impl From<CommandAck> for Document {
+    fn from(a: CommandAck) -> Self {
+        Document::CommandAck(a)
     }
 }
 
@@ -683,7 +748,7 @@ fn two_digits(a: u8, b: u8) -> u8 {
 }
 
 /// Normalises a constructed timestamp to UTC and applies the rules [`parse_timestamp`] applies.
-fn check_timestamp(t: OffsetDateTime) -> Result<OffsetDateTime, DocumentError> {
+pub(crate) fn check_timestamp(t: OffsetDateTime) -> Result<OffsetDateTime, DocumentError> {
     let utc = t
         .checked_to_offset(UtcOffset::UTC)
         .ok_or(DocumentError::TimestampOutOfRange { year: t.year() })?;
@@ -808,6 +873,63 @@ fn build_event(
         meter_id,
         timestamp,
         kind,
+    }))
+}
+
+/// The fields of an acknowledgement, as found.
+struct AckFields<'a> {
+    /// `MeterID`.
+    meter_id: &'a str,
+    /// `Timestamp`.
+    timestamp: &'a str,
+    /// `CommandID`.
+    command_id: &'a str,
+    /// `Outcome`.
+    outcome: &'a str,
+    /// `Detail`, if present.
+    detail: Option<String>,
+    /// `Reason`, if present.
+    reason: Option<&'a str>,
+}
+
+/// Builds an acknowledgement from present fields, validating each value in document order.
+fn build_ack(f: AckFields<'_>) -> Result<Document, DocumentError> {
+    let meter_id = MeterId::new(f.meter_id)?;
+    let timestamp = parse_timestamp(f.timestamp)?;
+    let command_id: CommandId = f
+        .command_id
+        .parse()
+        .map_err(|_| DocumentError::InvalidCommandId(snippet(f.command_id)))?;
+    let outcome = match (f.outcome, f.detail, f.reason) {
+        ("done", _, Some(_)) => {
+            return Err(DocumentError::FieldNotAllowed {
+                field: "Reason",
+                outcome: "done",
+            });
+        }
+        ("done", detail, None) => {
+            if let Some(d) = &detail {
+                crate::command::check_ack_detail(d)?;
+            }
+            AckOutcome::Done { detail }
+        }
+        ("refused", Some(_), _) => {
+            return Err(DocumentError::FieldNotAllowed {
+                field: "Detail",
+                outcome: "refused",
+            });
+        }
+        ("refused", None, None) => return Err(DocumentError::MissingField("Reason")),
+        ("refused", None, Some(code)) => AckOutcome::Refused(
+            Refusal::from_code(code).ok_or_else(|| DocumentError::UnknownRefusal(snippet(code)))?,
+        ),
+        (other, _, _) => return Err(DocumentError::UnknownOutcome(snippet(other))),
+    };
+    Ok(Document::CommandAck(CommandAck {
+        meter_id,
+        timestamp,
+        command_id,
+        outcome,
     }))
 }
 

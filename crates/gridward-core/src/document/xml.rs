@@ -265,7 +265,7 @@ mod tests {
     fn kwh(d: Document) -> f64 {
         match d {
             Document::Reading(r) => r.energy_kwh,
-            Document::Event(e) => panic!("not a reading: {e:?}"),
+            other => panic!("not a reading: {other:?}"),
         }
     }
 
