@@ -151,6 +151,10 @@ async fn demo(args: DemoArgs) -> Result<()> {
         now,
     )?;
     pki.issue_client("hes", &opts, now)?;
+    // The head-end's command-signing certificate (its own EKU, never a TLS key), and a
+    // manufacturer key pair that signs firmware (not the head-end's).
+    pki.issue_command_signer("headend", &opts, now)?;
+    let manufacturer = crate::demo_commands::Manufacturer::create(&dir)?;
     let bar = indicatif::ProgressBar::new(args.meters as u64).with_style(style(
         "   {bar:40} {pos}/{len} meter certificates ({per_sec})",
     ));
@@ -199,6 +203,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         5,
     )];
     raw.api.listen = Some("127.0.0.1:0".to_owned());
+    raw.firmware.manufacturers = Some(vec![manufacturer.public_pem.clone()]);
     let config = Config::from_raw(raw, Path::new("(demo)"), &dir)?;
     // The same files as a configuration, for `gridward audit` and `gridward user` afterwards.
     std::fs::write(
@@ -206,12 +211,14 @@ async fn demo(args: DemoArgs) -> Result<()> {
         format!(
             "# Written by gridward demo: the files of this demo (its ports were chosen at random).\n\
              [pki]\ndir = {:?}\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[store]\npath = {:?}\n\
-             [api]\nlisten = \"127.0.0.1:0\"\nusers = {:?}\n[audit]\npath = {:?}\nkey = {:?}\n",
+             [api]\nlisten = \"127.0.0.1:0\"\nusers = {:?}\n[audit]\npath = {:?}\nkey = {:?}\n\
+             [firmware]\nmanufacturers = [{:?}]\n",
             pki_dir.display().to_string(),
             config.store_path.display().to_string(),
             config.api.as_ref().map(|a| a.users_path.display().to_string()).unwrap_or_default(),
             config.audit.path.display().to_string(),
             config.audit.key.display().to_string(),
+            manufacturer.public_pem.display().to_string(),
         ),
     )
     .with_context(|| format!("writing {}", dir.join("gridward.toml").display()))?;
@@ -228,7 +235,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
     );
 
     // 3. The fleet.
-    let trust = Trust::load(&pki_dir)?;
+    let trust = Trust::load_at(&pki_dir, now)?;
     let tls = TlsOptions::new();
     let bar = indicatif::ProgressBar::new(issued.len() as u64)
         .with_style(style("   {bar:40} {pos}/{len} meters loaded"));
@@ -263,6 +270,8 @@ async fn demo(args: DemoArgs) -> Result<()> {
         DocFormat::Json => Format::Json,
     };
     fleet_config.connect_rate = 1000.0;
+    fleet_config.command_signers = trust.command_signers().to_vec();
+    fleet_config.manufacturer_keys = vec![manufacturer.verifying_key()?];
     fleet_config.backoff_cap = Duration::from_secs(5);
     println!(
         "3. running {} meters for {} s, one reading every {} s each ({})",
@@ -317,6 +326,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         let other = ids.get(1).unwrap_or(first);
         crate::demo_api::show(access, api, &pki_dir, first, other).await?;
     }
+    crate::demo_commands::show(&running, &fleet, &manufacturer, &ids).await?;
     println!("5. stopping: waiting for the last acknowledgements");
     let report = fleet.stop(Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -406,6 +416,7 @@ fn print_commands(store: &Path, sink_db: &Path) {
         toml.display()
     );
     println!("  gridward user list --config {}", toml.display());
+    println!("  gridward command list --config {}", toml.display());
     println!(
         "  gridward sink show --store {} --meter m000001",
         sink_db.display()
