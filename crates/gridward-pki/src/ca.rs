@@ -750,6 +750,25 @@ impl Pki {
         )
     }
 
+    /// Issues a command-signer certificate with a new key: CN = name, no SAN, KeyUsage
+    /// digitalSignature, EKU exactly [`crate::COMMAND_SIGNING_EKU`] (critical; no serverAuth, no
+    /// clientAuth); key, certificate and chain go to `DIR/command-signers/{name}/`.
+    /// The head-end signs commands with it ([`Pki::current_command_signer`]); meters pin it
+    /// ([`Pki::command_signers`]). Rotate with `opts.replace` or [`Pki::renew`].
+    pub fn issue_command_signer(
+        &self,
+        name: &str,
+        opts: &IssueOptions,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, PkiError> {
+        self.issue_one(
+            LeafSpec::new(LeafKind::CommandSigner, name, Vec::new())?
+                .with_role(opts.role.as_deref())?,
+            opts,
+            now,
+        )
+    }
+
     fn issue_one(
         &self,
         spec: LeafSpec,

@@ -217,6 +217,14 @@ pub enum PkiError {
         /// The identity.
         name: String,
     },
+    /// TLS material was asked for a certificate kind that never authenticates TLS.
+    #[error(
+        "{kind} certificates sign commands and cannot be used for TLS; use a server or client certificate"
+    )]
+    NotForTls {
+        /// The kind asked for.
+        kind: LeafKind,
+    },
     /// A PKCS#12 file could not be written or read.
     #[error("PKCS#12: {0}")]
     P12(#[from] crate::p12::P12Error),

@@ -107,6 +107,22 @@ pub enum IdentityError {
         "certificate carries no Gridward identity (no urn:gridward: URI SAN, no serverAuth EKU)"
     )]
     NoIdentity,
+    /// The certificate carries the command-signing EKU: it signs commands and never
+    /// authenticates a TLS peer, whatever else it carries.
+    #[error(
+        "certificate is a command-signer certificate (Gridward command-signing EKU) and cannot identify a TLS peer"
+    )]
+    CommandSigner,
+    /// The certificate is not a command-signer certificate: its extended key usage is missing
+    /// or is not exactly the Gridward command-signing EKU.
+    #[error(
+        "certificate's extended key usage is not exactly the Gridward command-signing EKU {}",
+        crate::profile::COMMAND_SIGNING_EKU
+    )]
+    NotCommandSigner,
+    /// A command-signer certificate carries a subject alternative name (it names no peer).
+    #[error("command-signer certificate carries a subject alternative name; it must carry none")]
+    CommandSignerWithSan,
 }
 
 /// Maps a certificate (DER) to the identity it proves.
@@ -119,6 +135,9 @@ pub enum IdentityError {
 /// - a client certificate carries exactly one `urn:gridward:client:{name}` URI SAN, CN equal to
 ///   the name, and EKU clientAuth;
 /// - a certificate with no Gridward URI and EKU serverAuth is a server named by its CN;
+/// - a certificate carrying the command-signing EKU ([`crate::COMMAND_SIGNING_EKU`]) is never a
+///   TLS identity, even if it also carries clientAuth or serverAuth
+///   ([`IdentityError::CommandSigner`]);
 /// - anything else is refused with the reason.
 ///
 /// This function does not check signatures, validity or revocation: the TLS layer does that
@@ -163,6 +182,9 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, IdentityError> {
         .extended_key_usage()
         .map_err(|e| malformed(&e))?
         .map(|e| e.value);
+    if eku.is_some_and(has_command_signing_eku) {
+        return Err(IdentityError::CommandSigner);
+    }
     let require_eku =
         |purpose: &'static str, has: fn(&x509_parser::extensions::ExtendedKeyUsage) -> bool| {
             match eku {
@@ -215,6 +237,66 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, IdentityError> {
         ([], many) => Err(IdentityError::MultipleClientUris(many.len())),
         (_, _) => Err(IdentityError::MixedIdentityUris),
     }
+}
+
+/// Whether an EKU extension lists the command-signing purpose.
+fn has_command_signing_eku(eku: &x509_parser::extensions::ExtendedKeyUsage<'_>) -> bool {
+    let ours = crate::profile::command_signing_eku_der();
+    eku.other
+        .iter()
+        .any(|oid| oid.as_bytes() == ours.as_slice())
+}
+
+/// The name (CN) of a command-signer certificate: what a meter checks, besides the signature
+/// chain and validity, before it trusts a certificate's key for commands.
+///
+/// Rules: not a CA; exactly one common name, a valid name (as for `gridward pki issue
+/// command-signer`); an extended key usage of exactly one purpose, [`crate::COMMAND_SIGNING_EKU`]
+/// (no anyExtendedKeyUsage, no serverAuth or clientAuth); no subject alternative name.
+///
+/// Like [`identity_of`], this does not check signatures, validity or revocation.
+pub fn command_signer_name_of(cert_der: &[u8]) -> Result<String, IdentityError> {
+    let malformed = |e: &dyn fmt::Display| IdentityError::Malformed(e.to_string());
+    let (rest, cert) = X509Certificate::from_der(cert_der).map_err(|e| malformed(&e))?;
+    if !rest.is_empty() {
+        return Err(IdentityError::Malformed(
+            "trailing bytes after the certificate".into(),
+        ));
+    }
+    let basic = cert.basic_constraints().map_err(|e| malformed(&e))?;
+    if basic.is_some_and(|b| b.value.ca) {
+        return Err(IdentityError::IsCa);
+    }
+    let cn = common_name(&cert)?;
+    let eku = cert
+        .extended_key_usage()
+        .map_err(|e| malformed(&e))?
+        .map(|e| e.value);
+    let Some(eku) = eku else {
+        return Err(IdentityError::NotCommandSigner);
+    };
+    let only_ours = has_command_signing_eku(eku)
+        && eku.other.len() == 1
+        && !(eku.any
+            || eku.server_auth
+            || eku.client_auth
+            || eku.code_signing
+            || eku.email_protection
+            || eku.time_stamping
+            || eku.ocsp_signing);
+    if !only_ours {
+        return Err(IdentityError::NotCommandSigner);
+    }
+    if cert
+        .subject_alternative_name()
+        .map_err(|e| malformed(&e))?
+        .is_some()
+    {
+        return Err(IdentityError::CommandSignerWithSan);
+    }
+    crate::profile::validate_name(crate::profile::LeafKind::CommandSigner, &cn)
+        .map_err(|e| IdentityError::Malformed(format!("common name: {e}")))?;
+    Ok(cn)
 }
 
 /// The API role bound to a client certificate (URI SAN `urn:gridward:role:{role}`), if any.
@@ -482,6 +564,113 @@ mod tests {
                 "urn:gridward:operator:x".into()
             ))
         );
+    }
+
+    fn command_signing() -> ExtendedKeyUsagePurpose {
+        // rcgen's Other takes u64 arcs, too small for the UUID arc; build the extension by hand.
+        ExtendedKeyUsagePurpose::Other(vec![1, 3, 6, 1, 5, 5, 7, 3, 99])
+    }
+
+    /// A certificate with the given EKU purposes plus (if `ours`) the command-signing OID, as a
+    /// raw extension, and the given URIs.
+    fn signer_cert(
+        cn: &str,
+        uris: &[&str],
+        eku: &[ExtendedKeyUsagePurpose],
+        ours: bool,
+    ) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        p.is_ca = IsCa::ExplicitNoCa;
+        // One EKU extension holding the listed purposes (DER written here) and ours.
+        let mut oids: Vec<Vec<u8>> = eku
+            .iter()
+            .map(|e| match e {
+                ClientAuth => vec![0x2b, 6, 1, 5, 5, 7, 3, 2],
+                ServerAuth => vec![0x2b, 6, 1, 5, 5, 7, 3, 1],
+                _ => vec![0x2b, 6, 1, 5, 5, 7, 3, 99],
+            })
+            .collect();
+        if ours {
+            oids.push(crate::profile::command_signing_eku_der());
+        }
+        if !oids.is_empty() {
+            let mut seq = Vec::new();
+            for o in oids {
+                seq.push(0x06);
+                seq.push(o.len() as u8);
+                seq.extend(o);
+            }
+            let mut content = vec![0x30, seq.len() as u8];
+            content.extend(seq);
+            p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+                &[2, 5, 29, 37],
+                content,
+            )];
+        }
+        p.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn command_signing_eku_is_never_a_tls_identity() {
+        // Exactly what the CA issues.
+        let der = signer_cert("hes", &[], &[], true);
+        assert_eq!(identity_of(&der), Err(IdentityError::CommandSigner));
+        assert_eq!(command_signer_name_of(&der), Ok("hes".into()));
+        // Even dressed up as a server, a meter or a client.
+        let der = signer_cert("hes", &[], &[ServerAuth], true);
+        assert_eq!(identity_of(&der), Err(IdentityError::CommandSigner));
+        let der = signer_cert("M1", &["urn:gridward:meter:M1"], &[ClientAuth], true);
+        assert_eq!(identity_of(&der), Err(IdentityError::CommandSigner));
+        let der = signer_cert("c", &["urn:gridward:client:c"], &[ClientAuth], true);
+        assert_eq!(identity_of(&der), Err(IdentityError::CommandSigner));
+        assert_eq!(client_role_of(&der), Err(IdentityError::CommandSigner));
+    }
+
+    #[test]
+    fn command_signer_needs_exactly_the_command_signing_eku_and_no_san() {
+        // No EKU, a TLS EKU only, an unrelated EKU: not command signers.
+        for der in [
+            signer_cert("hes", &[], &[], false),
+            signer_cert("hes", &[], &[ServerAuth], false),
+            signer_cert("hes", &[], &[command_signing()], false),
+            // Ours plus another purpose: not exactly ours.
+            signer_cert("hes", &[], &[ClientAuth], true),
+            signer_cert("hes", &[], &[command_signing()], true),
+        ] {
+            assert_eq!(
+                command_signer_name_of(&der),
+                Err(IdentityError::NotCommandSigner)
+            );
+        }
+        let der = signer_cert("hes", &["urn:gridward:client:hes"], &[], true);
+        assert_eq!(
+            command_signer_name_of(&der),
+            Err(IdentityError::CommandSignerWithSan)
+        );
+        let der = signer_cert("a b", &[], &[], true);
+        assert!(matches!(
+            command_signer_name_of(&der),
+            Err(IdentityError::Malformed(_))
+        ));
+        let der = cert(&["hes"], &[], &[], true);
+        assert_eq!(command_signer_name_of(&der), Err(IdentityError::IsCa));
+        assert!(matches!(
+            command_signer_name_of(b"junk"),
+            Err(IdentityError::Malformed(_))
+        ));
+        let mut der = signer_cert("hes", &[], &[], true);
+        der.push(0);
+        assert!(matches!(
+            command_signer_name_of(&der),
+            Err(IdentityError::Malformed(_))
+        ));
     }
 
     #[test]

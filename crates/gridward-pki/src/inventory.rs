@@ -37,6 +37,8 @@ pub enum CertKind {
     Server,
     /// A client leaf.
     Client,
+    /// A command-signer leaf (the head-end's command-signing key; not a TLS certificate).
+    CommandSigner,
 }
 
 impl CertKind {
@@ -46,6 +48,7 @@ impl CertKind {
             Self::Meter => Some(LeafKind::Meter),
             Self::Server => Some(LeafKind::Server),
             Self::Client => Some(LeafKind::Client),
+            Self::CommandSigner => Some(LeafKind::CommandSigner),
             Self::RootCa | Self::IssuingCa => None,
         }
     }
@@ -58,6 +61,7 @@ impl CertKind {
             Self::Meter => "meter",
             Self::Server => "server",
             Self::Client => "client",
+            Self::CommandSigner => "command-signer",
         }
     }
 }
@@ -68,6 +72,7 @@ impl From<LeafKind> for CertKind {
             LeafKind::Meter => Self::Meter,
             LeafKind::Server => Self::Server,
             LeafKind::Client => Self::Client,
+            LeafKind::CommandSigner => Self::CommandSigner,
         }
     }
 }

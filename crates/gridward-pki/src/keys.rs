@@ -89,6 +89,45 @@ impl LeafKeyAlg {
     }
 }
 
+/// A key pair made to sign outside X.509 (a firmware manufacturer's key, for one): the private
+/// key as unencrypted PKCS#8 version 1 PEM (Ed25519 in the RFC 8410 form, what OpenSSL and
+/// `gridward_core::envelope::SigningKey::from_pkcs8_pem` read) and the public key as
+/// SubjectPublicKeyInfo PEM (`-----BEGIN PUBLIC KEY-----`).
+///
+/// `Debug` does not show the private key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StandaloneKeyPair {
+    /// The private key, PKCS#8 PEM; write it with mode 0600.
+    pub private_key_pem: String,
+    /// The public key, SPKI PEM.
+    pub public_key_pem: String,
+    /// The public key, SPKI DER.
+    pub public_key_der: Vec<u8>,
+}
+
+impl fmt::Debug for StandaloneKeyPair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StandaloneKeyPair")
+            .field("private_key_pem", &"[redacted]")
+            .field("public_key_pem", &self.public_key_pem)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StandaloneKeyPair {
+    /// Generates a new key pair of `alg` (aws-lc-rs, through rcgen, as every key of the PKI).
+    pub fn generate(alg: LeafKeyAlg) -> Result<Self, PkiError> {
+        use rcgen::PublicKeyData;
+        let key = alg.generate()?;
+        let spki = key.subject_public_key_info();
+        Ok(Self {
+            private_key_pem: private_key_pem(&key),
+            public_key_pem: pem_encode("PUBLIC KEY", &spki),
+            public_key_der: spki,
+        })
+    }
+}
+
 impl fmt::Display for LeafKeyAlg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -276,6 +315,25 @@ mod tests {
     use rcgen::PublicKeyData;
 
     use super::*;
+
+    #[test]
+    fn standalone_key_pairs_load_as_cose_keys() {
+        for alg in [LeafKeyAlg::P256, LeafKeyAlg::Ed25519] {
+            let kp = StandaloneKeyPair::generate(alg).unwrap();
+            assert!(
+                kp.private_key_pem
+                    .starts_with("-----BEGIN PRIVATE KEY-----")
+            );
+            assert!(kp.public_key_pem.starts_with("-----BEGIN PUBLIC KEY-----"));
+            let sk =
+                gridward_core::envelope::SigningKey::from_pkcs8_pem(&kp.private_key_pem).unwrap();
+            let vk =
+                gridward_core::envelope::VerifyingKey::from_spki_pem(&kp.public_key_pem).unwrap();
+            assert_eq!(sk.public_key_spki(), kp.public_key_der.as_slice());
+            assert_eq!(sk.kid(), vk.kid());
+            assert!(!format!("{kp:?}").contains("PRIVATE KEY"));
+        }
+    }
 
     #[test]
     fn leaf_alg_names_round_trip() {

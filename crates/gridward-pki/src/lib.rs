@@ -1,24 +1,33 @@
 //! # gridward-pki
 //!
 //! The Gridward certificate authority: a root CA, one issuing CA, and the leaf certificates of
-//! meters, servers and clients, kept in one PKI directory.
+//! meters, servers, clients and the head-end's command signer, kept in one PKI directory.
 //!
 //! ```text
 //!   root CA (self-signed, CA:true pathlen 1)  ── root CRL (lists a revoked issuing CA)
 //!      └── issuing CA (CA:true pathlen 0)     ── issuing CRL (lists revoked leaves)
 //!             ├── meter  leaves: CN = id,   URI SAN urn:gridward:meter:{id},   EKU clientAuth
 //!             ├── server leaves: CN = name, DNS/IP SANs,                        EKU serverAuth
-//!             └── client leaves: CN = name, URI SAN urn:gridward:client:{name}, EKU clientAuth
+//!             ├── client leaves: CN = name, URI SAN urn:gridward:client:{name}, EKU clientAuth
+//!             └── command signers: CN = name, no SAN, EKU COMMAND_SIGNING_EKU only (critical):
+//!                                  signs commands to meters, never authenticates TLS
 //! ```
+//!
+//! The profiles, with the command-signing OID, are in `docs/pki.md`.
 //!
 //! ## Modules
 //!
 //! - [`ca`]: [`Pki`], the CA over one directory: [`Pki::init`], [`Pki::open`], issuance
 //!   ([`Pki::issue_meter`], [`Pki::issue_server`], [`Pki::issue_client`], bulk [`Pki::issue_meters`]),
-//!   CSR signing ([`Pki::sign_csr`]), [`Pki::renew`], [`Pki::list`], [`Pki::log`].
+//!   [`Pki::issue_command_signer`], CSR signing ([`Pki::sign_csr`]), [`Pki::renew`], [`Pki::list`],
+//!   [`Pki::log`].
+//! - [`command_signer`]: the command-signer certificates meters pin ([`Pki::command_signers`]) and
+//!   the one the head-end signs with ([`Pki::current_command_signer`],
+//!   [`Pki::command_signer_key_path`]).
 //! - [`crl`]: revocation ([`Pki::revoke`]) and CRL generation ([`Pki::write_crls`], [`Pki::write_crl`]).
 //! - [`store`]: PKCS#12 export and import, and [`Pki::tls_material`] for the rustls builders.
-//! - [`identity`]: [`identity_of`], the one function that maps a peer certificate to an [`Identity`].
+//! - [`identity`]: [`identity_of`], the one function that maps a peer certificate to an [`Identity`]
+//!   (it refuses command signers), and [`command_signer_name_of`].
 //! - [`profile`]: leaf kinds ([`LeafKind`]), issuance options, the certificate profiles.
 //! - [`keys`]: key algorithms, key files, passphrase encryption of CA keys.
 //! - [`csr`]: parsing and verifying certificate signing requests (OpenSSL and keytool).
@@ -37,7 +46,7 @@
 //! DIR/crl/root.crl.pem     crl/issuing.crl.pem  a CRL per issuer: root's covers the issuing CA,
 //!                                               issuing's covers the leaves
 //! DIR/meters/{id}/cert.pem key.pem chain.pem    chain.pem: leaf then issuing CA
-//! DIR/servers/{name}/...   DIR/clients/{name}/...
+//! DIR/servers/{name}/...   DIR/clients/{name}/...   DIR/command-signers/{name}/...
 //! DIR/archive/{serial-hex}.crt.pem              superseded certificates
 //! DIR/trusted/{alias}.crt.pem                   imported trust anchors (added to TLS roots)
 //! DIR/inventory.json                            every certificate ever issued, with status;
@@ -62,6 +71,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod command_signer;
 pub mod crl;
 pub mod csr;
 pub mod error;
@@ -76,13 +86,18 @@ pub mod store;
 pub mod tls;
 
 pub use ca::{InitOptions, IssuedCertificate, Pki, Renewal};
+pub use command_signer::CommandSignerCert;
 pub use crl::{CrlInfo, CrlIssuer, RevocationReason, RevokeTarget, Revoked};
 pub use error::PkiError;
 pub use identity::{
-    CLIENT_URI_PREFIX, Identity, IdentityError, ROLE_URI_PREFIX, client_role_of, identity_of,
+    CLIENT_URI_PREFIX, Identity, IdentityError, ROLE_URI_PREFIX, client_role_of,
+    command_signer_name_of, identity_of,
 };
 pub use inventory::{CertKind, CertStatus, CertificateRecord, InventoryEntry, Origin};
-pub use keys::{CaKeyAlg, LeafKeyAlg};
+pub use keys::{CaKeyAlg, LeafKeyAlg, StandaloneKeyPair};
 pub use oplog::{ChainStatus, LogAction, LogEntry, LogRecord, LogReport};
-pub use profile::{IssueOptions, LeafKind, MAX_ROLE_LEN, SanValue, validate_role};
+pub use profile::{
+    COMMAND_SIGNING_EKU, IssueOptions, LeafKind, MAX_ROLE_LEN, SanValue, command_signing_eku_der,
+    validate_role,
+};
 pub use store::ImportReport;

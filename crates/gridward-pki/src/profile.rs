@@ -1,9 +1,14 @@
-//! Certificate profiles: what a meter, server or client certificate contains, and the options
-//! of an issuance.
+//! Certificate profiles: what a meter, server, client or command-signer certificate contains,
+//! and the options of an issuance.
 //!
 //! Every leaf gets: a random 16-byte positive serial, an explicit validity (not before = now − 5
 //! minutes), basicConstraints CA:false, KeyUsage digitalSignature (critical; plus keyEncipherment
 //! for RSA server keys), one EKU, SKI and AKI.
+//!
+//! A command-signer certificate carries the Gridward command-signing EKU
+//! ([`COMMAND_SIGNING_EKU`], critical) and neither serverAuth nor clientAuth, so no TLS stack
+//! accepts it and [`crate::identity_of`] refuses it: the key that signs commands to meters can
+//! never authenticate a connection, and a TLS key can never sign a command.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -12,8 +17,8 @@ use std::str::FromStr;
 use gridward_core::MeterId;
 use rand::RngCore;
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
-    SanType, SerialNumber,
+    CertificateParams, CustomExtension, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -21,14 +26,61 @@ use crate::error::PkiError;
 use crate::identity::{CLIENT_URI_PREFIX, ROLE_URI_PREFIX};
 use crate::keys::LeafKeyAlg;
 
+/// id-ce-extKeyUsage (RFC 5280, 4.2.1.12).
+const EXTENDED_KEY_USAGE_OID: &[u64] = &[2, 5, 29, 37];
+
 /// How long before `now` a new certificate becomes valid, to absorb clock skew between peers.
 pub const NOT_BEFORE_SKEW: Duration = Duration::minutes(5);
 
 /// The longest validity accepted for any certificate, in days (100 years).
 pub const MAX_VALIDITY_DAYS: u32 = 36_525;
 
-/// Longest server or client name accepted, in bytes.
+/// Longest server, client or command-signer name accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
+
+/// The extended key usage of a command-signer certificate: "signs Gridward commands to meters".
+///
+/// An OID under the UUID arc `2.25` (ITU-T X.667 | ISO/IEC 9834-8: an OID made from a random
+/// UUID needs no registration); the UUID is `346125a4-baf5-4472-90cc-77bcc626ad1d`.
+/// A meter accepts a command only from a certificate whose EKU is exactly this OID.
+/// Its last arc does not fit in 64 bits, so the extension is encoded by
+/// [`command_signing_eku_der`], not by rcgen's `ExtendedKeyUsagePurpose::Other`.
+pub const COMMAND_SIGNING_EKU: &str = "2.25.69624272076528213008981749226765987101";
+
+/// The DER content octets (without tag and length) of the [`COMMAND_SIGNING_EKU`] OID, as
+/// x509-parser's `Oid::as_bytes` returns them.
+pub fn command_signing_eku_der() -> Vec<u8> {
+    // COMMAND_SIGNING_EKU is a constant of the form 2.25.N with N < 2^128; the unit test
+    // `command_signing_eku_encoding` checks this function against it.
+    const ARC: u128 = 69_624_272_076_528_213_008_981_749_226_765_987_101;
+    let mut out = vec![2 * 40 + 25];
+    let mut groups = Vec::new();
+    let mut n = ARC;
+    loop {
+        // Masked to 7 bits, so the cast is lossless.
+        groups.push((n & 0x7f) as u8);
+        n >>= 7;
+        if n == 0 {
+            break;
+        }
+    }
+    let last = groups.len() - 1;
+    for (i, g) in groups.iter().rev().enumerate() {
+        out.push(if i == last { *g } else { g | 0x80 });
+    }
+    out
+}
+
+/// The DER of the extendedKeyUsage extension value of a command signer: a SEQUENCE holding the
+/// one OID [`COMMAND_SIGNING_EKU`].
+fn command_signing_eku_extension() -> Vec<u8> {
+    let oid = command_signing_eku_der();
+    // The OID is 19 bytes, so both lengths take the DER short form (one byte, < 128).
+    let oid_len = oid.len() as u8;
+    let mut out = vec![0x30, oid_len + 2, 0x06, oid_len];
+    out.extend_from_slice(&oid);
+    out
+}
 
 /// The kind of a leaf certificate, which fixes its profile.
 #[derive(
@@ -42,11 +94,15 @@ pub enum LeafKind {
     Server,
     /// A client: CN = name, URI SAN `urn:gridward:client:{name}`, EKU clientAuth.
     Client,
+    /// The head-end's command-signing key: CN = name, no SAN, EKU [`COMMAND_SIGNING_EKU`] only
+    /// (critical; no serverAuth, no clientAuth), so it can never authenticate a TLS connection.
+    #[serde(rename = "command-signer")]
+    CommandSigner,
 }
 
 impl LeafKind {
     /// Every leaf kind.
-    pub const ALL: [Self; 3] = [Self::Meter, Self::Server, Self::Client];
+    pub const ALL: [Self; 4] = [Self::Meter, Self::Server, Self::Client, Self::CommandSigner];
 
     /// The name used on the command line and in the inventory.
     pub fn as_str(self) -> &'static str {
@@ -54,6 +110,7 @@ impl LeafKind {
             Self::Meter => "meter",
             Self::Server => "server",
             Self::Client => "client",
+            Self::CommandSigner => "command-signer",
         }
     }
 
@@ -63,16 +120,23 @@ impl LeafKind {
             Self::Meter => "meters",
             Self::Server => "servers",
             Self::Client => "clients",
+            Self::CommandSigner => "command-signers",
         }
     }
 
-    /// Default validity in days: meters 3650, servers 365, clients 730.
+    /// Default validity in days: meters 3650, servers 365, clients 730, command signers 365.
     pub fn default_validity_days(self) -> u32 {
         match self {
             Self::Meter => 3650,
             Self::Server => 365,
             Self::Client => 730,
+            Self::CommandSigner => 365,
         }
+    }
+
+    /// Whether certificates of this kind authenticate TLS peers (all but command signers).
+    pub fn is_tls(self) -> bool {
+        self != Self::CommandSigner
     }
 }
 
@@ -82,9 +146,9 @@ impl fmt::Display for LeafKind {
     }
 }
 
-/// A leaf kind name that is not `meter`, `server` or `client`.
+/// A leaf kind name that is not `meter`, `server`, `client` or `command-signer`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown certificate kind {0:?}: expected meter, server or client")]
+#[error("unknown certificate kind {0:?}: expected meter, server, client or command-signer")]
 pub struct UnknownLeafKind(pub String);
 
 impl FromStr for LeafKind {
@@ -179,7 +243,7 @@ impl fmt::Display for SanValue {
     }
 }
 
-/// Checks a leaf identity name: a meter id for meters; for servers and clients, 1 to
+/// Checks a leaf identity name: a meter id for meters; for servers, clients and command signers, 1 to
 /// [`MAX_NAME_LEN`] characters from `A-Z a-z 0-9 . _ -`, not starting with `.` or `-` (the name is
 /// a directory name and a URI component).
 pub fn validate_name(kind: LeafKind, name: &str) -> Result<(), PkiError> {
@@ -352,6 +416,17 @@ impl LeafSpec {
                     params.key_usages.push(KeyUsagePurpose::KeyEncipherment);
                 }
             }
+            LeafKind::CommandSigner => {
+                // No SAN (it names no peer), no TLS EKU; rcgen writes no EKU extension when
+                // `extended_key_usages` is empty, so the only one is this custom extension.
+                params.extended_key_usages = Vec::new();
+                let mut eku = CustomExtension::from_oid_content(
+                    EXTENDED_KEY_USAGE_OID,
+                    command_signing_eku_extension(),
+                );
+                eku.set_criticality(true);
+                params.custom_extensions.push(eku);
+            }
         }
         Ok(params)
     }
@@ -455,6 +530,80 @@ mod tests {
                 .sans,
             vec![]
         );
+    }
+
+    /// Decodes DER OID content octets to dotted text (arcs up to 128 bits).
+    fn dotted(der: &[u8]) -> String {
+        let mut arcs: Vec<u128> = Vec::new();
+        let mut n: u128 = 0;
+        for b in der {
+            n = (n << 7) | u128::from(b & 0x7f);
+            if b & 0x80 == 0 {
+                if arcs.is_empty() {
+                    arcs.push(n / 40);
+                    arcs.push(n % 40);
+                } else {
+                    arcs.push(n);
+                }
+                n = 0;
+            }
+        }
+        assert_eq!(n, 0, "unterminated arc");
+        arcs.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    #[test]
+    fn command_signing_eku_encoding() {
+        let der = command_signing_eku_der();
+        assert_eq!(dotted(&der), COMMAND_SIGNING_EKU);
+        assert_eq!(der[0], 0x69, "2.25 is one byte, 2*40+25");
+        // As documented in docs/pki.md.
+        assert_eq!(hex::encode(&der), "69e8e192e997afaa91e590e69df7ccb19ada1d");
+        // x509-parser agrees (it keeps the encoding; its dotted form needs bigint, so compare DER).
+        let oid = x509_parser::oid_registry::Oid::new(std::borrow::Cow::Borrowed(&der));
+        assert_eq!(oid.as_bytes(), der.as_slice());
+        let ext = command_signing_eku_extension();
+        assert_eq!(&ext[..4], &[0x30, 21, 0x06, 19]);
+        assert_eq!(&ext[4..], der.as_slice());
+    }
+
+    #[test]
+    fn command_signer_kind() {
+        assert_eq!(
+            "command-signer".parse::<LeafKind>(),
+            Ok(LeafKind::CommandSigner)
+        );
+        assert_eq!(LeafKind::CommandSigner.dir_name(), "command-signers");
+        assert_eq!(LeafKind::CommandSigner.default_validity_days(), 365);
+        assert!(!LeafKind::CommandSigner.is_tls());
+        assert!(LeafKind::ALL.iter().filter(|k| k.is_tls()).count() == 3);
+        assert_eq!(
+            serde_json::to_string(&LeafKind::CommandSigner).unwrap(),
+            "\"command-signer\""
+        );
+        assert!(validate_name(LeafKind::CommandSigner, "hes-commands.2025").is_ok());
+        assert!(matches!(
+            validate_name(LeafKind::CommandSigner, "../x"),
+            Err(PkiError::InvalidName { .. })
+        ));
+        assert!(matches!(
+            LeafSpec::new(LeafKind::CommandSigner, "hes", Vec::new())
+                .unwrap()
+                .with_role(Some("operator")),
+            Err(PkiError::RoleOnlyForClients {
+                kind: LeafKind::CommandSigner
+            })
+        ));
+        let spec = LeafSpec::new(
+            LeafKind::CommandSigner,
+            "hes",
+            vec![SanValue::Dns("hes.example".into())],
+        )
+        .unwrap();
+        assert!(spec.sans.is_empty(), "a command signer takes no SAN");
     }
 
     #[test]

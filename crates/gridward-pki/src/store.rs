@@ -14,7 +14,9 @@ use crate::ca::{CertFacts, OpCtx, Pki, cert_pem, flush, load_cert, verify_issued
 use crate::crl::CrlIssuer;
 use crate::error::PkiError;
 use crate::fsutil::{PRIVATE_MODE, PUBLIC_MODE, ensure_dir, read_file, write_atomic};
-use crate::identity::{Identity, client_role_of, identity_of};
+use crate::identity::{
+    Identity, IdentityError, client_role_of, command_signer_name_of, identity_of,
+};
 use crate::inventory::{CertKind, InventoryEntry, Origin};
 use crate::keys::{self, pem_block};
 use crate::oplog::{self, Draft, LogAction};
@@ -264,10 +266,14 @@ impl Pki {
                     issuing: issuing_facts.subject,
                 });
             }
-            let (kind, name) = match identity_of(&leaf)? {
-                Identity::Meter(id) => (LeafKind::Meter, id.as_str().to_owned()),
-                Identity::Client(name) => (LeafKind::Client, name),
-                Identity::Server(name) => (LeafKind::Server, name),
+            let (kind, name) = match identity_of(&leaf) {
+                Ok(Identity::Meter(id)) => (LeafKind::Meter, id.as_str().to_owned()),
+                Ok(Identity::Client(name)) => (LeafKind::Client, name),
+                Ok(Identity::Server(name)) => (LeafKind::Server, name),
+                Err(IdentityError::CommandSigner) => {
+                    (LeafKind::CommandSigner, command_signer_name_of(&leaf)?)
+                }
+                Err(e) => return Err(e.into()),
             };
             validate_name(kind, &name)?;
             let key = KeyPair::try_from(entry.key_pkcs8_der.as_slice()).map_err(|e| {
@@ -310,7 +316,11 @@ impl Pki {
                     }
                 }
             }
-            let role = client_role_of(&leaf)?;
+            let role = if kind == LeafKind::Client {
+                client_role_of(&leaf)?
+            } else {
+                None
+            };
             planned.push(PlannedKey {
                 alias,
                 kind,
@@ -478,7 +488,12 @@ impl Pki {
     /// Everything a rustls endpoint of identity (`kind`, `name`) needs: its chain (leaf, issuing
     /// CA), its key, the roots (the root CA, plus every certificate in `DIR/trusted/*.pem`), and
     /// both CRLs. A missing CRL is an error ([`PkiError::CrlMissing`]): TLS fails closed.
+    ///
+    /// A command signer has no TLS material ([`PkiError::NotForTls`]).
     pub fn tls_material(&self, kind: LeafKind, name: &str) -> Result<tls::TlsMaterial, PkiError> {
+        if !kind.is_tls() {
+            return Err(PkiError::NotForTls { kind });
+        }
         validate_name(kind, name)?;
         let hint = format!(
             "issue it first with `gridward pki issue {kind} --dir {}` (or import it)",

@@ -1559,3 +1559,462 @@ fn a_role_uri_on_a_non_client_certificate_is_refused() {
     assert_eq!(identity_of(&der), Err(IdentityError::RoleWithoutClient));
     assert_eq!(client_role_of(&der), Err(IdentityError::RoleWithoutClient));
 }
+
+// ----- command signers --------------------------------------------------------------------------
+
+/// The DER content octets of every OID in the certificate's EKU extension, and its criticality.
+fn eku_oids(cert: &X509Certificate<'_>) -> (bool, Vec<Vec<u8>>) {
+    let ext = cert
+        .extended_key_usage()
+        .expect("EKU parses")
+        .expect("EKU present");
+    let mut oids: Vec<Vec<u8>> = ext
+        .value
+        .other
+        .iter()
+        .map(|o| o.as_bytes().to_vec())
+        .collect();
+    if ext.value.server_auth {
+        oids.push(b"serverAuth".to_vec());
+    }
+    if ext.value.client_auth {
+        oids.push(b"clientAuth".to_vec());
+    }
+    if ext.value.any {
+        oids.push(b"any".to_vec());
+    }
+    (ext.critical, oids)
+}
+
+#[test]
+fn command_signer_profile() {
+    let (tmp, pki) = new_pki();
+    let issued = pki
+        .issue_command_signer("hes-commands", &opts(), NOW)
+        .unwrap();
+    assert_eq!(issued.kind, LeafKind::CommandSigner);
+    let dir = tmp.path().join("pki/command-signers/hes-commands");
+    assert_eq!(issued.cert_path, dir.join("cert.pem"));
+    assert_eq!(
+        issued.key_path.as_deref(),
+        Some(dir.join("key.pem").as_path())
+    );
+    assert_eq!(mode(&dir.join("key.pem")), 0o600);
+    let cert = parse(&issued.certificate);
+    check_common_leaf(&pki, &cert, 365);
+    assert_eq!(cn(&cert), "hes-commands");
+    assert!(cert.subject_alternative_name().unwrap().is_none(), "no SAN");
+    let ku = cert.key_usage().unwrap().unwrap().value;
+    assert!(ku.digital_signature() && !ku.key_encipherment() && !ku.non_repudiation());
+    assert_eq!(
+        eku_oids(&cert),
+        (true, vec![gridward_pki::command_signing_eku_der()]),
+        "EKU critical, exactly the command-signing OID"
+    );
+    // Never a TLS identity: not as a meter, a client or a server.
+    assert_eq!(
+        identity_of(&issued.certificate),
+        Err(IdentityError::CommandSigner)
+    );
+    assert_eq!(
+        client_role_of(&issued.certificate),
+        Err(IdentityError::CommandSigner)
+    );
+    assert_eq!(
+        gridward_pki::command_signer_name_of(&issued.certificate),
+        Ok("hes-commands".into())
+    );
+    // No TLS material for it.
+    assert!(matches!(
+        pki.tls_material(LeafKind::CommandSigner, "hes-commands"),
+        Err(PkiError::NotForTls {
+            kind: LeafKind::CommandSigner
+        })
+    ));
+    // The inventory and the log name the kind.
+    let list = pki.list(NOW).unwrap();
+    let rec = list
+        .iter()
+        .find(|r| r.entry.serial == issued.serial)
+        .unwrap();
+    assert_eq!(rec.entry.kind, CertKind::CommandSigner);
+    assert_eq!(rec.entry.kind.to_string(), "command-signer");
+    let inv = fs::read_to_string(tmp.path().join("pki/inventory.json")).unwrap();
+    assert!(
+        inv.contains("\"kind\": \"command-signer\"") || inv.contains("\"kind\":\"command-signer\"")
+    );
+    let log = pki.log().unwrap();
+    assert!(
+        log.entries
+            .iter()
+            .any(|e| e.record.kind.as_deref() == Some("command-signer")
+                && e.record.serial.as_deref() == Some(issued.serial.as_str()))
+    );
+    // Roles and bad names are refused.
+    let mut with_role = opts();
+    with_role.role = Some("operator".into());
+    assert!(matches!(
+        pki.issue_command_signer("x", &with_role, NOW),
+        Err(PkiError::RoleOnlyForClients { .. })
+    ));
+    assert!(matches!(
+        pki.issue_command_signer("../etc", &opts(), NOW),
+        Err(PkiError::InvalidName { .. })
+    ));
+    assert!(matches!(
+        pki.issue_command_signer("hes-commands", &opts(), NOW),
+        Err(PkiError::AlreadyIssued { .. })
+    ));
+}
+
+#[test]
+fn command_signer_key_is_usable_for_cose_signing() {
+    let (_tmp, pki) = new_pki();
+    let mut ed = opts();
+    ed.key_alg = LeafKeyAlg::Ed25519;
+    for (name, o) in [("p256", opts()), ("ed", ed)] {
+        let issued = pki.issue_command_signer(name, &o, NOW).unwrap();
+        let path = pki.command_signer_key_path(name).unwrap();
+        assert_eq!(Some(path.clone()), issued.key_path);
+        let key = gridward_core::envelope::SigningKey::from_pkcs8_pem(
+            &fs::read_to_string(&path).unwrap(),
+        )
+        .unwrap();
+        let signer = pki
+            .command_signers(NOW)
+            .unwrap()
+            .into_iter()
+            .find(|c| c.name == name)
+            .unwrap();
+        assert_eq!(key.public_key_spki(), signer.spki_der.as_slice());
+        gridward_core::envelope::VerifyingKey::from_spki_der(&signer.spki_der).unwrap();
+    }
+}
+
+#[test]
+fn command_signers_during_a_rotation() {
+    let (tmp, pki) = new_pki();
+    assert!(matches!(
+        pki.current_command_signer(NOW),
+        Err(PkiError::NotFound { .. })
+    ));
+    assert!(pki.command_signers(NOW).unwrap().is_empty());
+    let old = pki.issue_command_signer("hes", &opts(), NOW).unwrap();
+    let later = NOW + Duration::days(300);
+    let mut replace = opts();
+    replace.replace = true;
+    let new = pki.issue_command_signer("hes", &replace, later).unwrap();
+    assert_eq!(new.superseded.as_deref(), Some(old.serial.as_str()));
+
+    // Both are pinned, newest first; only the new one is current and has its key.
+    let all = pki.command_signers(later).unwrap();
+    assert_eq!(
+        all.iter().map(|c| c.serial.as_str()).collect::<Vec<_>>(),
+        vec![new.serial.as_str(), old.serial.as_str()]
+    );
+    assert!(all[0].current && all[0].key_on_disk);
+    assert!(!all[1].current && !all[1].key_on_disk);
+    assert_eq!(all[1].certificate, old.certificate);
+    assert_eq!(all[1].not_after, old.not_after);
+    assert_eq!(all[1].not_before, old.not_before);
+    assert_eq!(
+        parse(&all[0].certificate).public_key().raw,
+        all[0].spki_der.as_slice()
+    );
+    assert_eq!(
+        pki.current_command_signer(later).unwrap().serial,
+        new.serial
+    );
+
+    // A second name issued later is newer still and becomes the one the head-end signs with.
+    let next = pki
+        .issue_command_signer("hes-next", &opts(), later + Duration::days(1))
+        .unwrap();
+    let now = later + Duration::days(2);
+    assert_eq!(pki.command_signers(now).unwrap().len(), 3);
+    assert_eq!(pki.current_command_signer(now).unwrap().serial, next.serial);
+
+    // The old one drops out when it expires, a revoked one at once.
+    let after_old = old.not_after + Duration::seconds(1);
+    let pinned: Vec<String> = pki
+        .command_signers(after_old)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.serial)
+        .collect();
+    assert!(!pinned.contains(&old.serial));
+    pki.revoke(
+        &RevokeTarget::Identity {
+            kind: None,
+            name: "hes-next".into(),
+        },
+        RevocationReason::KeyCompromise,
+        ACTOR,
+        now,
+    )
+    .unwrap();
+    let pinned: Vec<String> = pki
+        .command_signers(now)
+        .unwrap()
+        .into_iter()
+        .map(|c| c.serial)
+        .collect();
+    assert_eq!(pinned, vec![new.serial.clone(), old.serial.clone()]);
+    assert_eq!(pki.current_command_signer(now).unwrap().serial, new.serial);
+    // The revocation is on the issuing CRL.
+    let crl = issuing_crl(&tmp.path().join("pki"));
+    let (_, crl) = CertificateRevocationList::from_der(&crl).unwrap();
+    assert!(
+        crl.iter_revoked_certificates()
+            .any(|r| hex::encode(r.raw_serial()).trim_start_matches("00") == next.serial)
+    );
+    assert!(matches!(
+        pki.command_signer_key_path("hes-next"),
+        Err(PkiError::NotFound { .. })
+    ));
+
+    // Renewal re-issues a command signer like any leaf, with the same profile.
+    let renewals = pki.renew(400, false, ACTOR, now).unwrap();
+    let r = renewals
+        .iter()
+        .find(|r| r.kind == LeafKind::CommandSigner)
+        .expect("command signer renewed");
+    assert_eq!(r.old_serial, new.serial);
+    let current = pki.current_command_signer(now).unwrap();
+    assert_eq!(current.serial, r.new_serial);
+    assert_eq!(
+        identity_of(&current.certificate),
+        Err(IdentityError::CommandSigner)
+    );
+    assert_eq!(pki.command_signers(now).unwrap().len(), 3);
+}
+
+#[test]
+fn command_signer_key_path_errors() {
+    let (tmp, pki) = new_pki();
+    assert!(matches!(
+        pki.command_signer_key_path("nobody"),
+        Err(PkiError::NotFound { .. })
+    ));
+    assert!(matches!(
+        pki.command_signer_key_path("a/b"),
+        Err(PkiError::InvalidName { .. })
+    ));
+    // Made from a CSR (key in an HSM, say): no key on disk, but pinned and current.
+    let k = KeyPair::generate().unwrap();
+    let mut p = csr_params("hsm-signer");
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let csr = p.serialize_request(&k).unwrap().pem().unwrap();
+    let issued = pki
+        .sign_csr(
+            csr.as_bytes(),
+            LeafKind::CommandSigner,
+            None,
+            &[],
+            &opts(),
+            NOW,
+        )
+        .unwrap();
+    assert_eq!(
+        identity_of(&issued.certificate),
+        Err(IdentityError::CommandSigner),
+        "the CSR's clientAuth request is ignored"
+    );
+    assert!(matches!(
+        pki.command_signer_key_path("hsm-signer"),
+        Err(PkiError::NoPrivateKey { .. })
+    ));
+    let current = pki.current_command_signer(NOW).unwrap();
+    assert_eq!(current.serial, issued.serial);
+    assert!(!current.key_on_disk);
+    assert_eq!(current.spki_der, k.subject_public_key_info());
+
+    // A key file that is not the certificate's key.
+    pki.issue_command_signer("hes", &opts(), NOW).unwrap();
+    let key_path = tmp.path().join("pki/command-signers/hes/key.pem");
+    fs::write(&key_path, KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let err = pki.command_signer_key_path("hes").unwrap_err();
+    assert!(matches!(err, PkiError::BadFile { .. }), "{err}");
+    assert!(err.to_string().contains("does not belong"), "{err}");
+
+    // A certificate file that is not the one in the inventory.
+    fs::copy(
+        tmp.path().join("pki/command-signers/hsm-signer/cert.pem"),
+        tmp.path().join("pki/command-signers/hes/cert.pem"),
+    )
+    .unwrap();
+    assert!(matches!(
+        pki.command_signers(NOW),
+        Err(PkiError::BadFile { .. })
+    ));
+}
+
+#[test]
+fn command_signer_p12_round_trip() {
+    let (tmp, pki) = new_pki();
+    let issued = pki.issue_command_signer("hes", &opts(), NOW).unwrap();
+    let bytes = pki
+        .export_p12(LeafKind::CommandSigner, "hes", PASS, ACTOR, NOW)
+        .unwrap();
+    let contents = gridward_pki::p12::read(&bytes, PASS).unwrap();
+    assert_eq!(contents.keys[0].alias, "hes");
+    assert_eq!(contents.keys[0].chain.len(), 3);
+    let key_path = tmp.path().join("pki/command-signers/hes/key.pem");
+    fs::remove_file(&key_path).unwrap();
+    let report = pki.import_p12(&bytes, PASS, ACTOR, NOW).unwrap();
+    assert_eq!(report.keys.len(), 1);
+    assert_eq!(report.keys[0].kind, LeafKind::CommandSigner);
+    assert_eq!(report.keys[0].name, "hes");
+    assert_eq!(report.keys[0].serial, issued.serial);
+    assert_eq!(mode(&key_path), 0o600);
+    assert_eq!(pki.command_signer_key_path("hes").unwrap(), key_path);
+}
+
+/// Runs a TLS handshake in memory; returns the first error and whether the server raised it.
+fn handshake(
+    client: std::sync::Arc<rustls::ClientConfig>,
+    server: std::sync::Arc<rustls::ServerConfig>,
+    server_name: &str,
+) -> Result<(), (bool, rustls::Error)> {
+    use rustls::{ClientConnection, Connection, ServerConnection};
+    fn transfer(from: &mut Connection, to: &mut Connection) {
+        let mut buf = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut buf).expect("write TLS");
+        }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).expect("read TLS");
+        }
+    }
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_owned()).expect("server name");
+    let mut c = Connection::Client(ClientConnection::new(client, name).expect("client connection"));
+    let mut s = Connection::Server(ServerConnection::new(server).expect("server connection"));
+    for _ in 0..10 {
+        transfer(&mut c, &mut s);
+        s.process_new_packets().map_err(|e| (true, e))?;
+        transfer(&mut s, &mut c);
+        c.process_new_packets().map_err(|e| (false, e))?;
+        if !c.is_handshaking() && !s.is_handshaking() {
+            return Ok(());
+        }
+    }
+    panic!("handshake did not finish");
+}
+
+#[test]
+fn tls_refuses_a_command_signer_as_client_and_as_server() {
+    use gridward_pki::tls::{TlsOptions, client_config_with, server_config_with};
+    let (tmp, pki) = new_pki();
+    pki.issue_server("localhost", &["localhost".into()], &opts(), NOW)
+        .unwrap();
+    pki.issue_client("billing", &opts(), NOW).unwrap();
+    pki.issue_command_signer("localhost", &opts(), NOW).unwrap();
+    let server = pki.tls_material(LeafKind::Server, "localhost").unwrap();
+    let client = pki.tls_material(LeafKind::Client, "billing").unwrap();
+    // The command signer's certificate and key, in otherwise complete material.
+    let signer = {
+        let mut m = server.clone();
+        let dir = tmp.path().join("pki/command-signers/localhost");
+        m.chain = vec![
+            read_cert(&dir.join("cert.pem")),
+            pki.issuing_certificate().clone(),
+        ];
+        m.key = rustls_pki_types::PrivateKeyDer::from_pem_file(dir.join("key.pem")).unwrap();
+        m
+    };
+    let at = TlsOptions::new().with_fixed_time(NOW + Duration::minutes(1));
+    let server_cfg = |m| server_config_with(m, &at).unwrap();
+    let client_cfg = |m| client_config_with(m, &at).unwrap();
+    let purpose = |e: &rustls::Error| {
+        matches!(
+            e,
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::InvalidPurpose
+                    | rustls::CertificateError::InvalidPurposeContext { .. }
+            )
+        )
+    };
+
+    // The genuine pair works, so the refusals below are about the command signer.
+    handshake(client_cfg(&client), server_cfg(&server), "localhost").unwrap();
+    // As a client certificate: the server's verifier refuses it (no clientAuth).
+    let err = handshake(client_cfg(&signer), server_cfg(&server), "localhost").unwrap_err();
+    assert!(err.0 && purpose(&err.1), "{err:?}");
+    // As a server certificate: the client refuses it (no serverAuth).
+    let err = handshake(client_cfg(&client), server_cfg(&signer), "localhost").unwrap_err();
+    assert!(!err.0 && purpose(&err.1), "{err:?}");
+}
+
+/// Runs `openssl ARGS`; fails with an install hint if it is missing.
+fn openssl(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run openssl ({e}); install it (Debian: openssl)"))
+}
+
+#[test]
+fn openssl_shows_the_command_signing_eku_and_no_tls_eku() {
+    let (tmp, pki) = new_pki();
+    pki.issue_command_signer("hes", &opts(), NOW).unwrap();
+    let d = tmp.path().join("pki");
+    let cert = d.join("command-signers/hes/cert.pem");
+    let cert_s = cert.to_str().unwrap();
+    let out = openssl(&["x509", "-in", cert_s, "-noout", "-text"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let eku = text
+        .split("X509v3 Extended Key Usage:")
+        .nth(1)
+        .expect("openssl shows an EKU extension");
+    assert!(
+        text.contains("X509v3 Extended Key Usage: critical"),
+        "{text}"
+    );
+    let eku_line = eku.lines().nth(1).unwrap_or_default().trim();
+    assert_eq!(eku_line, gridward_pki::COMMAND_SIGNING_EKU, "{text}");
+    assert!(!text.contains("TLS Web Server Authentication"), "{text}");
+    assert!(!text.contains("TLS Web Client Authentication"), "{text}");
+    assert!(!text.contains("Subject Alternative Name"), "{text}");
+    assert!(text.contains("Digital Signature"), "{text}");
+    assert!(text.contains("Subject: CN = hes"), "{text}");
+
+    // The chain verifies, but not for either TLS purpose.
+    let root = d.join("ca/root.crt.pem");
+    let issuing = d.join("ca/issuing.crt.pem");
+    let verify = |purpose: Option<&str>| {
+        let mut args = vec![
+            "verify",
+            "-attime",
+            "1740830400", // NOW + 0 s: 2025-03-01T12:00:00Z
+            "-CAfile",
+            root.to_str().unwrap(),
+            "-untrusted",
+            issuing.to_str().unwrap(),
+        ];
+        if let Some(p) = purpose {
+            args.extend(["-purpose", p]);
+        }
+        args.push(cert_s);
+        openssl(&args)
+    };
+    let ok = verify(None);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stdout)
+    );
+    for p in ["sslclient", "sslserver"] {
+        let out = verify(Some(p));
+        assert!(
+            !out.status.success(),
+            "openssl accepted the command signer for {p}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}

@@ -41,7 +41,7 @@ pub struct PkiArgs {
 enum PkiCommand {
     /// Create a new CA (root and issuing CA, empty CRLs) in an empty PKI directory.
     Init(InitArgs),
-    /// Issue a certificate with a new key (meter, server or client).
+    /// Issue a certificate with a new key (meter, server, client or command-signer).
     #[command(subcommand)]
     Issue(IssueCommand),
     /// Certify the public key of a CSR (OpenSSL or keytool) under a profile; requested extensions are ignored.
@@ -170,6 +170,8 @@ enum KindArg {
     Server,
     /// Client: CN = name, URI SAN urn:gridward:client:{name}, EKU clientAuth.
     Client,
+    /// Command signer: CN = name, no SAN, EKU Gridward command signing only (never TLS).
+    CommandSigner,
 }
 
 impl From<KindArg> for LeafKind {
@@ -178,6 +180,7 @@ impl From<KindArg> for LeafKind {
             KindArg::Meter => Self::Meter,
             KindArg::Server => Self::Server,
             KindArg::Client => Self::Client,
+            KindArg::CommandSigner => Self::CommandSigner,
         }
     }
 }
@@ -185,7 +188,7 @@ impl From<KindArg> for LeafKind {
 /// Options shared by every issuance.
 #[derive(Debug, Args)]
 struct LeafOpts {
-    /// Validity in days [default: meter 3650, server 365, client 730; capped at the issuing CA's end].
+    /// Validity in days [default: meter 3650, server 365, client 730, command-signer 365; capped at the issuing CA's end].
     #[arg(long, value_name = "N")]
     days: Option<u32>,
     /// Supersede the identity's current valid certificate instead of refusing.
@@ -215,6 +218,30 @@ enum IssueCommand {
     Server(IssueServerArgs),
     /// A client certificate (forwarder, API client); goes to DIR/clients/{name}/.
     Client(IssueClientArgs),
+    /// The head-end's command-signing certificate: signs commands to meters, never TLS
+    /// (EKU 2.25.69624272076528213008981749226765987101 only); goes to DIR/command-signers/{name}/.
+    #[command(
+        after_help = "Rotate with --replace (or `gridward pki renew`): the superseded certificate stays pinned by meters until it expires or is revoked. Profile and OID: docs/pki.md."
+    )]
+    CommandSigner(IssueCommandSignerArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("signer_name").required(true).args(["name", "name_flag"]))]
+struct IssueCommandSignerArgs {
+    #[command(flatten)]
+    dir: DirArg,
+    /// The command signer's name (its CN and directory name), e.g. hes.
+    #[arg(value_name = "NAME")]
+    name: Option<String>,
+    /// The name, as a flag (like the other kinds).
+    #[arg(long = "name", value_name = "NAME", conflicts_with = "name")]
+    name_flag: Option<String>,
+    /// Key algorithm (the command envelope's COSE algorithm follows from it).
+    #[arg(long, value_enum, default_value = "p256")]
+    alg: AlgArg,
+    #[command(flatten)]
+    opts: LeafOpts,
 }
 
 #[derive(Debug, Args)]
@@ -309,7 +336,7 @@ struct RevokeArgs {
     /// Serial number of the certificate (hex; colons allowed).
     #[arg(long, value_name = "S")]
     serial: Option<String>,
-    /// Identity whose current certificate to revoke (meter id, server or client name).
+    /// Identity whose current certificate to revoke (meter id, server, client or command-signer name).
     #[arg(long, value_name = "ID", visible_alias = "name")]
     id: Option<String>,
     /// Kind of the identity given with --id [default: whichever kind has it].
@@ -658,6 +685,22 @@ fn issue(c: IssueCommand, now: OffsetDateTime) -> Result<()> {
             if let Some(role) = &a.role {
                 say!("  api role:    {role}");
             }
+            Ok(())
+        }
+        IssueCommand::CommandSigner(a) => {
+            let Some(name) = a.name.as_deref().or(a.name_flag.as_deref()) else {
+                bail!("give the command signer's NAME")
+            };
+            let pki = a.opts.signer.open(&a.dir.dir)?;
+            print_issued(&pki.issue_command_signer(
+                name,
+                &a.opts.issue_options(Some(a.alg)),
+                now,
+            )?);
+            say!(
+                "  eku:         {} (command signing only; not valid for TLS)",
+                gridward_pki::COMMAND_SIGNING_EKU
+            );
             Ok(())
         }
     }
