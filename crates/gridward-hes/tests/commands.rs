@@ -209,6 +209,30 @@ async fn disconnect_and_reconnect_are_signed_sent_executed_and_acknowledged() {
     f.wait("more readings", || (f.readings(&m1) > before).then_some(()))
         .await;
     assert!(f.events("command_refused").is_empty());
+    // Every command is an audit entry: issued (by whom) and acknowledged (by the meter).
+    f.running.audit.flush();
+    let entries = f
+        .running
+        .audit
+        .log()
+        .entries(&gridward_audit::Query {
+            action: Some("command.".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let actions: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions.iter().filter(|a| **a == "command.issue").count(),
+        2,
+        "{actions:?}"
+    );
+    assert!(actions.contains(&"command.ack"), "{actions:?}");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e.action == "command.issue" && e.target.contains(m1.as_str())),
+        "{entries:?}"
+    );
     fleet.stop(Duration::from_secs(2)).await;
     f.running.shutdown().await;
 }
