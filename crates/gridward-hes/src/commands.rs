@@ -174,3 +174,111 @@ impl std::fmt::Debug for CommandService {
             .finish()
     }
 }
+
+/// Whether a proposer may still have a proposal approved: an enabled operator in `access` (no
+/// users database: nobody).
+pub fn proposer_check(
+    access: Option<Arc<gridward_access::Access>>,
+) -> Arc<dyn gridward_command::ProposerCheck> {
+    Arc::new(move |username: &str| {
+        access.as_ref().is_some_and(|a| {
+            a.list_users().is_ok_and(|users| {
+                users.iter().any(|u| {
+                    u.username == username
+                        && !u.disabled
+                        && u.role == gridward_access::Role::Operator
+                })
+            })
+        })
+    })
+}
+
+/// The command service of a configuration for a tool beside the running head-end (the
+/// `gridward command` and `gridward firmware` commands): the configuration's existing store,
+/// audit log and users database, its command signer and manufacturer keys. What it queues, the
+/// running head-end's dispatcher sends.
+#[derive(Debug)]
+pub struct LocalCommands {
+    /// The service.
+    pub commands: Commands,
+    /// The store it writes to.
+    pub store: Arc<gridward_store::SqliteStore>,
+    /// Trusted manufacturer keys.
+    pub manufacturers: Vec<VerifyingKey>,
+}
+
+/// Why [`LocalCommands::open`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LocalError {
+    /// Commands are off in the configuration.
+    #[error(
+        "commands are off in this configuration ([commands] signer = \"off\"); set signer to a command-signer certificate's name"
+    )]
+    Off,
+    /// No database at the configured path.
+    #[error("no database at {0} (has `gridward serve` run with this configuration?)")]
+    NoStore(std::path::PathBuf),
+    /// The store does not open.
+    #[error("the database: {0}")]
+    Store(#[from] gridward_store::StoreError),
+    /// The audit log does not open.
+    #[error("the audit log: {0}")]
+    Audit(#[from] gridward_audit::AuditError),
+    /// Signer, manufacturer keys or policy.
+    #[error(transparent)]
+    Setup(#[from] CommandSetupError),
+}
+
+impl LocalCommands {
+    /// Opens what `config` names; audit entries go straight to its audit log (a failed append
+    /// is reported on stderr: the act already happened).
+    ///
+    /// # Errors
+    ///
+    /// [`LocalError`] naming what is missing.
+    pub fn open(config: &crate::config::Config) -> Result<Self, LocalError> {
+        let settings = config.commands.as_ref().ok_or(LocalError::Off)?;
+        if !config.store_path.exists() {
+            return Err(LocalError::NoStore(config.store_path.clone()));
+        }
+        let manufacturers = load_manufacturers(settings)?;
+        let signer = load_signer(&config.pki_dir, settings, OffsetDateTime::now_utc())?;
+        let store = Arc::new(gridward_store::SqliteStore::open_existing(
+            &config.store_path,
+        )?);
+        let audit = gridward_audit::AuditLog::open(&config.audit.path)?;
+        let recorder = move |entry: gridward_audit::NewEntry| {
+            if let Err(e) = audit.append(&entry) {
+                eprintln!("warning: the audit log did not take the entry: {e}");
+            }
+        };
+        let access = config.api.as_ref().and_then(|api| {
+            api.users_path.exists().then(|| {
+                gridward_access::Access::open(&api.users_path, gridward_access::Argon2Params::OWASP)
+                    .map(Arc::new)
+                    .map_err(|e| {
+                        eprintln!(
+                            "warning: the users database {} does not open ({e}); proposals cannot be checked here",
+                            api.users_path.display()
+                        )
+                    })
+                    .ok()
+            })?
+        });
+        let commands = Commands::new(
+            Arc::clone(&store) as Arc<dyn gridward_store::CommandStore>,
+            Arc::new(signer),
+            Arc::new(OffsetDateTime::now_utc),
+            Arc::new(recorder),
+            proposer_check(access),
+            policy(settings),
+        )
+        .map_err(CommandSetupError::from)?;
+        Ok(Self {
+            commands,
+            store,
+            manufacturers,
+        })
+    }
+}

@@ -292,6 +292,14 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
                 hook(event);
             }));
             ctx.observer = Some(Arc::new(ApiMetrics(Arc::clone(&metrics))));
+            if let Some(service) = &command_service {
+                let command_store: Arc<dyn gridward_store::CommandStore> = store.clone();
+                ctx = ctx.with_commands(
+                    Arc::clone(&service.commands),
+                    command_store,
+                    Arc::clone(&service.manufacturers),
+                );
+            }
             let api = gridward_api::start(
                 gridward_api::ApiConfig::new(settings.listen, material),
                 Arc::new(ctx),
@@ -448,26 +456,13 @@ fn start_commands(
     };
     // A proposer may still have their proposal approved while their account is an enabled
     // operator (without a users database there are no operators, so nothing is approved).
-    let proposers = {
-        let access = access.cloned();
-        move |username: &str| {
-            access.as_ref().is_some_and(|a| {
-                a.list_users().is_ok_and(|users| {
-                    users.iter().any(|u| {
-                        u.username == username
-                            && !u.disabled
-                            && u.role == gridward_access::Role::Operator
-                    })
-                })
-            })
-        }
-    };
+    let proposers = crate::commands::proposer_check(access.cloned());
     let commands = gridward_command::Commands::new(
         Arc::clone(store) as Arc<dyn gridward_store::CommandStore>,
         Arc::new(signer),
         Arc::clone(clock),
         Arc::new(recorder),
-        Arc::new(proposers),
+        proposers,
         crate::commands::policy(settings),
     )
     .map_err(crate::commands::CommandSetupError::from)?;

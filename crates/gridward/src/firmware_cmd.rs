@@ -49,6 +49,22 @@ pub enum FirmwareCmd {
     /// Show a manifest's fields; with --manufacturer, check its signature; with --image, check
     /// the image's size and digest. Exits non-zero if a check fails.
     Inspect(InspectArgs),
+    /// Store a signed manifest and its image in the head-end (the signature must be a key of
+    /// `[firmware] manufacturers`, the image must match); prints the firmware id.
+    Upload(crate::firmware_ops::UploadArgs),
+    /// The firmware uploaded to the head-end.
+    List(crate::firmware_ops::ListArgs),
+    /// Roll an uploaded firmware out to meters: a pilot stage, then the rest once enough of
+    /// the pilot confirmed; pauses on failures. The running head-end dispatches it.
+    Campaign(crate::firmware_ops::CampaignArgs),
+    /// Campaigns and, for one, each meter's state.
+    Status(crate::firmware_ops::StatusArgs),
+    /// Pause a campaign (its unsent commands are withdrawn).
+    Pause(crate::firmware_ops::ChangeArgs),
+    /// Resume a paused campaign (failed members are tried again).
+    Resume(crate::firmware_ops::ChangeArgs),
+    /// Cancel a campaign for good.
+    Cancel(crate::firmware_ops::ChangeArgs),
 }
 
 /// Signature algorithm of a manufacturer key.
@@ -143,6 +159,17 @@ pub fn run(cmd: FirmwareCmd) -> Result<()> {
         FirmwareCmd::Keygen(a) => keygen(a),
         FirmwareCmd::Sign(a) => sign(a, now),
         FirmwareCmd::Inspect(a) => inspect(a, now),
+        FirmwareCmd::Upload(a) => crate::firmware_ops::upload(a),
+        FirmwareCmd::List(a) => crate::firmware_ops::list(a),
+        FirmwareCmd::Campaign(a) => crate::firmware_ops::campaign(a),
+        FirmwareCmd::Status(a) => crate::firmware_ops::status(a),
+        FirmwareCmd::Pause(a) => crate::firmware_ops::change(a, crate::firmware_ops::Change::Pause),
+        FirmwareCmd::Resume(a) => {
+            crate::firmware_ops::change(a, crate::firmware_ops::Change::Resume)
+        }
+        FirmwareCmd::Cancel(a) => {
+            crate::firmware_ops::change(a, crate::firmware_ops::Change::Cancel)
+        }
     }
 }
 
