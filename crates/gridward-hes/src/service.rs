@@ -370,6 +370,7 @@ impl Running {
         if let Err(e) = self.audit.import_pki_log(&self.config.pki_dir) {
             tracing::warn!(error = %e, "PKI operations not imported into the audit log");
         }
+        self.reload_command_signer();
         if let Some((_, e)) = self
             .forwarders
             .reload(crate::forward::client::HttpsClient::load)
@@ -379,6 +380,29 @@ impl Running {
             return Err(e.into());
         }
         Ok(closed)
+    }
+
+    /// Rotation of the command key: the command signer's current certificate (renewed with
+    /// `gridward pki renew`, or re-issued) signs from now on; queued commands keep their bytes.
+    /// A signer that no longer loads keeps the current key (and says why).
+    fn reload_command_signer(&self) {
+        let (Some(service), Some(settings)) = (&self.commands, &self.config.commands) else {
+            return;
+        };
+        match crate::commands::load_signer(
+            &self.config.pki_dir,
+            settings,
+            time::OffsetDateTime::now_utc(),
+        ) {
+            Ok(key) if key.kid() != service.commands.signer().kid() => {
+                tracing::info!(signer = %settings.signer, "command key rotated");
+                service
+                    .commands
+                    .set_signer(Arc::new(key), gridward_audit::Actor::System);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("command key not reloaded, the current one stays: {e}"),
+        }
     }
 
     /// Delivery metrics of every downstream target.

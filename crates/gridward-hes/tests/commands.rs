@@ -330,3 +330,33 @@ async fn commands_for_an_offline_meter_wait_and_expired_ones_never_leave() {
     fleet.stop(Duration::from_secs(2)).await;
     f.running.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_key_rotates_on_reload_and_queued_commands_keep_their_signature() {
+    let f = start(1).await;
+    let m1 = meter(1);
+    let commands = &f.running.commands.as_ref().unwrap().commands;
+    let old_kid = commands.signer().kid().to_vec();
+    // Queued under the old key while the meter is offline.
+    let before = f.issue(&[m1.clone()], CommandBody::ReadNow, None)[0];
+    // A new command-signer certificate (and key) replaces the old one; the head-end picks it up
+    // on reload, as on SIGHUP.
+    let mut opts = IssueOptions::new("test");
+    opts.replace = true;
+    Pki::open(&f.pki_dir, None)
+        .unwrap()
+        .issue_command_signer("headend", &opts, OffsetDateTime::now_utc())
+        .unwrap();
+    f.running.reload().unwrap();
+    assert_ne!(commands.signer().kid(), &old_kid[..], "rotated");
+    let after = f.issue(&[m1.clone()], CommandBody::ReadNow, None)[0];
+    // The meter pins both during the rotation (the superseded certificate is still valid).
+    let fleet = f.fleet(&[m1.clone()]).await;
+    for id in [before, after] {
+        let c = f.settled(&id).await;
+        assert_eq!(c.status, CommandStatus::Acknowledged, "{c:?}");
+    }
+    assert!(f.events("command_refused").is_empty());
+    fleet.stop(Duration::from_secs(2)).await;
+    f.running.shutdown().await;
+}
