@@ -173,7 +173,7 @@ async fn disconnect_and_reconnect_are_signed_sent_executed_and_acknowledged() {
     let (m1, m2) = (meter(1), meter(2));
     let fleet = f.fleet(&[m1.clone(), m2.clone()]).await;
 
-    let [id] = f.issue(&[m1.clone()], CommandBody::Disconnect, None)[..] else {
+    let [id] = f.issue(std::slice::from_ref(&m1), CommandBody::Disconnect, None)[..] else {
         panic!("one command")
     };
     let c = f.settled(&id).await;
@@ -196,7 +196,7 @@ async fn disconnect_and_reconnect_are_signed_sent_executed_and_acknowledged() {
     );
     drop(signer);
 
-    let [id] = f.issue(&[m1.clone()], CommandBody::Reconnect, None)[..] else {
+    let [id] = f.issue(std::slice::from_ref(&m1), CommandBody::Reconnect, None)[..] else {
         panic!("one command")
     };
     let c = f.settled(&id).await;
@@ -241,7 +241,7 @@ async fn disconnect_and_reconnect_are_signed_sent_executed_and_acknowledged() {
 async fn a_forged_command_is_refused_by_the_meter_and_reported_at_the_head_end() {
     let f = start(1).await;
     let m1 = meter(1);
-    let fleet = f.fleet(&[m1.clone()]).await;
+    let fleet = f.fleet(std::slice::from_ref(&m1)).await;
     // A key that is not the head-end's command key (here: a fresh one; the attack harness also
     // tries a meter's key), delivered as a compromised broker would.
     let pkcs8 =
@@ -278,7 +278,7 @@ async fn a_forged_command_is_refused_by_the_meter_and_reported_at_the_head_end()
     );
 
     // A genuine command still goes through afterwards.
-    let [id] = f.issue(&[m1.clone()], CommandBody::ReadNow, None)[..] else {
+    let [id] = f.issue(std::slice::from_ref(&m1), CommandBody::ReadNow, None)[..] else {
         panic!("one command")
     };
     assert_eq!(f.settled(&id).await.status, CommandStatus::Acknowledged);
@@ -291,14 +291,14 @@ async fn commands_for_an_offline_meter_wait_and_expired_ones_never_leave() {
     let f = start(2).await;
     let (m1, m2) = (meter(1), meter(2));
     let waiting = f.issue(
-        &[m1.clone()],
+        std::slice::from_ref(&m1),
         CommandBody::SetTariff {
             tariff: "night-2".into(),
         },
         None,
     )[0];
     let expiring = f.issue(
-        &[m2.clone()],
+        std::slice::from_ref(&m2),
         CommandBody::ReadNow,
         Some(time::Duration::seconds(1)),
     )[0];
@@ -338,7 +338,7 @@ async fn the_command_key_rotates_on_reload_and_queued_commands_keep_their_signat
     let commands = &f.running.commands.as_ref().unwrap().commands;
     let old_kid = commands.signer().kid().to_vec();
     // Queued under the old key while the meter is offline.
-    let before = f.issue(&[m1.clone()], CommandBody::ReadNow, None)[0];
+    let before = f.issue(std::slice::from_ref(&m1), CommandBody::ReadNow, None)[0];
     // A new command-signer certificate (and key) replaces the old one; the head-end picks it up
     // on reload, as on SIGHUP.
     let mut opts = IssueOptions::new("test");
@@ -349,9 +349,9 @@ async fn the_command_key_rotates_on_reload_and_queued_commands_keep_their_signat
         .unwrap();
     f.running.reload().unwrap();
     assert_ne!(commands.signer().kid(), &old_kid[..], "rotated");
-    let after = f.issue(&[m1.clone()], CommandBody::ReadNow, None)[0];
+    let after = f.issue(std::slice::from_ref(&m1), CommandBody::ReadNow, None)[0];
     // The meter pins both during the rotation (the superseded certificate is still valid).
-    let fleet = f.fleet(&[m1.clone()]).await;
+    let fleet = f.fleet(std::slice::from_ref(&m1)).await;
     for id in [before, after] {
         let c = f.settled(&id).await;
         assert_eq!(c.status, CommandStatus::Acknowledged, "{c:?}");
