@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use gridward_access::Access;
 use gridward_audit::{Actor, AuditLog, NewEntry, Outcome};
+use gridward_command::Commands;
 use gridward_core::MeterId;
-use gridward_store::{SecurityEvent, Store};
+use gridward_core::envelope::VerifyingKey;
+use gridward_store::{CommandStore, SecurityEvent, Store};
 use time::OffsetDateTime;
 
 /// The clock the API reads (the binary passes the system clock, tests a fixed one).
@@ -49,6 +51,15 @@ pub struct ApiContext {
     pub ready: Arc<AtomicBool>,
     /// Metrics (`None`: `GET /metrics` answers 404 and nothing is counted).
     pub observer: Option<Arc<dyn Observer>>,
+    /// The command service (`None`: commands are off, and every route that changes something
+    /// on the downward path answers 503 saying how to turn them on).
+    pub commands: Option<Arc<Commands>>,
+    /// Where commands, proposals, firmware and campaigns are read from (`None`: those reads
+    /// answer 503 too). The head-end passes its store, which is also the command service's.
+    pub command_store: Option<Arc<dyn CommandStore>>,
+    /// The manufacturer keys a firmware manifest must be signed by (empty: every upload is
+    /// refused).
+    pub manufacturers: Arc<Vec<VerifyingKey>>,
 }
 
 impl std::fmt::Debug for ApiContext {
@@ -56,12 +67,14 @@ impl std::fmt::Debug for ApiContext {
         f.debug_struct("ApiContext")
             .field("pki_dir", &self.pki_dir)
             .field("ready", &self.ready.load(Ordering::Relaxed))
+            .field("commands", &self.commands.is_some())
+            .field("manufacturers", &self.manufacturers.len())
             .finish_non_exhaustive()
     }
 }
 
 impl ApiContext {
-    /// A context with no PKI directory, no hook, and ready.
+    /// A context with no PKI directory, no hook, no commands, and ready.
     pub fn new(
         store: Arc<dyn Store>,
         access: Arc<Access>,
@@ -77,7 +90,25 @@ impl ApiContext {
             on_security_event: None,
             ready: Arc::new(AtomicBool::new(true)),
             observer: None,
+            commands: None,
+            command_store: None,
+            manufacturers: Arc::new(Vec::new()),
         }
+    }
+
+    /// Turns the downward path on: `commands` issues and decides, `store` is read, uploads are
+    /// checked against `manufacturers`.
+    #[must_use]
+    pub fn with_commands(
+        mut self,
+        commands: Arc<Commands>,
+        store: Arc<dyn CommandStore>,
+        manufacturers: Arc<Vec<VerifyingKey>>,
+    ) -> Self {
+        self.commands = Some(commands);
+        self.command_store = Some(store);
+        self.manufacturers = manufacturers;
+        self
     }
 
     /// Now, by the context's clock.

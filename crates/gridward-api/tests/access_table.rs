@@ -6,10 +6,13 @@
 
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use gridward_access::Role;
-use support::{HttpsClient, PASSWORD, anonymous, cert_client};
+use gridward_command::{CampaignRequest, IssueRequest, Issued};
+use gridward_core::MeterId;
+use gridward_core::command::CommandBody;
+use support::{Fixture, HttpsClient, PASSWORD, anonymous, cert_client, firmware_body};
 
 /// The callers, in the table's column order.
 const COLUMNS: [&str; 12] = [
@@ -90,9 +93,128 @@ fn routes() -> Vec<(String, String)> {
     out
 }
 
+/// Things of the downward path for the requests to name: one of each to read, and, for the
+/// requests that change one, a fresh one per caller (so an allowed cell shows 2xx).
+struct Downward {
+    command: String,
+    proposal: i64,
+    firmware: i64,
+    campaign: i64,
+    /// Per column: a pending proposal (of `olga`) to approve, another to reject.
+    approve: HashMap<&'static str, i64>,
+    reject: HashMap<&'static str, i64>,
+    /// Per column: a running campaign to pause, a paused one to resume, a running one to cancel.
+    pause: HashMap<&'static str, i64>,
+    resume: HashMap<&'static str, i64>,
+    cancel: HashMap<&'static str, i64>,
+}
+
+fn mid(s: &str) -> MeterId {
+    MeterId::new(s).unwrap()
+}
+
+/// Made through the command service, as the second operator `olga`.
+fn downward(f: &Fixture) -> Downward {
+    let cmds = f.commands();
+    let Issued::Queued { ids } = cmds
+        .issue(IssueRequest {
+            meters: vec![mid("m-1")],
+            body: CommandBody::ReadNow,
+            actor: "olga".into(),
+            ttl: None,
+            reason: String::new(),
+        })
+        .unwrap()
+    else {
+        panic!("one read_now is queued")
+    };
+    let propose = || {
+        let Issued::Proposed { proposal_id, .. } = cmds
+            .issue(IssueRequest {
+                meters: (1..=11).map(|i| mid(&format!("m-{i}"))).collect(),
+                body: CommandBody::Disconnect,
+                actor: "olga".into(),
+                ttl: None,
+                reason: "access table".into(),
+            })
+            .unwrap()
+        else {
+            panic!("a mass disconnect is proposed")
+        };
+        proposal_id
+    };
+    let (manifest, image) = support::firmware(&f.manufacturer, 0, 64);
+    let firmware = cmds
+        .upload_firmware(
+            &manifest,
+            &image,
+            &[f.manufacturer.verifying_key().unwrap()],
+            "olga",
+        )
+        .unwrap();
+    let campaign = || {
+        cmds.create_campaign(CampaignRequest {
+            firmware_id: firmware,
+            meters: vec![mid("m-2")],
+            first_stage: None,
+            success_threshold: None,
+            max_failures: None,
+            actor: "olga".into(),
+        })
+        .unwrap()
+    };
+    let per_column = |make: &dyn Fn() -> i64| COLUMNS.iter().map(|c| (*c, make())).collect();
+    Downward {
+        command: ids[0].to_string(),
+        proposal: propose(),
+        firmware,
+        campaign: campaign(),
+        approve: per_column(&propose),
+        reject: per_column(&propose),
+        pause: per_column(&campaign),
+        resume: per_column(&|| {
+            let id = campaign();
+            cmds.pause_campaign(id, "olga").unwrap();
+            id
+        }),
+        cancel: per_column(&campaign),
+    }
+}
+
+/// The path of `path` for `column`, with the ids of the downward path filled in.
+fn downward_path(path: &str, column: &'static str, d: &Downward) -> String {
+    let per = |m: &HashMap<&'static str, i64>| m[column].to_string();
+    let proposal = match path.rsplit('/').next() {
+        Some("approve") => per(&d.approve),
+        Some("reject") => per(&d.reject),
+        _ => d.proposal.to_string(),
+    };
+    let campaign = match path.rsplit('/').next() {
+        Some("pause") => per(&d.pause),
+        Some("resume") => per(&d.resume),
+        Some("cancel") => per(&d.cancel),
+        _ => d.campaign.to_string(),
+    };
+    path.replace("{command_id}", &d.command)
+        .replace("{proposal_id}", &proposal)
+        .replace("{firmware_id}", &d.firmware.to_string())
+        .replace("{campaign_id}", &campaign)
+}
+
 /// A body that succeeds where the caller is allowed (so an allowed cell shows 2xx).
-fn body_for(method: &str, path: &str, n: usize) -> Option<String> {
+fn body_for(f: &Fixture, d: &Downward, method: &str, path: &str, n: usize) -> Option<String> {
     match (method, path) {
+        ("POST", "/api/v1/meters/{meter_id}/commands") => Some(r#"{"kind":"read_now"}"#.to_owned()),
+        ("POST", "/api/v1/commands") => {
+            Some(r#"{"meters":["m-1","m-2"],"kind":"read_now","reason":"access table"}"#.to_owned())
+        }
+        ("POST", "/api/v1/proposals/{proposal_id}/approve")
+        | ("POST", "/api/v1/proposals/{proposal_id}/reject") => Some("{}".to_owned()),
+        ("POST", "/api/v1/firmware") => Some(firmware_body(&f.manufacturer, 100 + n, 64)),
+        ("POST", "/api/v1/campaigns") => Some(format!(
+            r#"{{"firmware_id":{},"meters":["m-1"]}}"#,
+            d.firmware
+        )),
         ("POST", "/api/v1/session") => {
             Some(r#"{"username":"nobody","password":"not the password 1"}"#.to_owned())
         }
@@ -197,6 +319,7 @@ async fn every_route_and_caller_matches_the_committed_table() {
         plain(cert_client(&pki, "ops-revoked"), None),
     ));
 
+    let down = downward(&f);
     let mut actual: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut n = 0;
     for (method, path) in routes() {
@@ -205,7 +328,7 @@ async fn every_route_and_caller_matches_the_committed_table() {
         for column in COLUMNS {
             let caller = &callers.iter().find(|(c, _)| *c == column).unwrap().1;
             n += 1;
-            let url = path
+            let url = downward_path(&path, column, &down)
                 .replace("{meter_id}", caller.meter)
                 .replace("{username}", "victim");
             let mut token = caller.token.clone();
@@ -218,7 +341,7 @@ async fn every_route_and_caller_matches_the_committed_table() {
             let auth = token.as_ref().map(|t| format!("Bearer {t}"));
             let headers: Vec<(&str, &str)> =
                 auth.iter().map(|a| ("authorization", a.as_str())).collect();
-            let body = body_for(&method, &path, n);
+            let body = body_for(&f, &down, &method, &path, n);
             let result = match f
                 .request(&caller.client, &method, &url, &headers, body.as_deref())
                 .await

@@ -5,7 +5,9 @@
 //! and body as the document says.
 //!
 //! Deterministic (fixed seed, no example database), bounded (a few examples per operation),
-//! loopback only. Only `DELETE /api/v1/session` is left out: it would end the operator's
+//! loopback only. The downward path is seeded (a command, proposals of a second operator, a
+//! firmware image, a campaign) so that sending, approving and reading reach their 2xx answers.
+//! Only `DELETE /api/v1/session` is left out: it would end the operator's
 //! session and with it the run. The administrators' routes stay in (an operator gets 403,
 //! which the document lists).
 //!
@@ -19,6 +21,9 @@ use std::path::Path;
 use std::process::Output;
 
 use gridward_access::Role;
+use gridward_command::{CampaignRequest, IssueRequest, Issued};
+use gridward_core::MeterId;
+use gridward_core::command::CommandBody;
 
 /// Test cases per operation and phase; enough to hit every documented answer, small enough
 /// for well under a minute on two cores.
@@ -30,9 +35,20 @@ const SEED: &str = "20261203";
 const CHECKS: &str = "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance";
 
 /// Values the generator mixes in, so that most requests reach the fixture's data (meters m-1
-/// and m-2 have readings) instead of stopping at a 404 or a 400, and both formats of a
-/// readings page are asked for.
-const CONFIG: &str = r#"
+/// and m-2 have readings; a command, proposals of another operator, a firmware image and a
+/// campaign exist) instead of stopping at a 404 or a 400, and both formats of a readings page
+/// are asked for.
+fn config(d: &Downward) -> String {
+    format!(
+        r#"
+[dictionaries.commands]
+values = ["{command}", "00000000000000000000000000000000"]
+[dictionaries.proposals]
+values = {proposals:?}
+[dictionaries.firmware]
+values = [{firmware}, 999]
+[dictionaries.campaigns]
+values = [{campaign}, 999]
 [dictionaries.meters]
 values = ["m-1", "m-2", "m-999"]
 [dictionaries.formats]
@@ -41,23 +57,96 @@ values = ["json", "csv"]
 values = [1, 2, 5, 100, 1000]
 
 [parameters]
-"path.meter_id" = { dictionary = "meters", probability = 0.9 }
-"query.format" = { dictionary = "formats", probability = 0.7 }
-"query.limit" = { dictionary = "limits", probability = 0.7 }
-"#;
+"path.meter_id" = {{ dictionary = "meters", probability = 0.9 }}
+"path.command_id" = {{ dictionary = "commands", probability = 0.9 }}
+"path.proposal_id" = {{ dictionary = "proposals", probability = 0.9 }}
+"path.firmware_id" = {{ dictionary = "firmware", probability = 0.9 }}
+"path.campaign_id" = {{ dictionary = "campaigns", probability = 0.9 }}
+"query.format" = {{ dictionary = "formats", probability = 0.7 }}
+"query.limit" = {{ dictionary = "limits", probability = 0.7 }}
+"#,
+        command = d.command,
+        proposals = d.proposals,
+        firmware = d.firmware,
+        campaign = d.campaign,
+    )
+}
+
+/// What the downward path holds before the run.
+struct Downward {
+    command: String,
+    proposals: Vec<i64>,
+    firmware: i64,
+    campaign: i64,
+}
+
+/// A command, three proposals of the second operator `olga` (so the operator of the run may
+/// decide them), a firmware image and a running campaign.
+fn downward(f: &support::Fixture) -> Downward {
+    let cmds = f.commands();
+    let meter = |s: &str| MeterId::new(s).unwrap();
+    let issue = |meters: Vec<MeterId>, body| {
+        cmds.issue(IssueRequest {
+            meters,
+            body,
+            actor: "olga".into(),
+            ttl: None,
+            reason: "schemathesis".into(),
+        })
+        .unwrap()
+    };
+    let Issued::Queued { ids } = issue(vec![meter("m-1")], CommandBody::ReadNow) else {
+        panic!("a read_now is queued")
+    };
+    let proposals = (0..3)
+        .map(|_| {
+            let meters = (1..=11).map(|i| meter(&format!("m-{i}"))).collect();
+            match issue(meters, CommandBody::Disconnect) {
+                Issued::Proposed { proposal_id, .. } => proposal_id,
+                other => panic!("{other:?}"),
+            }
+        })
+        .collect();
+    let (manifest, image) = support::firmware(&f.manufacturer, 0, 64);
+    let firmware = cmds
+        .upload_firmware(
+            &manifest,
+            &image,
+            &[f.manufacturer.verifying_key().unwrap()],
+            "olga",
+        )
+        .unwrap();
+    let campaign = cmds
+        .create_campaign(CampaignRequest {
+            firmware_id: firmware,
+            meters: vec![meter("m-2")],
+            first_stage: None,
+            success_threshold: None,
+            max_failures: None,
+            actor: "olga".into(),
+        })
+        .unwrap();
+    Downward {
+        command: ids[0].to_string(),
+        proposals,
+        firmware,
+        campaign,
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document() {
     let st = support::schemathesis();
     let f = support::start().await;
     let (token, _csrf) = f.login(&f.user(Role::Operator)).await;
+    let config_text = config(&downward(&f));
     let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
     let ca = f.pki().join("ca/chain.pem");
     assert!(ca.exists(), "the fixture PKI has {}", ca.display());
     let work = f.dir.path().join("schemathesis");
     std::fs::create_dir_all(&work).unwrap();
     let config = work.join("schemathesis.toml");
-    std::fs::write(&config, CONFIG).unwrap();
+    std::fs::write(&config, config_text).unwrap();
     let report = work.join("report.json");
 
     let mut cmd = st.command();
@@ -102,7 +191,7 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
             .expect("a JSON report");
     assert_eq!(report["complete"], true, "{text}");
     let ops = &report["operations"];
-    assert!(ops["selected"].as_u64().unwrap() >= 19, "{ops}");
+    assert!(ops["selected"].as_u64().unwrap() >= 37, "{ops}");
     assert_eq!(ops["tested"], ops["selected"], "{ops}");
     assert_eq!(report["test_cases"]["with_failures"], 0, "{report:#}");
     let rates = &report["valid_rates"];
@@ -117,6 +206,13 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
         "GET /api/v1/meters/{meter_id}",
         "GET /api/v1/security-events",
         "GET /api/v1/session",
+        "GET /api/v1/commands",
+        "GET /api/v1/commands/{command_id}",
+        "POST /api/v1/meters/{meter_id}/commands",
+        "POST /api/v1/commands",
+        "POST /api/v1/proposals/{proposal_id}/approve",
+        "GET /api/v1/firmware/{firmware_id}",
+        "GET /api/v1/campaigns/{campaign_id}",
     ] {
         assert!(accepted(op) > 0, "no 2xx answer for {op}: {rates:#}");
     }

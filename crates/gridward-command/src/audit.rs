@@ -22,3 +22,13 @@ where
         self(entry);
     }
 }
+
+/// The audit actor for a name the command service was given: `cert:NAME` (how the API names a
+/// client certificate, a name no user can have) is that certificate, anything else a user
+/// (including `cli:NAME`, an operating-system user on the command line).
+pub fn actor(name: &str) -> gridward_audit::Actor {
+    match name.strip_prefix("cert:") {
+        Some(subject) => gridward_audit::Actor::Certificate(subject.to_owned()),
+        None => gridward_audit::Actor::User(name.to_owned()),
+    }
+}

@@ -201,7 +201,7 @@ impl Commands {
         let actor = if req.actor.is_empty() {
             Actor::System
         } else {
-            Actor::User(req.actor.clone())
+            crate::audit::actor(&req.actor)
         };
         match &result {
             Ok(id) => self.record(
@@ -569,7 +569,7 @@ impl Commands {
         let who = if actor.is_empty() {
             Actor::System
         } else {
-            Actor::User(actor.to_owned())
+            crate::audit::actor(actor)
         };
         let (outcome, detail) = match result {
             Ok(note) => (Outcome::Success, note.clone()),

@@ -76,7 +76,7 @@ impl Commands {
         let who = if actor.is_empty() {
             Actor::System
         } else {
-            Actor::User(actor.to_owned())
+            crate::audit::actor(actor)
         };
         match &result {
             Ok(id) => {

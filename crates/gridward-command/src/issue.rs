@@ -261,7 +261,7 @@ impl Commands {
             let actor = if req.actor.is_empty() {
                 Actor::System
             } else {
-                Actor::User(req.actor.clone())
+                crate::audit::actor(&req.actor)
             };
             self.record(
                 actor,
@@ -313,7 +313,7 @@ impl Commands {
                 reason: req.reason.clone(),
             })?;
             self.record(
-                Actor::User(req.actor.clone()),
+                crate::audit::actor(&req.actor),
                 "proposal.create",
                 format!("proposal:{proposal_id}"),
                 Outcome::Success,
@@ -333,7 +333,7 @@ impl Commands {
             approved_by: None,
             proposal_id: None,
             campaign_id: None,
-            actor: Actor::User(req.actor.clone()),
+            actor: crate::audit::actor(&req.actor),
         };
         let ids = self.issue_commands(&req.meters, &req.body, firmware.as_ref(), &origin, ttl)?;
         Ok(Issued::Queued { ids })

@@ -133,7 +133,7 @@ impl Commands {
         let result = self.approve_checked(id, approver, note);
         match &result {
             Ok(a) => self.record(
-                Actor::User(approver.username.clone()),
+                crate::audit::actor(&approver.username),
                 "proposal.approve",
                 format!("proposal:{id}"),
                 Outcome::Success,
@@ -209,7 +209,7 @@ impl Commands {
             approved_by: Some(approver.username.clone()),
             proposal_id: Some(id),
             campaign_id: None,
-            actor: Actor::User(approver.username.clone()),
+            actor: crate::audit::actor(&approver.username),
         };
         let ids = self.issue_commands(
             &decided.meters,
@@ -252,7 +252,7 @@ impl Commands {
         };
         match &result {
             Ok(p) => self.record(
-                Actor::User(approver.username.clone()),
+                crate::audit::actor(&approver.username),
                 "proposal.reject",
                 format!("proposal:{id}"),
                 Outcome::Success,
@@ -311,7 +311,7 @@ impl Commands {
             Outcome::Failure
         };
         self.record(
-            Actor::User(approver.username.clone()),
+            crate::audit::actor(&approver.username),
             action,
             format!("proposal:{id}"),
             outcome,

@@ -176,11 +176,16 @@ impl std::fmt::Debug for CommandService {
 }
 
 /// Whether a proposer may still have a proposal approved: an enabled operator in `access` (no
-/// users database: nobody).
+/// users database: no user is), or for `cert:NAME` (a proposal made with a client certificate)
+/// a current, unexpired, unrevoked client certificate NAME of the PKI bound to the operator role.
 pub fn proposer_check(
     access: Option<Arc<gridward_access::Access>>,
+    pki_dir: std::path::PathBuf,
 ) -> Arc<dyn gridward_command::ProposerCheck> {
     Arc::new(move |username: &str| {
+        if let Some(subject) = username.strip_prefix("cert:") {
+            return operator_certificate_is_current(&pki_dir, subject);
+        }
         access.as_ref().is_some_and(|a| {
             a.list_users().is_ok_and(|users| {
                 users.iter().any(|u| {
@@ -190,6 +195,22 @@ pub fn proposer_check(
                 })
             })
         })
+    })
+}
+
+fn operator_certificate_is_current(pki_dir: &std::path::Path, name: &str) -> bool {
+    let now = OffsetDateTime::now_utc();
+    let Ok(records) = Pki::open(pki_dir, None).and_then(|p| p.list(now)) else {
+        return false;
+    };
+    records.iter().any(|r| {
+        r.entry.kind == gridward_pki::CertKind::Client
+            && r.entry.name == name
+            && r.entry.role.as_deref() == Some("operator")
+            && matches!(
+                r.status,
+                gridward_pki::CertStatus::Valid | gridward_pki::CertStatus::Expiring
+            )
     })
 }
 
@@ -271,7 +292,7 @@ impl LocalCommands {
             Arc::new(signer),
             Arc::new(OffsetDateTime::now_utc),
             Arc::new(recorder),
-            proposer_check(access),
+            proposer_check(access, config.pki_dir.clone()),
             policy(settings),
         )
         .map_err(CommandSetupError::from)?;
@@ -280,5 +301,46 @@ impl LocalCommands {
             store,
             manufacturers,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gridward_pki::{InitOptions, IssueOptions, RevocationReason, RevokeTarget};
+
+    #[test]
+    fn a_certificate_proposer_is_eligible_while_its_operator_certificate_is_current() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("pki");
+        let now = OffsetDateTime::now_utc();
+        let pki = Pki::init(&dir, &InitOptions::new("test", now)).unwrap();
+        let mut opts = IssueOptions::new("test");
+        opts.role = Some("operator".into());
+        pki.issue_client("ops-robot", &opts, now).unwrap();
+        opts.role = Some("auditor".into());
+        pki.issue_client("audit-robot", &opts, now).unwrap();
+        let check = proposer_check(None, dir.clone());
+        assert!(check.is_enabled_operator("cert:ops-robot"));
+        assert!(
+            !check.is_enabled_operator("cert:audit-robot"),
+            "not an operator"
+        );
+        assert!(!check.is_enabled_operator("cert:nobody"));
+        assert!(
+            !check.is_enabled_operator("ops-robot"),
+            "a user name is not a certificate"
+        );
+        pki.revoke(
+            &RevokeTarget::Identity {
+                kind: Some(gridward_pki::LeafKind::Client),
+                name: "ops-robot".into(),
+            },
+            RevocationReason::KeyCompromise,
+            "test",
+            now,
+        )
+        .unwrap();
+        assert!(!check.is_enabled_operator("cert:ops-robot"), "revoked");
     }
 }

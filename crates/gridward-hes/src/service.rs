@@ -480,7 +480,7 @@ fn start_commands(
     };
     // A proposer may still have their proposal approved while their account is an enabled
     // operator (without a users database there are no operators, so nothing is approved).
-    let proposers = crate::commands::proposer_check(access.cloned());
+    let proposers = crate::commands::proposer_check(access.cloned(), config.pki_dir.clone());
     let commands = gridward_command::Commands::new(
         Arc::clone(store) as Arc<dyn gridward_store::CommandStore>,
         Arc::new(signer),

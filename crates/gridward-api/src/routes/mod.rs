@@ -3,6 +3,8 @@
 //! test walks the document.
 
 pub mod audit;
+pub mod commands;
+pub mod firmware;
 pub mod meters;
 pub mod ops;
 pub mod session;
@@ -17,7 +19,7 @@ use http::StatusCode;
 use time::OffsetDateTime;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
 
 use crate::problem::Problem;
@@ -26,15 +28,20 @@ use crate::state::ApiContext;
 /// The state every handler gets.
 pub type Ctx = Arc<ApiContext>;
 
-/// Largest request body the API reads.
+/// Largest request body the API reads (but see [`MAX_BULK_BODY`] and
+/// [`firmware::MAX_FIRMWARE_BODY`]).
 pub const MAX_BODY: usize = 16 * 1024;
+
+/// Largest body of a command to many meters (`POST /api/v1/commands`, `POST
+/// /api/v1/campaigns`): room for tens of thousands of meter ids.
+pub const MAX_BULK_BODY: usize = 2 * 1024 * 1024;
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Gridward head-end API",
-        description = "Meters, readings, security events, users and the audit log of a Gridward \
-                       head-end. Authenticate with a session (POST /api/v1/session, then \
+        description = "Meters, readings, security events, commands, four-eyes proposals, firmware, \
+                       campaigns, users and the audit log of a Gridward head-end. Authenticate with a session (POST /api/v1/session, then \
                        `Authorization: Bearer`) or an API client certificate; see docs/access-table.md.",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
@@ -44,6 +51,8 @@ pub const MAX_BODY: usize = 16 * 1024;
         (name = "session", description = "Logging in and out"),
         (name = "meters", description = "Meters, readings, meter events"),
         (name = "security", description = "Security events and the outbox"),
+        (name = "commands", description = "Signed commands to meters and four-eyes proposals (operators send and decide, auditors read)"),
+        (name = "firmware", description = "Manufacturer-signed firmware and staged campaigns (operators manage, auditors read)"),
         (name = "users", description = "Users (administrators)"),
         (name = "audit", description = "The tamper-evident audit log (auditors)"),
     )
@@ -90,6 +99,29 @@ fn api_router() -> OpenApiRouter<Ctx> {
         .routes(routes!(meters::get_meter))
         .routes(routes!(meters::readings))
         .routes(routes!(meters::meter_events))
+        .routes(routes!(commands::send_to_meter))
+        .routes(
+            routes!(commands::list_commands, commands::send_bulk)
+                .layer(DefaultBodyLimit::max(MAX_BULK_BODY)),
+        )
+        .routes(routes!(commands::get_command))
+        .routes(routes!(commands::list_proposals))
+        .routes(routes!(commands::get_proposal))
+        .routes(routes!(commands::approve))
+        .routes(routes!(commands::reject))
+        .routes(
+            routes!(firmware::list_firmware, firmware::upload)
+                .layer(DefaultBodyLimit::max(firmware::MAX_FIRMWARE_BODY)),
+        )
+        .routes(routes!(firmware::get_firmware))
+        .routes(
+            routes!(firmware::list_campaigns, firmware::create_campaign)
+                .layer(DefaultBodyLimit::max(MAX_BULK_BODY)),
+        )
+        .routes(routes!(firmware::get_campaign))
+        .routes(routes!(firmware::pause_campaign))
+        .routes(routes!(firmware::resume_campaign))
+        .routes(routes!(firmware::cancel_campaign))
         .routes(routes!(ops::security_events))
         .routes(routes!(ops::outbox))
         .routes(routes!(users::list, users::create))

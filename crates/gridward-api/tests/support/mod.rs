@@ -1,6 +1,7 @@
 //! A real API over real TLS for the tests: a PKI on disk (server certificate, API client
 //! certificates with roles, one revoked), a SQLite store with readings, an access database
-//! with one user per role, an audit log, and a clock the test moves.
+//! with one user per role (and a second operator, for four eyes), an audit log, a command
+//! service with its own command key and a trusted manufacturer key, and a clock the test moves.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -14,8 +15,10 @@ use gridward_access::ratelimit::RateLimit;
 use gridward_access::{Access, Argon2Params, NewUser, Role, Secret};
 use gridward_api::{ApiConfig, ApiContext, RunningApi};
 use gridward_audit::{AuditKey, AuditLog};
+use gridward_command::{Commands, Policy};
 use gridward_core::MeterId;
 use gridward_core::document::Format;
+use gridward_core::envelope::SigningKey;
 use gridward_pki::{InitOptions, IssueOptions, LeafKind, Pki, RevocationReason, RevokeTarget};
 use gridward_store::{Accepted, AcceptedBody, SqliteStore, Store};
 use http_body_util::{BodyExt, Full};
@@ -79,7 +82,15 @@ pub struct Fixture {
     pub audit_key: AuditKey,
     pub clock: Arc<AtomicI64>,
     pub users: Vec<(Role, User)>,
+    /// A second operator, `olga`, for four eyes.
+    pub olga: User,
     pub base: String,
+    /// The command service (`None` with [`start_without_commands`]).
+    pub commands: Option<Arc<Commands>>,
+    /// The manufacturer's key, trusted for firmware uploads.
+    pub manufacturer: Arc<SigningKey>,
+    /// The head-end's command key.
+    pub signer: Arc<SigningKey>,
 }
 
 impl Fixture {
@@ -93,6 +104,13 @@ impl Fixture {
 
     pub fn advance(&self, secs: i64) {
         self.clock.fetch_add(secs, Ordering::SeqCst);
+    }
+
+    /// The command service.
+    pub fn commands(&self) -> &Arc<Commands> {
+        self.commands
+            .as_ref()
+            .expect("the fixture runs with commands")
     }
 
     pub fn user(&self, role: Role) -> User {
@@ -280,8 +298,25 @@ fn client_with(mut config: rustls::ClientConfig) -> HttpsClient {
         .build(connector)
 }
 
-/// Starts the fixture: meters m-1 (12 readings, bound to the consumer) and m-2 (3 readings).
+/// A fresh Ed25519 key.
+pub fn new_key() -> SigningKey {
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let doc = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+    SigningKey::from_pkcs8_der(doc.as_ref()).unwrap()
+}
+
+/// Starts the fixture: meters m-1 (12 readings, bound to the consumer) and m-2 (3 readings),
+/// commands on.
 pub async fn start() -> Fixture {
+    start_with(true).await
+}
+
+/// The fixture without a command service: the downward path answers 503.
+pub async fn start_without_commands() -> Fixture {
+    start_with(false).await
+}
+
+async fn start_with(with_commands: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let pki_dir = dir.path().join("pki");
     let real_now = OffsetDateTime::now_utc();
@@ -333,6 +368,7 @@ pub async fn start() -> Fixture {
         ("otto", Role::Operator, vec![]),
         ("alice", Role::Auditor, vec![]),
         ("adam", Role::Admin, vec![]),
+        ("olga", Role::Operator, vec![]),
     ] {
         let enrol = access
             .add_user(
@@ -353,6 +389,8 @@ pub async fn start() -> Fixture {
             },
         ));
     }
+    let olga_at = users.iter().position(|(_, u)| u.name == "olga").unwrap();
+    let olga = users.remove(olga_at).1;
     let audit = Arc::new(AuditLog::open(&dir.path().join("audit.db")).unwrap());
     let audit_key = AuditKey::generate().unwrap();
     audit
@@ -370,13 +408,55 @@ pub async fn start() -> Fixture {
 
     let clock = Arc::new(AtomicI64::new(T0.unix_timestamp()));
     let c = Arc::clone(&clock);
+    let clock_fn: gridward_api::Clock =
+        Arc::new(move || OffsetDateTime::from_unix_timestamp(c.load(Ordering::SeqCst)).unwrap());
     let store_dyn: Arc<dyn Store> = store.clone();
     let mut ctx = ApiContext::new(
         store_dyn,
         Arc::clone(&access),
         Arc::clone(&audit),
-        Arc::new(move || OffsetDateTime::from_unix_timestamp(c.load(Ordering::SeqCst)).unwrap()),
+        Arc::clone(&clock_fn),
     );
+    let signer = Arc::new(new_key());
+    let manufacturer = Arc::new(new_key());
+    let mut commands = None;
+    if with_commands {
+        // As the head-end wires it: the audit log, and the users database for whether a
+        // proposer is still an enabled operator.
+        let recorder = {
+            let audit = Arc::clone(&audit);
+            move |entry: gridward_audit::NewEntry| {
+                audit.append(&entry).unwrap();
+            }
+        };
+        let proposers = {
+            let access = Arc::clone(&access);
+            move |username: &str| {
+                access.list_users().is_ok_and(|users| {
+                    users
+                        .iter()
+                        .any(|u| u.username == username && !u.disabled && u.role == Role::Operator)
+                })
+            }
+        };
+        let service = Arc::new(
+            Commands::new(
+                store.clone() as Arc<dyn gridward_store::CommandStore>,
+                Arc::clone(&signer),
+                Arc::clone(&clock_fn),
+                Arc::new(recorder),
+                Arc::new(proposers),
+                Policy::default(),
+            )
+            .unwrap(),
+        );
+        ctx = ctx.with_commands(
+            Arc::clone(&service),
+            store.clone(),
+            Arc::new(vec![manufacturer.verifying_key().unwrap()]),
+        );
+        commands = Some(service);
+    }
     ctx.pki_dir = Some(pki_dir.clone());
     let observer = Arc::new(Counts::default());
     ctx.observer = Some(observer.clone());
@@ -401,7 +481,11 @@ pub async fn start() -> Fixture {
         audit_key,
         clock,
         users,
+        olga,
         base,
+        commands,
+        manufacturer,
+        signer,
     }
 }
 
@@ -465,4 +549,35 @@ pub fn schemathesis() -> Schemathesis {
          python3 -m pip install -r .ci/requirements.txt",
         tried.join("; ")
     );
+}
+
+/// A firmware image of `size` bytes (its content varied by `seed`) and its manifest signed by
+/// `key` (sequence `5 + seed`): `(manifest, image)`.
+pub fn firmware(key: &SigningKey, seed: usize, size: usize) -> (Vec<u8>, Vec<u8>) {
+    use sha2::Digest;
+    let image: Vec<u8> = (0..size).map(|i| ((i + seed * 7) % 251) as u8).collect();
+    let manifest = gridward_core::firmware::sign_manifest(
+        key,
+        &gridward_core::firmware::Manifest {
+            manifest_version: gridward_core::firmware::MANIFEST_VERSION,
+            sequence: 5 + seed as u64,
+            vendor_id: "acme".into(),
+            class_id: "em-100".into(),
+            version: "1.2.0".into(),
+            digest: sha2::Sha256::digest(&image).into(),
+            size: image.len() as u64,
+            expires_at: None,
+            rollback_from: None,
+        },
+    )
+    .unwrap();
+    (manifest, image)
+}
+
+/// [`firmware`] as the JSON body of `POST /api/v1/firmware`.
+pub fn firmware_body(key: &SigningKey, seed: usize, size: usize) -> String {
+    use base64::Engine;
+    let (manifest, image) = firmware(key, seed, size);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    serde_json::json!({"manifest": b64.encode(&manifest), "image": b64.encode(&image)}).to_string()
 }
