@@ -421,6 +421,23 @@ impl Ctx {
         }
     }
 
+    /// Waits (up to `wait`) for a security event after `after` that satisfies `pred`.
+    pub async fn wait_event_where(
+        &self,
+        after: i64,
+        wait: Duration,
+        pred: impl Fn(&StoredSecurityEvent) -> bool,
+    ) -> Option<StoredSecurityEvent> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let found = self.events_after(after).into_iter().find(&pred);
+            if found.is_some() || tokio::time::Instant::now() >= deadline {
+                return found;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The counters of `meter`'s stored readings.
     pub fn stored_counters(&self, meter: &str) -> Vec<u64> {
         MeterId::new(meter)

@@ -14,6 +14,8 @@
 //!      ├─ scenarios::tampering      │  the head-end's security events (Ctx::refusal)
 //!      ├─ scenarios::revocation     │
 //!      ├─ scenarios::access         │  (the HTTPS API: people and programs)
+//!      ├─ scenarios::commands       │  (victim meters get forged commands; four eyes)
+//!      ├─ scenarios::firmware       │  (victim meters get bad images)
 //!      ├─ scenarios::dos            │
 //!      └─ scenarios::malformed      ┘
 //!      ▼
@@ -24,7 +26,8 @@
 //!   harness starts itself.
 //! - [`ctx`]: [`Ctx`], what scenarios share: attack identities, connections from fresh
 //!   sources, signing, the head-end's records.
-//! - [`fleet`]: [`GenuineFleet`], the meters that must keep getting through.
+//! - [`fleet`]: [`GenuineFleet`], the meters that must keep getting through, and [`Victims`],
+//!   the meters that forged commands and bad firmware are delivered to.
 //! - [`check`]: [`Check`] and [`Report`].
 //! - [`scenarios`]: one module per threat.
 
@@ -41,7 +44,7 @@ use std::time::{Duration, Instant};
 
 pub use check::{Check, FleetSummary, Report};
 pub use ctx::Ctx;
-pub use fleet::GenuineFleet;
+pub use fleet::{GenuineFleet, Victims};
 pub use target::{ApiTarget, InProcess, SinkTarget, Target};
 
 /// Why the harness could not run (as opposed to an attack that succeeded, which is a failed

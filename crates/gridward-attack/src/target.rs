@@ -8,7 +8,7 @@ use std::sync::Arc;
 use gridward_hes::config::{Config, RawConfig, RawForward};
 use gridward_hes::pipeline::system_clock;
 use gridward_hes::service::Running;
-use gridward_pki::{InitOptions, IssueOptions, Pki};
+use gridward_pki::{InitOptions, IssueOptions, LeafKeyAlg, Pki, StandaloneKeyPair};
 use gridward_sink::{Keys, RunningSink, SinkConfig, StatsSnapshot, tls_from_pki};
 use time::OffsetDateTime;
 
@@ -16,6 +16,10 @@ use crate::AttackError;
 
 /// Prefix of the genuine fleet's meter ids (`g000001`, ...).
 pub const FLEET_PREFIX: &str = "g";
+
+/// The command signer of an in-process target (`DIR/command-signers/headend`, the head-end's
+/// default `[commands] signer`).
+pub const COMMAND_SIGNER: &str = "headend";
 
 /// The head-end under attack.
 #[derive(Clone)]
@@ -34,6 +38,10 @@ pub struct Target {
     pub api: Option<ApiTarget>,
     /// The head-end's process id, for its memory; `None`: it runs in this process.
     pub pid: Option<u32>,
+    /// The private key (PKCS#8 PEM) of a firmware manufacturer whose public key the head-end
+    /// trusts (`[firmware] manufacturers`); the `firmware` scenario signs genuine manifests
+    /// with it, and its victim meters trust it. `None`: the firmware cases are not run.
+    pub manufacturer_key: Option<PathBuf>,
     reload: Option<Arc<dyn Fn() -> Result<(), String> + Send + Sync>>,
 }
 
@@ -47,6 +55,7 @@ impl std::fmt::Debug for Target {
             .field("sink", &self.sink)
             .field("api", &self.api)
             .field("pid", &self.pid)
+            .field("manufacturer_key", &self.manufacturer_key)
             .finish_non_exhaustive()
     }
 }
@@ -115,8 +124,16 @@ impl Target {
             sink: None,
             api: None,
             pid,
+            manufacturer_key: None,
             reload,
         }
+    }
+
+    /// With the private key of a firmware manufacturer the head-end trusts (PKCS#8 PEM, as
+    /// `gridward firmware keygen` writes it; its public key in `[firmware] manufacturers`).
+    pub fn with_manufacturer_key(mut self, key: impl Into<PathBuf>) -> Self {
+        self.manufacturer_key = Some(key.into());
+        self
     }
 
     /// With the downstream sink it forwards to.
@@ -182,9 +199,11 @@ impl std::fmt::Debug for InProcess {
 
 impl InProcess {
     /// Creates `work/pki` (CA, server certificates `localhost` and `sink`, client `hes`,
-    /// `fleet` meters), starts a sink and a head-end forwarding to it, both on 127.0.0.1:0;
-    /// the head-end runs its HTTPS API too (127.0.0.1:0, users in `work/users.db`, none yet:
-    /// the `access` scenario adds its own).
+    /// command signer `headend`, `fleet` meters) and a manufacturer key pair in
+    /// `work/manufacturer/`, starts a sink and a head-end forwarding to it, both on
+    /// 127.0.0.1:0; the head-end runs its HTTPS API too (127.0.0.1:0, users in
+    /// `work/users.db`, none yet: the `access` and `commands` scenarios add their own), with
+    /// commands on (signed by `headend`) and the manufacturer trusted for firmware uploads.
     ///
     /// The head-end runs with its default limits, bans included; only 127.0.0.1 is exempt from
     /// bans, because the genuine fleet connects from there: every attack comes from another
@@ -201,6 +220,7 @@ impl InProcess {
         pki.issue_server("localhost", &sans, &opts, now)?;
         pki.issue_server("sink", &sans, &opts, now)?;
         pki.issue_client("hes", &opts, now)?;
+        pki.issue_command_signer(COMMAND_SIGNER, &opts, now)?;
         pki.issue_meters(FLEET_PREFIX, fleet, &opts, now, &mut |_| {})?;
 
         let mut keys = Keys::new();
@@ -222,6 +242,9 @@ impl InProcess {
         )];
         raw.api.listen = Some("127.0.0.1:0".to_owned());
         raw.api.users = Some(work.join("users.db"));
+        raw.commands.signer = Some(COMMAND_SIGNER.to_owned());
+        let (manufacturer_key, manufacturer_pub) = manufacturer(&work.join("manufacturer"))?;
+        raw.firmware.manufacturers = Some(vec![manufacturer_pub]);
         let config = Config::from_raw(raw, Path::new("(attack harness)"), work)
             .map_err(|e| AttackError::Setup(e.to_string()))?;
         let running = Arc::new(
@@ -256,6 +279,7 @@ impl InProcess {
             }),
             api: Some(api),
             pid: None,
+            manufacturer_key: Some(manufacturer_key),
             reload: Some(reload),
         };
         Ok(Self {
@@ -279,4 +303,17 @@ impl InProcess {
         }
         sink.shutdown().await;
     }
+}
+
+/// A manufacturer key pair in `dir` (`manufacturer.key.pem`, `manufacturer.pub.pem`, as
+/// `gridward firmware keygen` writes them); returns the private and the public key's paths.
+fn manufacturer(dir: &Path) -> Result<(PathBuf, PathBuf), AttackError> {
+    let pair = StandaloneKeyPair::generate(LeafKeyAlg::Ed25519)?;
+    let private = dir.join("manufacturer.key.pem");
+    let public = dir.join("manufacturer.pub.pem");
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&private, &pair.private_key_pem))
+        .and_then(|()| std::fs::write(&public, &pair.public_key_pem))
+        .map_err(|e| AttackError::Setup(format!("{}: {e}", dir.display())))?;
+    Ok((private, public))
 }

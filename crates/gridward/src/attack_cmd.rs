@@ -20,9 +20,14 @@ attack identities are issued in that head-end's PKI, its store is read for secur
 target's PKI needs genuine meters g000001.. (`gridward pki issue meter --dir PKI --count 20 \
 --prefix g`), and 127.0.0.1 in [mqtt] ban_exempt (the genuine fleet connects from there; \
 attacks come from 127.1.x.y). The access scenario attacks the head-end's HTTPS API ([api] listen) \
-and adds its users to the API's users database ([api] users), as `gridward user add` would.
+and adds its users to the API's users database ([api] users), as `gridward user add` would. \
+The commands and firmware scenarios deliver forged commands and bad images to victim meters of \
+their own, as a compromised broker would, signing with the head-end's command key from the PKI \
+(`gridward pki issue command-signer`); the firmware cases need the private key of a \
+manufacturer in the head-end's [firmware] manufacturers (--manufacturer-key).
 
-Scenarios: eavesdropping, mitm, spoofing, replay, tampering, revocation, access, malformed, dos.
+Scenarios: eavesdropping, mitm, spoofing, replay, tampering, revocation, access, commands, \
+firmware, malformed, dos.
 
 Examples:
   gridward attack                           # everything, against a head-end of its own
@@ -39,6 +44,10 @@ pub struct AttackArgs {
     /// forwarder signs with (NAME), for the downstream replay case.
     #[arg(long, value_name = "ADDR", requires = "config")]
     sink: Option<std::net::SocketAddr>,
+    /// With --config: the private key of a manufacturer the head-end trusts
+    /// (`gridward firmware keygen`), for the firmware scenario.
+    #[arg(long, value_name = "FILE", requires = "config")]
+    manufacturer_key: Option<PathBuf>,
     /// With --sink: the forwarder's client certificate name in the PKI.
     #[arg(long, value_name = "NAME", default_value = "hes")]
     sink_client: String,
@@ -137,6 +146,9 @@ async fn attack(args: &AttackArgs, work: &Path) -> Result<Report> {
                     addr: api.listen,
                     users: api.users_path.clone(),
                 });
+            }
+            if let Some(key) = &args.manufacturer_key {
+                target = target.with_manufacturer_key(key);
             }
             if let Some(addr) = args.sink {
                 target = target.with_sink(SinkTarget {

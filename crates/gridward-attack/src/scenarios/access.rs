@@ -75,7 +75,7 @@ pub const NAME: &str = "access";
 const ACTOR: &str = "gridward-attack";
 
 /// Every harness user's password (passes the policy: long, not common, not the username).
-const PASSWORD: &str = "harness only: quartz lantern meadow 7402";
+pub(crate) const PASSWORD: &str = "harness only: quartz lantern meadow 7402";
 
 /// A request must be answered within this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -177,10 +177,10 @@ fn or_broken(case: &str, result: Result<Check, AttackError>) -> Check {
 }
 
 /// A user of the harness, with what logging in takes.
-struct User {
-    name: String,
+pub(crate) struct User {
+    pub(crate) name: String,
     /// The TOTP generator of its enrolment (operators, auditors, administrators).
-    totp: Option<totp_rs::Totp>,
+    pub(crate) totp: Option<totp_rs::Totp>,
 }
 
 impl User {
@@ -191,7 +191,7 @@ impl User {
     }
 
     /// Its TOTP code now.
-    fn code(&self) -> Option<String> {
+    pub(crate) fn code(&self) -> Option<String> {
         self.code_at(OffsetDateTime::now_utc())
     }
 }
@@ -326,7 +326,7 @@ fn create_users(
 }
 
 /// The code generator of an enrolment's base32 secret (an authenticator app's view of it).
-fn totp_of(secret_base32: &str) -> Result<totp_rs::Totp, String> {
+pub(crate) fn totp_of(secret_base32: &str) -> Result<totp_rs::Totp, String> {
     let secret = totp_rs::Secret::try_from_base32(secret_base32).map_err(|e| e.to_string())?;
     totp_rs::Builder::new()
         .with_secret(secret)
@@ -970,14 +970,14 @@ async fn certificate_ok(ctx: &Ctx, s: &Setup, config: &Arc<ClientConfig>) -> Che
 // ---- Helpers --------------------------------------------------------------------------------
 
 /// A session the API handed out.
-struct Session {
+pub(crate) struct Session {
     token: String,
     csrf: String,
 }
 
 impl Session {
     /// The session of a 201 answer to a login.
-    fn from_answer(answer: &Result<(u16, String), String>) -> Option<Self> {
+    pub(crate) fn from_answer(answer: &Result<(u16, String), String>) -> Option<Self> {
         let Ok((201, body)) = answer else {
             return None;
         };
@@ -989,7 +989,7 @@ impl Session {
     }
 
     /// Its `Authorization` header.
-    fn bearer(&self) -> (&'static str, String) {
+    pub(crate) fn bearer(&self) -> (&'static str, String) {
         ("authorization", format!("Bearer {}", self.token))
     }
 
@@ -1022,7 +1022,7 @@ async fn login(ctx: &Ctx, s: &Setup, user: &User) -> Result<Session, AttackError
     })
 }
 
-fn login_body(user: &User, password: &str, code: Option<&str>) -> String {
+pub(crate) fn login_body(user: &User, password: &str, code: Option<&str>) -> String {
     let mut body = serde_json::json!({ "username": user.name, "password": password });
     if let Some(code) = code {
         body["totp"] = serde_json::Value::from(code);
@@ -1040,8 +1040,7 @@ fn user_state(s: &Setup, name: &str) -> Option<bool> {
         .map(|u| u.disabled)
 }
 
-/// One HTTP/1.1 request to the API over TLS with `config` from `source`, on a connection of
-/// its own; the status and body, or why there was none (a refused handshake among them).
+/// [`api_request`] to the scenario's API.
 #[allow(clippy::too_many_arguments)]
 async fn request(
     ctx: &Ctx,
@@ -1053,9 +1052,26 @@ async fn request(
     headers: &[(&str, String)],
     body: Option<String>,
 ) -> Result<(u16, String), String> {
+    api_request(ctx, &s.api, source, config, method, path, headers, body).await
+}
+
+/// One HTTP/1.1 request to `api` over TLS with `config` from `source`, on a connection of
+/// its own (a JSON body if any); the status and body, or why there was none (a refused
+/// handshake among them).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn api_request(
+    ctx: &Ctx,
+    api: &ApiTarget,
+    source: IpAddr,
+    config: &Arc<ClientConfig>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Option<String>,
+) -> Result<(u16, String), String> {
     tokio::time::timeout(REQUEST_TIMEOUT, async {
         let tcp = ctx
-            .tcp_from(source, s.api.addr)
+            .tcp_from(source, api.addr)
             .await
             .map_err(|e| format!("connect: {e}"))?;
         let mut config = (**config).clone();
@@ -1073,7 +1089,7 @@ async fn request(
         let conn = tokio::spawn(conn);
         let mut builder = hyper::Request::builder().method(method).uri(path).header(
             "host",
-            format!("{}:{}", ctx.target.server_name, s.api.addr.port()),
+            format!("{}:{}", ctx.target.server_name, api.addr.port()),
         );
         if body.is_some() {
             builder = builder.header("content-type", "application/json");
@@ -1135,7 +1151,7 @@ fn status_text(answer: &Result<(u16, String), String>) -> String {
 }
 
 /// The status and the problem's title or code, or why there was no answer.
-fn describe(answer: &Result<(u16, String), String>) -> String {
+pub(crate) fn describe(answer: &Result<(u16, String), String>) -> String {
     match answer {
         Ok((status, body)) => {
             let v: Option<serde_json::Value> = serde_json::from_str(body).ok();

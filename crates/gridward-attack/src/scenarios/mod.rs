@@ -2,6 +2,10 @@
 //! `async fn run(ctx: &Ctx) -> Vec<Check>`: it attacks, observes what the attacker saw, and
 //! demands the security event the refusal must leave (see [`Ctx::refusal`]).
 //!
+//! The `commands` and `firmware` scenarios attack meters rather than the head-end: victim meters
+//! of their own ([`crate::fleet::Victims`]) get what a compromised broker would deliver, and the
+//! head-end must record the refusal their signed acknowledgements report.
+//!
 //! Attacks that need a meter's own key (a counter reused with other content, a captured
 //! message injected later) stand for a compromised concentrator or broker on the path, which
 //! holds captured envelopes but not the meter's key, or for a cloned meter; they use dedicated
@@ -14,8 +18,10 @@ use crate::check::Check;
 use crate::ctx::Ctx;
 
 pub mod access;
+pub mod commands;
 pub mod dos;
 pub mod eavesdropping;
+pub mod firmware;
 pub mod malformed;
 pub mod mitm;
 pub mod replay;
@@ -74,6 +80,18 @@ pub const ALL: &[Scenario] = &[
         threat: "unauthorised access: guessed passwords, replayed codes, stolen or forged \
                  sessions, cross-site requests, roles overstepped, revoked API certificates",
         run: |c| Box::pin(access::run(c)),
+    },
+    Scenario {
+        name: commands::NAME,
+        threat: "forged, replayed, stale and misdirected commands; a meter on another meter's \
+                 command topic; one operator disconnecting many meters alone",
+        run: |c| Box::pin(commands::run(c)),
+    },
+    Scenario {
+        name: firmware::NAME,
+        threat: "malware / bad firmware: a modified, foreign-signed, older, foreign-class or \
+                 truncated image",
+        run: |c| Box::pin(firmware::run(c)),
     },
     Scenario {
         name: malformed::NAME,
