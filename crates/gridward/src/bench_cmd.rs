@@ -80,6 +80,9 @@ enum BenchCommand {
     /// API: requests/s of an authenticated readings page against `GET /healthz`, and what a
     /// login costs with production Argon2id against the cheapest parameters.
     Api(crate::bench_api::ApiArgs),
+    /// Commands: signed and queued per second, issue → stored acknowledgement per second and
+    /// latency over N meters, against signed events ingested on the same connections.
+    Commands(crate::bench_commands::CommandsArgs),
     /// (internal) Create or extend the bench PKI.
     #[command(hide = true)]
     Setup(SetupArgs),
@@ -309,6 +312,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         BenchCommand::Storm(a) => rt.block_on(storm(a, nofile)),
         BenchCommand::Forward(a) => rt.block_on(crate::bench_forward::run(a)),
         BenchCommand::Api(a) => rt.block_on(crate::bench_api::run(a)),
+        BenchCommand::Commands(a) => rt.block_on(crate::bench_commands::run(a)),
         BenchCommand::Setup(a) => setup(&a),
         BenchCommand::Load(a) => rt.block_on(load(a)),
     }

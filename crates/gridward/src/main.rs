@@ -3,7 +3,9 @@
 //! CLI definition and glue only; all logic lives in the library crates.
 //!
 //! - [`attack_cmd`]: `gridward attack`, the attack harness.
+//! - [`command_cmd`]: `gridward command ...`, signed commands to meters: send, list, show, proposals.
 //! - [`demo_cmd`]: `gridward demo`, the whole ingest path on one machine.
+//! - [`firmware_cmd`]: `gridward firmware ...`, manufacturer keys and signed firmware manifests.
 //! - [`pki_cmd`]: `gridward pki ...`, the certificate authority.
 //! - [`meter_cmd`]: `gridward meter sign` and `gridward meter run`, simulated meters.
 //! - [`serve_cmd`]: `gridward serve`, `gridward config`, and `readings`, `events`, `meters`.
@@ -21,9 +23,14 @@ mod attack_cmd;
 mod audit_cmd;
 mod bench_api;
 mod bench_cmd;
+mod bench_commands;
 mod bench_forward;
+mod command_cmd;
 mod demo_api;
 mod demo_cmd;
+mod demo_commands;
+mod firmware_cmd;
+mod firmware_ops;
 mod meter_cmd;
 mod outbox_cmd;
 mod pki_cmd;
@@ -126,6 +133,14 @@ enum Command {
     User(user_cmd::UserArgs),
     /// The tamper-evident audit log: verify, show, checkpoint, key.
     Audit(audit_cmd::AuditArgs),
+    /// Firmware updates: a manufacturer key pair, signed manifests (COSE_Sign1), checking a
+    /// manifest and its image.
+    #[command(subcommand)]
+    Firmware(firmware_cmd::FirmwareCmd),
+    /// Signed commands to meters (disconnect, reconnect, reporting interval, tariff, read now):
+    /// send (queued for the running head-end), list, show, and the four-eyes proposals.
+    #[command(name = "command")]
+    Commands(command_cmd::CommandArgs),
     /// Show and retry downstream deliveries: pending, delivered, dead letters, lag per target.
     Outbox(outbox_cmd::OutboxArgs),
     /// Receive forwarded readings like a billing service: HTTPS with mutual TLS, signatures
@@ -135,8 +150,8 @@ enum Command {
     /// genuine fleet sends; report what was stopped and the security event each left.
     Attack(attack_cmd::AttackArgs),
     /// Benchmarks on this machine: ingest throughput and latency, memory per idle meter,
-    /// reconnect storm (each next to a Mosquitto broker doing the relay job), and signed
-    /// deliveries to a sink.
+    /// reconnect storm (each next to a Mosquitto broker doing the relay job), signed
+    /// deliveries to a sink, the HTTPS API, and commands to meters.
     Bench(bench_cmd::BenchArgs),
 }
 
@@ -162,6 +177,8 @@ fn main() -> ExitCode {
         Command::Attack(args) => attack_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
         Command::User(args) => user_cmd::run(args),
+        Command::Firmware(cmd) => firmware_cmd::run(cmd),
+        Command::Commands(args) => command_cmd::run(args),
         Command::Audit(args) => match audit_cmd::run(args) {
             Ok(code) if code != ExitCode::SUCCESS => return code,
             other => other.map(|_| ()),

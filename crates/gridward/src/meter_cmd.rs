@@ -113,7 +113,12 @@ struct SignArgs {
 Meters are the ones in DIR/meters/ with a key, sorted by id, filtered by --prefix; issue them with \
 `gridward pki issue meter --dir DIR --count N --prefix P` (ids {prefix}{n:06}).
 Counters and unacknowledged messages persist in --state (default DIR/meter-state), so a later run \
-never reuses a counter and resends what was not acknowledged.")]
+never reuses a counter and resends what was not acknowledged.
+Commands: the meters pin the command signers the PKI lists now (DIR/command-signers, during a \
+rotation the superseded certificate too, never a revoked or expired one) and execute only \
+commands signed by one of them, for themselves, with a counter above the last executed one and \
+before expiry; each answers with a signed acknowledgement. Firmware manifests must be signed by \
+a --manufacturer-key; without one every update is refused.")]
 struct RunArgs {
     /// The PKI directory holding the meters' keys and certificates.
     #[arg(long, value_name = "DIR")]
@@ -171,6 +176,10 @@ struct RunArgs {
     /// (e.g. `--event m000001:CoverOpened@30`). Repeatable.
     #[arg(long = "event", value_name = "METER:KIND[@S]", value_parser = parse_event_request)]
     events: Vec<EventRequest>,
+    /// A manufacturer public key firmware manifests must be signed with (SPKI PEM, from
+    /// `gridward firmware keygen`). Repeatable.
+    #[arg(long = "manufacturer-key", value_name = "FILE")]
+    manufacturer_keys: Vec<PathBuf>,
 }
 
 /// `--event METER:KIND[@SECONDS]`
@@ -306,7 +315,10 @@ async fn run_fleet(a: RunArgs) -> Result<()> {
         );
     }
     crate::sys::check_nofile(crate::sys::raise_nofile(), ids.len() + 16)?;
-    let trust = Trust::load(&a.dir)?;
+    let trust = Trust::load_at(&a.dir, OffsetDateTime::now_utc())?;
+    let command_signers = trust.command_signers().to_vec();
+    let manufacturer_keys =
+        identity::load_manufacturer_keys(&a.manufacturer_keys).context("--manufacturer-key")?;
     let bar = progress_bar(ids.len() as u64, "loading meters");
     let loaded = {
         let bar = bar.clone();
@@ -339,18 +351,23 @@ async fn run_fleet(a: RunArgs) -> Result<()> {
     config.seed = a.seed;
     config.max_inflight = a.inflight.max(1);
     config.outbox = !a.no_outbox;
+    config.command_signers = command_signers;
+    config.manufacturer_keys = manufacturer_keys;
     let n = loaded.len();
+    let signers = config.command_signers.len();
     let fleet = Fleet::start(loaded.into_iter().map(MeterSpec::from).collect(), config)
         .await
         .with_context(|| format!("starting {n} meters (state in {})", state.display()))?;
     eprintln!(
-        "{n} meters ({}…{}) → {}:{}, a reading every {} s each, state in {}",
+        "{n} meters ({}…{}) → {}:{}, a reading every {} s each, state in {}; {} command signer(s) pinned, {} manufacturer key(s)",
         ids.first().map(MeterId::as_str).unwrap_or_default(),
         ids.last().map(MeterId::as_str).unwrap_or_default(),
         a.host,
         a.port,
         a.interval,
-        state.display()
+        state.display(),
+        signers,
+        a.manufacturer_keys.len()
     );
 
     let bar = ProgressBar::new_spinner();
@@ -486,6 +503,10 @@ fn print_report(r: &FleetReport, meters: usize, rss_running: Option<(u64, u64)>)
             s.misbehaviour_sent, s.misbehaviour_rejected, s.misbehaviour_acked
         );
     }
+    println!(
+        "commands          {} received, {} executed, {} refused, {} acknowledgements signed",
+        s.commands_received, s.commands_executed, s.commands_refused, s.command_acks
+    );
     println!(
         "throughput        {:.1} acknowledged readings/s over {:.1} s",
         s.acked as f64 / secs,

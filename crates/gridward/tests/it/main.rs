@@ -1,12 +1,15 @@
 //! Integration tests of the `gridward` binary against real peers: OpenSSL, Java keytool,
-//! Mosquitto's MQTT clients and Eclipse Paho, and crash tests of the head-end.
+//! Mosquitto's MQTT clients and Eclipse Paho, crash tests of the head-end, and the firmware CLI.
 //!
 //! One test binary (`it`), one module per peer.
 
 mod bench;
 mod cli;
+mod command_cli;
+mod command_signer_cli;
 mod crash;
 mod downstream;
+mod firmware_cli;
 mod headend;
 mod keytool;
 mod mqtt_peers;
