@@ -10,6 +10,7 @@ mod command_signer_cli;
 mod crash;
 mod downstream;
 mod firmware_cli;
+mod firmware_ops_cli;
 mod headend;
 mod keytool;
 mod mqtt_peers;
