@@ -241,7 +241,7 @@ pub enum LocalError {
     #[error("no database at {0} (has `gridward serve` run with this configuration?)")]
     NoStore(std::path::PathBuf),
     /// The store does not open.
-    #[error("the database: {0}")]
+    #[error("opening the database: {0}")]
     Store(#[from] gridward_store::StoreError),
     /// The audit log does not open.
     #[error("the audit log: {0}")]

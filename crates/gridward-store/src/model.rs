@@ -253,6 +253,8 @@ pub struct Counts {
     pub readings: u64,
     /// Stored meter events (command acknowledgements are not counted).
     pub meter_events: u64,
+    /// Stored command acknowledgements (signed by meters, on their events topic).
+    pub command_acks: u64,
     /// Recorded security events.
     pub security_events: u64,
 }

@@ -10,15 +10,14 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
-use gridward_command::{Commands, IssueRequest, Issued};
+use gridward_command::{IssueRequest, Issued};
 use gridward_core::MeterId;
 use gridward_core::command::{CommandBody, CommandId};
-use gridward_hes::commands::{load_signer, policy};
+use gridward_hes::commands::{LocalCommands, policy};
 use gridward_hes::config::{CommandSettings, Config};
 use gridward_store::{
     CommandQuery, CommandStatus, CommandStore, ProposalStatus, SqliteStore, Store, StoredCommand,
@@ -250,7 +249,7 @@ fn body(kind: KindArg, seconds: Option<u32>, tariff: Option<String>) -> Result<C
 
 /// `cli:` and the operating-system user: who issued a command from the command line (API user
 /// names cannot contain ':', so this never names an API user).
-fn cli_actor() -> String {
+pub(crate) fn cli_actor() -> String {
     let user = std::env::var("USER")
         .ok()
         .filter(|u| !u.is_empty())
@@ -275,27 +274,9 @@ fn send(config_path: &Path, config: &Config, a: SendArgs) -> Result<()> {
             policy.four_eyes_threshold
         );
     }
-    let now = OffsetDateTime::now_utc();
-    let signer = load_signer(&config.pki_dir, settings, now)
-        .context("commands cannot be signed on this configuration")?;
-    let store = Arc::new(open_store(config)?);
-    let audit = gridward_audit::AuditLog::open(&config.audit.path)
-        .with_context(|| format!("opening the audit log {}", config.audit.path.display()))?;
-    let recorder = move |entry: gridward_audit::NewEntry| {
-        if let Err(e) = audit.append(&entry) {
-            eprintln!("warning: the audit log did not take the entry: {e}");
-        }
-    };
-    let proposers = proposer_check(config);
-    let commands = Commands::new(
-        Arc::clone(&store) as Arc<dyn CommandStore>,
-        Arc::new(signer),
-        Arc::new(OffsetDateTime::now_utc),
-        Arc::new(recorder),
-        proposers,
-        policy,
-    )
-    .context("the `[commands]` policy")?;
+    let local =
+        LocalCommands::open(config).context("commands cannot be issued on this configuration")?;
+    let (commands, store) = (local.commands, local.store);
     let actor = cli_actor();
     let issued = commands.issue(IssueRequest {
         meters: meters.clone(),
@@ -348,34 +329,6 @@ fn send(config_path: &Path, config: &Config, a: SendArgs) -> Result<()> {
         Some(secs) => wait(&store, &ids, Duration::from_secs(secs)),
         None => Ok(()),
     }
-}
-
-/// Whether a proposer is still an enabled operator, from the users database when `[api]` is on
-/// (the command line never approves; the check is part of the service all the same).
-fn proposer_check(config: &Config) -> Arc<dyn gridward_command::ProposerCheck> {
-    let access = config.api.as_ref().and_then(|api| {
-        api.users_path.exists().then(|| {
-            gridward_access::Access::open(&api.users_path, gridward_access::Argon2Params::OWASP)
-                .map_err(|e| {
-                    eprintln!(
-                        "warning: the users database {} does not open ({e}); proposals cannot be checked here",
-                        api.users_path.display()
-                    )
-                })
-                .ok()
-        })?
-    });
-    Arc::new(move |username: &str| {
-        access.as_ref().is_some_and(|a| {
-            a.list_users().is_ok_and(|users| {
-                users.iter().any(|u| {
-                    u.username == username
-                        && !u.disabled
-                        && u.role == gridward_access::Role::Operator
-                })
-            })
-        })
-    })
 }
 
 /// Polls the store until every command in `ids` is final or `limit` passed; prints each

@@ -346,6 +346,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
         &metrics,
         counts.readings,
         counts.meter_events,
+        counts.command_acks,
         peak_connected,
         elapsed,
     );
@@ -428,6 +429,7 @@ fn print_report(
     m: &Snapshot,
     stored_readings: u64,
     stored_events: u64,
+    stored_acks: u64,
     peak_connected: u64,
     elapsed: Duration,
 ) {
@@ -444,6 +446,9 @@ fn print_report(
         m.accepted, stored_readings
     );
     println!("meter events stored            {stored_events} (tamper and power events)");
+    println!(
+        "command acknowledgements       {stored_acks} (signed by the meters: executed, or refused like the forged command)"
+    );
     println!("duplicates (acknowledged)      {}", m.duplicates);
     println!("refused                        {}", m.rejected_total());
     for (reason, n) in &m.rejected {
@@ -481,6 +486,10 @@ fn print_report(
     println!(
         "  retrying     resends an acknowledged message     → {} acknowledged as duplicates, not stored twice",
         m.duplicates
+    );
+    println!(
+        "  (forger)     a disconnect signed by another key  → {} refused by the meter (command_refused)",
+        m.rejected_for(Reason::CommandRefused)
     );
 }
 

@@ -98,13 +98,9 @@ pub enum Change {
     Cancel,
 }
 
-/// `cli:` and the operating-system user, as in `gridward command`.
+/// Who acts: `cli:` and the operating-system user, as in `gridward command`.
 fn actor() -> String {
-    let user = std::env::var("USER")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "unknown".to_owned());
-    format!("cli:{user}")
+    crate::command_cmd::cli_actor()
 }
 
 fn fmt_time(t: time::OffsetDateTime) -> String {

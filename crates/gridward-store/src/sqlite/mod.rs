@@ -613,6 +613,9 @@ impl Store for SqliteStore {
             meter_events: count(
                 "SELECT COUNT(*) FROM messages WHERE kind = 1 AND event_kind <> 'command_ack'",
             )?,
+            command_acks: count(
+                "SELECT COUNT(*) FROM messages WHERE kind = 1 AND event_kind = 'command_ack'",
+            )?,
             security_events: count("SELECT COUNT(*) FROM security_events")?,
         })
     }

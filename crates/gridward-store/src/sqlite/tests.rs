@@ -122,6 +122,7 @@ fn batch_with_mixed_outcomes() {
                 meters: 3,
                 readings: 4,
                 meter_events: 1,
+                command_acks: 0,
                 security_events: 0
             }
         );

@@ -156,6 +156,8 @@ struct DemoReport {
     stored: u64,
     /// Meter events stored (0 when the report has no such line).
     meter_events: u64,
+    /// Command acknowledgements stored.
+    command_acks: u64,
     duplicates: u64,
     refused: u64,
     /// The per-reason lines under "refused": (code, count).
@@ -182,6 +184,7 @@ impl DemoReport {
             } else {
                 0
             },
+            command_acks: field("command acknowledgements", 1)[0],
             duplicates: field("duplicates (acknowledged)", 1)[0],
             refused: field("refused", 1)[0],
             ..Self::default()
@@ -253,12 +256,14 @@ fn demo_runs_and_reports_consistent_numbers() {
         "peak connections: {ctx}"
     );
     assert!(r.accepted > 0, "nothing accepted: {ctx}");
-    // Everything accepted is stored: a reading or a meter event.
+    // Everything accepted is stored: a reading, a meter event or a command acknowledgement
+    // (disconnect, reconnect, the forged command's refusal, five firmware installs).
     assert_eq!(
         r.accepted,
-        r.stored + r.meter_events,
-        "accepted vs stored readings and meter events: {ctx}"
+        r.stored + r.meter_events + r.command_acks,
+        "accepted vs stored readings, meter events and acknowledgements: {ctx}"
     );
+    assert_eq!(r.command_acks, 8, "the demo's commands: {ctx}");
     assert_eq!(
         r.refused,
         r.by_reason.values().sum::<u64>(),
@@ -283,10 +288,12 @@ fn demo_runs_and_reports_consistent_numbers() {
             "{device}'s line vs the {code} count: {ctx}"
         );
     }
+    // The forged command, refused by the meter, is the one other refusal.
+    assert_eq!(r.reason("command_refused"), 1, "the forged command: {ctx}");
     assert_eq!(
         r.by_reason.len(),
-        3,
-        "refusals other than the misbehaving devices': {ctx}"
+        4,
+        "refusals other than the misbehaving devices' and the forged command: {ctx}"
     );
     assert!(
         r.duplicates > 0,
@@ -297,11 +304,14 @@ fn demo_runs_and_reports_consistent_numbers() {
         Some(&r.duplicates),
         "retrying's line vs duplicates: {ctx}"
     );
-    // Every publish got at most one verdict (refused handshakes are not publishes); the ones
-    // unacknowledged when the fleet stopped got none.
-    let refused_publishes = r.refused - r.reason("certificate_revoked");
+    // Every publish got at most one verdict (refused handshakes are not publishes, nor is the
+    // meter's refusal of the forged command, which arrived as an accepted acknowledgement); the
+    // ones unacknowledged when the fleet stopped got none. The report's "sent" counts readings
+    // and events, not acknowledgements.
+    let refused_publishes =
+        r.refused - r.reason("certificate_revoked") - r.reason("command_refused");
     assert!(
-        r.sent >= r.accepted + r.duplicates + refused_publishes,
+        r.sent >= (r.accepted - r.command_acks) + r.duplicates + refused_publishes,
         "more verdicts than publishes: {ctx}"
     );
 
@@ -341,6 +351,8 @@ fn demo_runs_and_reports_consistent_numbers() {
         let meter = match e.reason.as_str() {
             "replay" => "bad-replay",
             "bad_signature" => "bad-tamper",
+            // The meter the forged command was delivered to, which refused it.
+            "command_refused" => "m000001",
             _ => "-",
         };
         assert_eq!(e.meter, meter, "{e:?}");

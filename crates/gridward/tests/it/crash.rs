@@ -234,20 +234,22 @@ fn outbox_pending(state: &Path) -> BTreeSet<(String, u64)> {
     pending
 }
 
-/// The persisted counter marks of a fleet (`STATE/counters`: a header, then `meter mark`).
+/// The persisted counter marks of a fleet (`STATE/counters`: a header, then `meter mark` and,
+/// since v2, optional device-state fields after it).
 fn counter_marks(state: &Path) -> BTreeMap<String, u64> {
     let text = fs::read_to_string(state.join("counters")).expect("read the fleet's counters file");
     let mut lines = text.lines();
     assert_eq!(
         lines.next(),
-        Some("gridward-meter counters v1"),
+        Some("gridward-meter counters v2"),
         "counters file:\n{text}"
     );
     lines
         .map(|l| {
-            let (id, mark) = l
-                .split_once(' ')
-                .unwrap_or_else(|| panic!("counters line {l:?}"));
+            let mut fields = l.split(' ');
+            let (Some(id), Some(mark)) = (fields.next(), fields.next()) else {
+                panic!("counters line {l:?}")
+            };
             (
                 id.to_owned(),
                 mark.parse()
