@@ -538,6 +538,16 @@ fn an_acknowledgement_settles_its_command_in_the_commit_and_survives_reopen() {
     assert_eq!(c2.status, CommandStatus::Refused);
     assert_eq!(c2.outcome.as_deref(), Some("kind_not_allowed"));
     assert_eq!(c2.ack_message_id, Some(refused_id));
+    // Command 2's answer came before its PUBACK was recorded (a race the dispatcher can lose):
+    // the answer proves delivery, and the late mark changes nothing.
+    assert_eq!((c2.attempts, c2.sent_at), (1, c2.settled_at), "{c2:?}");
+    assert!(!store.mark_sent(&cid(2), T0).unwrap());
+    assert_eq!(store.command(&cid(2)).unwrap().unwrap().attempts, 1);
+    assert_eq!(
+        (c1.attempts, c1.sent_at),
+        (1, Some(T0)),
+        "the recorded send stays"
+    );
     // The acknowledgement is stored with its envelope, consumed the counter, is not a meter
     // event and is not forwarded.
     assert_eq!(

@@ -48,6 +48,8 @@ const EXPIRED_DETAIL: &str = "not acknowledged before its expiry";
 /// Settles the command an acknowledgement names, inside the acknowledgement's commit
 /// transaction: if `command` is `meter`'s and not final, it becomes acknowledged (`refused` is
 /// `None`) or refused (the code as outcome), settled at `at`, acknowledged by message `message`.
+/// The acknowledgement proves delivery: a command still `queued` (its PUBACK raced the meter's
+/// answer, which can be committed first) gets `sent_at` and one attempt too.
 /// Returns whether a command changed.
 pub(super) fn apply_ack(
     tx: &Transaction<'_>,
@@ -63,7 +65,8 @@ pub(super) fn apply_ack(
     };
     let n = tx
         .prepare_cached(
-            "UPDATE commands SET status = ?1, outcome = ?2, settled_at = ?3, ack_message = ?4
+            "UPDATE commands SET status = ?1, outcome = ?2, settled_at = ?3, ack_message = ?4,
+                 sent_at = COALESCE(sent_at, ?3), attempts = MAX(attempts, 1)
              WHERE id = ?5 AND meter_id = ?6 AND status IN ('queued', 'sent')",
         )?
         .execute(params![
