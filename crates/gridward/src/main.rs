@@ -109,7 +109,8 @@ fn init_logging(format: LogFormat, level: Option<&str>, default: &str) {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run everything on this machine: a PKI, the head-end, a downstream sink, 1,000 simulated
-    /// meters, a tour of the HTTPS API (an operator, a consumer, an auditor), a report.
+    /// meters, a tour of the HTTPS API (an operator, a consumer, an auditor), signed commands
+    /// and a firmware campaign, a report.
     Demo(demo_cmd::DemoArgs),
     /// Run the certificate authority: CA set-up, issuance, CSR signing, revocation, CRLs, PKCS#12.
     Pki(pki_cmd::PkiArgs),
@@ -134,7 +135,7 @@ enum Command {
     /// The tamper-evident audit log: verify, show, checkpoint, key.
     Audit(audit_cmd::AuditArgs),
     /// Firmware updates: a manufacturer key pair, signed manifests (COSE_Sign1), checking a
-    /// manifest and its image.
+    /// manifest and its image; uploads and staged campaigns in the running head-end.
     #[command(subcommand)]
     Firmware(firmware_cmd::FirmwareCmd),
     /// Signed commands to meters (disconnect, reconnect, reporting interval, tariff, read now):
