@@ -435,6 +435,27 @@ impl Commands {
         }
     }
 
+    /// Takes the campaign lock and reads campaign `id`, which must be in a state `allowed`
+    /// accepts: what every operator change starts with.
+    fn locked_campaign(
+        &self,
+        id: i64,
+        allowed: impl Fn(CampaignState) -> bool,
+    ) -> Result<(std::sync::MutexGuard<'_, ()>, StoredCampaign), CampaignError> {
+        let guard = self
+            .campaign_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let c = self
+            .store
+            .campaign(id)?
+            .ok_or(CampaignError::NotFound(id))?;
+        if !allowed(c.state) {
+            return Err(CampaignError::WrongState(c.state));
+        }
+        Ok((guard, c))
+    }
+
     /// Pauses a running campaign (its unsent commands are withdrawn). Audited.
     ///
     /// # Errors
@@ -447,17 +468,7 @@ impl Commands {
     }
 
     fn pause_checked(&self, id: i64, actor: &str) -> Result<String, CampaignError> {
-        let _guard = self
-            .campaign_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let c = self
-            .store
-            .campaign(id)?
-            .ok_or(CampaignError::NotFound(id))?;
-        if c.state != CampaignState::Running {
-            return Err(CampaignError::WrongState(c.state));
-        }
+        let (_guard, c) = self.locked_campaign(id, |s| s == CampaignState::Running)?;
         let note = format!("paused by {actor}");
         self.store.set_campaign_state(
             id,
@@ -484,17 +495,7 @@ impl Commands {
     }
 
     fn resume_checked(&self, id: i64, actor: &str) -> Result<String, CampaignError> {
-        let _guard = self
-            .campaign_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let c = self
-            .store
-            .campaign(id)?
-            .ok_or(CampaignError::NotFound(id))?;
-        if c.state != CampaignState::Paused {
-            return Err(CampaignError::WrongState(c.state));
-        }
+        let (_guard, c) = self.locked_campaign(id, |s| s == CampaignState::Paused)?;
         let retry: Vec<MeterId> = self
             .store
             .campaign_members(id)?
@@ -536,17 +537,9 @@ impl Commands {
     }
 
     fn cancel_checked(&self, id: i64, actor: &str) -> Result<String, CampaignError> {
-        let _guard = self
-            .campaign_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let c = self
-            .store
-            .campaign(id)?
-            .ok_or(CampaignError::NotFound(id))?;
-        if matches!(c.state, CampaignState::Completed | CampaignState::Cancelled) {
-            return Err(CampaignError::WrongState(c.state));
-        }
+        let (_guard, c) = self.locked_campaign(id, |s| {
+            !matches!(s, CampaignState::Completed | CampaignState::Cancelled)
+        })?;
         let note = format!("cancelled by {actor}");
         self.store.set_campaign_state(
             id,
