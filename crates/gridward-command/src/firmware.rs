@@ -54,6 +54,19 @@ impl FirmwareUploadError {
     fn is_denial(&self) -> bool {
         matches!(self, Self::Manifest(_) | Self::SignedByHeadEnd)
     }
+
+    /// Whether the upload did not verify (a signature that is not a manufacturer's, the head-end's
+    /// own key, an image that is not the manifest's): a `firmware_refused` security event, for
+    /// whichever door it came through.
+    pub fn is_security_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::Manifest(_)
+                | Self::SignedByHeadEnd
+                | Self::SizeMismatch { .. }
+                | Self::DigestMismatch
+        )
+    }
 }
 
 impl Commands {

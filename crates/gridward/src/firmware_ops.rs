@@ -10,7 +10,7 @@ use clap::Args;
 use gridward_command::CampaignRequest;
 use gridward_core::MeterId;
 use gridward_hes::commands::LocalCommands;
-use gridward_store::CommandStore;
+use gridward_store::{CommandStore, Store};
 
 use crate::serve_cmd::load_config;
 
@@ -126,10 +126,29 @@ pub fn upload(a: UploadArgs) -> Result<()> {
         std::fs::read(&a.manifest).with_context(|| format!("reading {}", a.manifest.display()))?;
     let image =
         std::fs::read(&a.image).with_context(|| format!("reading {}", a.image.display()))?;
-    let id = local
+    let who = actor();
+    let id = match local
         .commands
-        .upload_firmware(&manifest, &image, &local.manufacturers, &actor())
-        .map_err(|e| anyhow::anyhow!("upload refused: {e}"))?;
+        .upload_firmware(&manifest, &image, &local.manufacturers, &who)
+    {
+        Ok(id) => id,
+        Err(e) => {
+            if e.is_security_refusal() {
+                // As through the API: an image that does not verify is a security event.
+                let event = gridward_store::SecurityEvent {
+                    at: time::OffsetDateTime::now_utc(),
+                    meter_id: None,
+                    source: None,
+                    reason: "firmware_refused".into(),
+                    detail: format!("{who} uploaded firmware that was refused: {e}"),
+                };
+                if let Err(se) = local.store.record_security_events(&[event]) {
+                    eprintln!("warning: the security event was not recorded: {se}");
+                }
+            }
+            bail!("upload refused: {e}");
+        }
+    };
     let stored = local
         .store
         .firmware(id)?

@@ -124,10 +124,7 @@ fn upload_problem(gate: &Gate, caller: &Caller, e: &FirmwareUploadError) -> Prob
             "{e}; no manufacturer key is configured: add the manufacturer's public key to \
              [firmware] manufacturers and restart"
         )),
-        FirmwareUploadError::Manifest(_)
-        | FirmwareUploadError::SignedByHeadEnd
-        | FirmwareUploadError::SizeMismatch { .. }
-        | FirmwareUploadError::DigestMismatch => refused(e.to_string()),
+        e if e.is_security_refusal() => refused(e.to_string()),
         FirmwareUploadError::Expired(_) | FirmwareUploadError::NoActor => {
             unprocessable("firmware_refused", e.to_string())
         }

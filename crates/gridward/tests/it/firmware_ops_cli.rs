@@ -112,6 +112,13 @@ fn a_firmware_campaign_from_the_cli_is_installed_by_a_meter_run_fleet() {
         "{}",
         show(&out)
     );
+    // ... and leaves its security event, as through the API.
+    let events = cli(&["events", "--config", &config]);
+    assert!(
+        String::from_utf8_lossy(&events.stdout).contains("firmware_refused"),
+        "{}",
+        show(&events)
+    );
 
     let out = cli(&[
         "firmware",
