@@ -170,8 +170,8 @@ impl Drop for Guarded {
 
 // ----- the sink -----------------------------------------------------------------------------
 
-/// A `gridward sink` child process on 127.0.0.1 (a free port the first time, the same one on
-/// restarts), its store kept across restarts. Killed when dropped.
+/// A `gridward sink` child process on 127.0.0.1 (a free port below the ephemeral range the first
+/// time, the same one on restarts), its store kept across restarts. Killed when dropped.
 struct SinkProcess {
     work: PathBuf,
     args: Vec<String>,
@@ -219,9 +219,10 @@ impl SinkProcess {
         let n = self.logs.len() + 1;
         let log = self.work.join(format!("sink-{n}.log"));
         let ready = self.work.join(format!("sink-{n}.addr"));
-        let listen = self
-            .addr
-            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        let listen = self.addr.map_or_else(
+            || format!("127.0.0.1:{}", crate::support::restartable_port()),
+            |a| a.to_string(),
+        );
         let mut cmd = Command::new(GRIDWARD);
         cmd.args(&self.args)
             .args(["--listen", &listen, "--ready-file", s(&ready)]);

@@ -251,10 +251,14 @@ impl Headend {
         let mut text = fs::read_to_string(&config).expect("read the config");
         let pki_line = format!("dir = {:?}", pki_dir.to_str().expect("utf-8 path"));
         let db_line = format!("path = {:?}", db.to_str().expect("utf-8 path"));
+        // MQTT on a port `restart` can come back to (see `restartable_port`).
+        let mqtt_line = format!(
+            "listen = \"127.0.0.1:{}\"",
+            crate::support::restartable_port()
+        );
         let mut all = vec![
-            ("listen = \"127.0.0.1:8883\"", "listen = \"127.0.0.1:0\""),
-            // Literal quotes: `restart` pins the first `listen = "127.0.0.1:0"` (MQTT) to its port.
-            ("listen = \"127.0.0.1:9443\"", "listen = '127.0.0.1:0'"),
+            ("listen = \"127.0.0.1:8883\"", mqtt_line.as_str()),
+            ("listen = \"127.0.0.1:9443\"", "listen = \"127.0.0.1:0\""),
             ("dir = \"pki\"", pki_line.as_str()),
             ("path = \"gridward.db\"", db_line.as_str()),
         ];
@@ -358,15 +362,9 @@ impl Headend {
         );
     }
 
-    /// Starts the head-end again, on the same port, configuration and database.
+    /// Starts the head-end again, on the same MQTT port (fixed in the configuration by
+    /// [`Headend::start`]), configuration and database.
     pub fn restart(&mut self) {
-        let config = fs::read_to_string(&self.config).expect("read the config");
-        let fixed = config.replacen(
-            "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"127.0.0.1:{}\"", self.port),
-            1,
-        );
-        fs::write(&self.config, fixed).expect("write the config");
         self.spawn();
     }
 

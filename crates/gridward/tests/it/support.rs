@@ -73,3 +73,21 @@ impl TempPki {
         self.tmp.path()
     }
 }
+
+/// A free loopback port for a server that must come back on the same port after a restart (a
+/// sink through an outage, a head-end after a power cut): one below the kernel's ephemeral range,
+/// so that while the server is down no other test's `127.0.0.1:0` can be handed the port.
+pub fn restartable_port() -> u16 {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let low = 10_000u16.min(ephemeral_low.saturating_sub(1000));
+    for _ in 0..200 {
+        let port = rand::Rng::gen_range(&mut rand::thread_rng(), low..ephemeral_low);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {low}..{ephemeral_low} on 127.0.0.1");
+}
