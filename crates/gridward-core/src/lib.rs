@@ -42,6 +42,7 @@ pub mod envelope;
 pub mod firmware;
 pub mod httpsig;
 pub mod meter_id;
+pub mod relay;
 pub mod replay;
 pub mod security;
 

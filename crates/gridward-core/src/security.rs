@@ -80,11 +80,14 @@ pub enum Reason {
     /// A firmware upload (at the head-end) or install (reported by the meter) was refused: bad
     /// manufacturer signature, wrong class, rollback, expired manifest, digest or size mismatch.
     FirmwareRefused,
+    /// A data concentrator relayed an envelope for a meter that is not registered behind it
+    /// (the topology in the store), or on a topic that is not a meter's readings or events.
+    RelayNotAuthorized,
 }
 
 impl Reason {
     /// Every reason, for reports that list counts per reason.
-    pub const ALL: [Reason; 29] = [
+    pub const ALL: [Reason; 30] = [
         Reason::TlsHandshakeFailed,
         Reason::CertificateMissing,
         Reason::CertificateUntrusted,
@@ -114,6 +117,7 @@ impl Reason {
         Reason::DownstreamRejected,
         Reason::CommandRefused,
         Reason::FirmwareRefused,
+        Reason::RelayNotAuthorized,
     ];
 
     /// The stable snake_case code of this reason.
@@ -148,6 +152,7 @@ impl Reason {
             Self::DownstreamRejected => "downstream_rejected",
             Self::CommandRefused => "command_refused",
             Self::FirmwareRefused => "firmware_refused",
+            Self::RelayNotAuthorized => "relay_not_authorized",
         }
     }
 

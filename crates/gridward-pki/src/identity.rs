@@ -20,6 +20,9 @@ pub const CLIENT_URI_PREFIX: &str = "urn:gridward:client:";
 /// `urn:gridward:role:{role}` (see [`client_role_of`]).
 pub const ROLE_URI_PREFIX: &str = "urn:gridward:role:";
 
+/// The prefix of a concentrator identity URI SAN: `urn:gridward:concentrator:{id}`.
+pub const CONCENTRATOR_URI_PREFIX: &str = "urn:gridward:concentrator:";
+
 /// The prefix every Gridward identity URI starts with.
 const GRIDWARD_URI_PREFIX: &str = "urn:gridward:";
 
@@ -33,6 +36,9 @@ pub enum Identity {
     Client(String),
     /// A server: CN = name, EKU serverAuth.
     Server(String),
+    /// A data concentrator: URI SAN `urn:gridward:concentrator:{id}`, CN = id, EKU
+    /// clientAuth. Its id has the syntax of a meter id and is never also a meter's.
+    Concentrator(MeterId),
 }
 
 impl fmt::Display for Identity {
@@ -41,6 +47,7 @@ impl fmt::Display for Identity {
             Self::Meter(id) => write!(f, "meter {id}"),
             Self::Client(name) => write!(f, "client {name}"),
             Self::Server(name) => write!(f, "server {name}"),
+            Self::Concentrator(id) => write!(f, "concentrator {id}"),
         }
     }
 }

@@ -270,6 +270,8 @@ impl Pki {
                 Ok(Identity::Meter(id)) => (LeafKind::Meter, id.as_str().to_owned()),
                 Ok(Identity::Client(name)) => (LeafKind::Client, name),
                 Ok(Identity::Server(name)) => (LeafKind::Server, name),
+                // SKELETON (issue 11, pki helper): LeafKind::Concentrator.
+                Ok(Identity::Concentrator(id)) => (LeafKind::Meter, id.as_str().to_owned()),
                 Err(IdentityError::CommandSigner) => {
                     (LeafKind::CommandSigner, command_signer_name_of(&leaf)?)
                 }

@@ -30,6 +30,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alarms;
 pub mod commands;
 pub mod error;
 pub mod model;
@@ -37,6 +38,9 @@ pub mod outbox;
 pub mod sqlite;
 pub mod store;
 
+pub use alarms::{
+    AlarmChangeError, AlarmQuery, AlarmState, AlarmStore, RaiseAlarm, RaiseOutcome, StoredAlarm,
+};
 pub use commands::{
     CampaignMember, CampaignState, CommandQuery, CommandStatus, CommandStore, DecideError,
     Decision, NewCampaign, NewCommand, NewFirmware, NewProposal, ProposalStatus, StoredCampaign,

@@ -161,16 +161,20 @@ pub enum EventKind {
     PowerRestore,
     /// Energy flows backwards (possible bypass or reversed wiring).
     ReverseEnergy,
+    /// The terminal block cover (over the supply terminals, where a bypass is wired) was
+    /// opened.
+    TerminalCoverOpened,
 }
 
 impl EventKind {
     /// Every event kind, in declaration order.
-    pub const ALL: [EventKind; 5] = [
+    pub const ALL: [EventKind; 6] = [
         EventKind::CoverOpened,
         EventKind::MagneticField,
         EventKind::PowerFail,
         EventKind::PowerRestore,
         EventKind::ReverseEnergy,
+        EventKind::TerminalCoverOpened,
     ];
 
     /// The name used in documents, e.g. `CoverOpened`.
@@ -181,6 +185,7 @@ impl EventKind {
             EventKind::PowerFail => "PowerFail",
             EventKind::PowerRestore => "PowerRestore",
             EventKind::ReverseEnergy => "ReverseEnergy",
+            EventKind::TerminalCoverOpened => "TerminalCoverOpened",
         }
     }
 }
