@@ -68,7 +68,9 @@ pub struct RaiseAlarm {
     /// One line for people.
     pub summary: String,
     /// The evidence as a JSON array (the events that triggered it); appended on repeats, the
-    /// stored array keeps the first 10 and the last 40 entries.
+    /// stored array keeps the first 10 and the last 40 entries. Any other JSON value counts as
+    /// one entry, text that is not JSON as one string entry, empty text as none: evidence never
+    /// makes a raise fail.
     pub evidence_json: String,
 }
 
@@ -170,10 +172,25 @@ impl Default for AlarmQuery {
 /// Alarms and the concentrator topology. Every write is one durable transaction.
 pub trait AlarmStore: Send + Sync + 'static {
     /// Raises an alarm: opens a new one, or updates the active one of the same type and
-    /// originator (atomically: two raises at once never open two).
+    /// originator (atomically: two raises at once never open two). An update sets last seen to
+    /// the later of the stored one and `at` (first seen to the earlier), adds one to the count,
+    /// takes this raise's summary, keeps the higher severity (critical > major > minor >
+    /// warning) and appends the evidence; an acknowledgement is kept.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidRequest`] for a severity that is not one of the four codes or an
+    /// empty type or originator (nothing stored).
     fn raise_alarm(&self, raise: &RaiseAlarm) -> Result<RaiseOutcome, StoreError>;
 
-    /// Acknowledges an active, unacknowledged alarm.
+    /// Acknowledges an active, unacknowledged alarm; `by` (the operator, e.g. `user:alice`)
+    /// and `at` are recorded.
+    ///
+    /// # Errors
+    ///
+    /// [`AlarmChangeError::NotFound`], [`AlarmChangeError::AlreadyAcknowledged`],
+    /// [`AlarmChangeError::Cleared`] (nothing changed); an empty `by` is
+    /// [`StoreError::InvalidRequest`].
     fn acknowledge_alarm(
         &self,
         id: i64,
@@ -181,7 +198,13 @@ pub trait AlarmStore: Send + Sync + 'static {
         at: OffsetDateTime,
     ) -> Result<StoredAlarm, AlarmChangeError>;
 
-    /// Clears an active alarm (acknowledged or not).
+    /// Clears an active alarm (acknowledged or not), recording who, when and why; an
+    /// acknowledgement is kept.
+    ///
+    /// # Errors
+    ///
+    /// [`AlarmChangeError::NotFound`], [`AlarmChangeError::Cleared`] (nothing changed); an
+    /// empty `by` is [`StoreError::InvalidRequest`].
     fn clear_alarm(
         &self,
         id: i64,
@@ -207,11 +230,16 @@ pub trait AlarmStore: Send + Sync + 'static {
     /// Alarms matching `query`, newest first.
     fn alarms(&self, query: &AlarmQuery) -> Result<Vec<StoredAlarm>, StoreError>;
 
-    /// Active alarms per severity code (every severity with at least one).
+    /// Active alarms per severity code (every severity with at least one), most severe first.
     fn active_alarm_counts(&self) -> Result<Vec<(String, u64)>, StoreError>;
 
     /// Registers `meters` behind `concentrator` (a meter registered behind another one moves);
-    /// returns how many changed.
+    /// returns how many changed (new or moved: a meter already behind `concentrator` changes
+    /// nothing, its attach time included).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::InvalidRequest`] if `meters` holds `concentrator` itself (nothing stored).
     fn attach_meters(
         &self,
         concentrator: &MeterId,

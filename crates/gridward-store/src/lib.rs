@@ -21,6 +21,9 @@
 //! - [`commands`]: the downward path behind [`CommandStore`]: command counters, signed commands
 //!   and their lifecycle, four-eyes proposals, firmware images and campaigns. A meter's
 //!   acknowledgement is committed like an event and settles its command in the same transaction.
+//! - [`alarms`]: alarms (one active per type and originator, acknowledged and cleared with who
+//!   and when) and the concentrator topology, behind [`AlarmStore`]; [`SqliteStore`] implements
+//!   it (schema version 4) and is usable as `Arc<dyn AlarmStore>`.
 //! - [`outbox`]: the downstream outbox: one row per stored reading and target, written in the
 //!   reading's transaction, settled by the forwarder.
 //! - [`sqlite`]: [`SqliteStore`]: WAL, `synchronous = FULL`, batched transactions, migrations.

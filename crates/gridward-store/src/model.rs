@@ -58,6 +58,15 @@ pub enum AcceptedBody {
         /// What happened.
         kind: EventKind,
     },
+    /// A data concentrator's own signed event (power, PLC meters lost or found). Stored as a
+    /// message of the concentrator (its id in the meters table, its own counter sequence)
+    /// with `event_kind = 'concentrator:{EventType}'`; the meters it names are in the stored
+    /// envelope. Not a meter event: [`Store::meter_events`](crate::Store::meter_events) does
+    /// not list it.
+    ConcentratorEvent {
+        /// What happened.
+        kind: gridward_core::document::ConcentratorEventKind,
+    },
     /// A meter's signed acknowledgement of a command (it arrives on the events topic and
     /// consumes the meter's counter like an event). Stored as a message of its own kind, which
     /// [`Store::meter_events`](crate::Store::meter_events) does not list; in the same

@@ -991,7 +991,7 @@ fn a_version_2_database_is_migrated_with_its_messages() {
         .writer()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, schema::SCHEMA_VERSION);
     assert_eq!(
         store
             .meter_events(&MeterEventQuery::default())

@@ -19,6 +19,11 @@
 //! writer. Other processes (the CLI's `gridward readings` while `serve` runs) may open the same
 //! file; the busy timeout ([`BUSY_TIMEOUT`]) covers brief write-lock contention.
 //!
+//! The same store implements [`CommandStore`](crate::CommandStore) and
+//! [`AlarmStore`](crate::AlarmStore) on the same connections: one `Arc<SqliteStore>` can be
+//! handed out as `Arc<dyn Store>`, `Arc<dyn CommandStore>` and `Arc<dyn AlarmStore>`. Their
+//! writes are durable transactions like [`Store::commit`]'s.
+//!
 //! ## Duplicates without an index
 //!
 //! Readings are appended without any index touched per row; the per-meter last counter already
@@ -29,6 +34,9 @@
 //! the first message signed more than a day before `since` (signing times follow the head-end's
 //! clock within the freshness window, so a meter's older messages cannot be newer than that).
 
+#[cfg(test)]
+mod alarm_tests;
+mod alarms;
 #[cfg(test)]
 mod command_tests;
 mod commands;
@@ -43,7 +51,7 @@ use std::time::Duration;
 
 use gridward_core::MeterId;
 use gridward_core::command::{CommandId, Refusal};
-use gridward_core::document::{EventKind, Format};
+use gridward_core::document::{ConcentratorEventKind, EventKind, Format};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use time::OffsetDateTime;
 
@@ -408,7 +416,8 @@ impl Store for SqliteStore {
             "SELECT m.id, mt.meter_id, m.counter, m.event_kind, m.taken_at, m.received_at,
                     m.content_type, m.source, m.envelope_sha256
              FROM messages AS m INDEXED BY messages_events JOIN meters AS mt ON mt.id = m.meter
-             WHERE m.kind = 1 AND m.event_kind <> 'command_ack' AND m.taken_at >= ?1
+             WHERE m.kind = 1 AND m.event_kind <> 'command_ack'
+               AND m.event_kind NOT LIKE 'concentrator:%' AND m.taken_at >= ?1
                AND (?2 IS NULL OR mt.meter_id = ?2)
              ORDER BY m.taken_at DESC, m.id DESC LIMIT ?3",
         )?;
@@ -611,7 +620,8 @@ impl Store for SqliteStore {
             meters: count("SELECT COUNT(*) FROM meters")?,
             readings: count("SELECT COUNT(*) FROM messages WHERE kind = 0")?,
             meter_events: count(
-                "SELECT COUNT(*) FROM messages WHERE kind = 1 AND event_kind <> 'command_ack'",
+                "SELECT COUNT(*) FROM messages WHERE kind = 1 AND event_kind <> 'command_ack'
+                   AND event_kind NOT LIKE 'concentrator:%'",
             )?,
             command_acks: count(
                 "SELECT COUNT(*) FROM messages WHERE kind = 1 AND event_kind = 'command_ack'",
@@ -650,6 +660,16 @@ impl ItemRow {
                 (KIND_READING, Some(energy_kwh), None)
             }
             AcceptedBody::Event { kind } => (KIND_EVENT, None, Some(kind.as_str())),
+            AcceptedBody::ConcentratorEvent { kind } => (
+                KIND_EVENT,
+                None,
+                Some(match kind {
+                    ConcentratorEventKind::PowerFail => "concentrator:PowerFail",
+                    ConcentratorEventKind::PowerRestore => "concentrator:PowerRestore",
+                    ConcentratorEventKind::MeterLost => "concentrator:MeterLost",
+                    ConcentratorEventKind::MeterFound => "concentrator:MeterFound",
+                }),
+            ),
             AcceptedBody::CommandAck {
                 command_id,
                 refused,

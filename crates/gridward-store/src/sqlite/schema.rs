@@ -40,6 +40,18 @@
 //!   `event_kind = 'command_ack'` (the version 1 `CHECK` on `kind` would need a rebuild of the
 //!   largest table to admit a third kind); the meter-event queries exclude that kind.
 //!
+//! ## Version 4: alarms and the concentrator topology
+//!
+//! - `alarms`: one row per alarm, `id` increasing (the paging cursor), type, severity and
+//!   originator as their stable codes, `state` as text. The partial `UNIQUE` index
+//!   `alarms_active` on `(alarm_type, originator) WHERE state <> 'cleared'` makes "one active
+//!   alarm per key" a constraint and serves the lookup of every raise; `CHECK`s tie the audit
+//!   columns to the state (acknowledged ⇒ who and when; cleared ⇔ who, when and why).
+//!   `evidence_json` is always a JSON array. Listing filters have one index each, ordered by
+//!   `id`; `alarms_open` (active rows by severity) serves the per-severity gauge.
+//! - `concentrator_meters`: which meter is registered behind which concentrator, keyed by the
+//!   meter (a meter is behind at most one), with an index by concentrator.
+//!
 //! Times are integers, microseconds since 1970-01-01 UTC. Counters are `u64` stored bit for bit
 //! in SQLite's signed 64-bit integers (values above `i64::MAX` read negative in SQL); the store
 //! compares them in Rust, never in SQL.
@@ -53,7 +65,7 @@ pub const APPLICATION_ID: i32 = 0x4752_4457;
 
 /// The migration steps, oldest first. Step `i` takes the schema from version `i` to `i + 1`.
 /// Never edit a released step: append a new one.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
 
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -223,6 +235,46 @@ CREATE INDEX commands_meter ON commands (meter_id, seq);
 CREATE INDEX commands_status ON commands (status, seq);
 CREATE INDEX commands_campaign ON commands (campaign_id, seq) WHERE campaign_id IS NOT NULL;
 CREATE INDEX commands_proposal ON commands (proposal_id, seq) WHERE proposal_id IS NOT NULL;
+";
+
+const V4: &str = "
+CREATE TABLE alarms (
+    id            INTEGER PRIMARY KEY,
+    alarm_type    TEXT    NOT NULL CHECK (alarm_type <> ''),
+    severity      TEXT    NOT NULL CHECK (severity IN ('critical', 'major', 'minor', 'warning')),
+    originator    TEXT    NOT NULL CHECK (originator <> ''),
+    state         TEXT    NOT NULL DEFAULT 'active_unacknowledged'
+                  CHECK (state IN ('active_unacknowledged', 'active_acknowledged', 'cleared')),
+    first_seen    INTEGER NOT NULL,
+    last_seen     INTEGER NOT NULL CHECK (last_seen >= first_seen),
+    count         INTEGER NOT NULL CHECK (count >= 1),
+    summary       TEXT    NOT NULL,
+    evidence_json TEXT    NOT NULL,
+    acked_by      TEXT,
+    acked_at      INTEGER,
+    cleared_by    TEXT,
+    cleared_at    INTEGER,
+    clear_reason  TEXT,
+    CHECK ((acked_by IS NULL) = (acked_at IS NULL)),
+    CHECK ((acked_at IS NULL) = (state = 'active_unacknowledged') OR state = 'cleared'),
+    CHECK ((cleared_at IS NOT NULL) = (state = 'cleared')),
+    CHECK ((cleared_by IS NULL) = (cleared_at IS NULL)
+       AND (clear_reason IS NULL) = (cleared_at IS NULL))
+) STRICT;
+
+CREATE UNIQUE INDEX alarms_active ON alarms (alarm_type, originator) WHERE state <> 'cleared';
+CREATE INDEX alarms_open ON alarms (severity, id) WHERE state <> 'cleared';
+CREATE INDEX alarms_type ON alarms (alarm_type, id);
+CREATE INDEX alarms_originator ON alarms (originator, id);
+
+CREATE TABLE concentrator_meters (
+    meter_id        TEXT    PRIMARY KEY,
+    concentrator_id TEXT    NOT NULL CHECK (concentrator_id <> meter_id),
+    attached_at     INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
+CREATE INDEX concentrator_meters_by_concentrator
+    ON concentrator_meters (concentrator_id, meter_id);
 ";
 
 /// Checks that `conn` is a new or a Gridward database no newer than `steps` knows, then applies
