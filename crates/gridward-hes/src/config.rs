@@ -83,6 +83,9 @@ pub struct RawConfig {
     /// `[firmware]`
     #[serde(default)]
     pub firmware: RawFirmware,
+    /// `[detection]` (thresholds of the detectors) and `[[detection.feeder]]`.
+    #[serde(default)]
+    pub detection: gridward_detect::DetectionConfig,
 }
 
 /// `[commands]`: signed commands to meters.
@@ -370,6 +373,8 @@ pub struct Config {
     pub syslog: Option<SyslogSettings>,
     /// Commands and firmware (`None`: off).
     pub commands: Option<CommandSettings>,
+    /// The detectors and their thresholds.
+    pub detection: gridward_detect::DetectionConfig,
 }
 
 /// The commented default configuration that `gridward config init` writes.
@@ -461,6 +466,61 @@ dispatch_rate_per_sec = 50.0
 # SPKI PEM public keys of the manufacturers whose signed manifests may be uploaded
 # (`gridward firmware keygen` writes one); the meters check the same signature themselves.
 manufacturers = []
+
+[detection]
+# Detectors over what arrives (pure rules, thresholds below): tamper, outage, theft suspicion,
+# intrusion. Alarms are kept in the store (`gridward alarms`, /api/v1/alarms); a new critical
+# alarm also goes to syslog. false turns detection off.
+enabled = true
+
+[detection.outage]
+# PowerFail ("last gasp") from this many meters of one group (a concentrator's meters, or a
+# [[detection.feeder]]) within window_secs is one outage alarm for the group; fewer are minor
+# alarms per meter. The outage clears when clear_share of the failed meters have restored.
+min_meters = 3
+window_secs = 120
+clear_share = 1.0
+
+[detection.theft]
+# After a tamper signal, consumption is watched for observe_secs (at least min_observed_secs of
+# readings) and compared with the meter's own baseline: the same hours of the previous
+# baseline_days days, else its mean rate before the signal; either needs min_baseline_secs of readings.
+# Below ratio x baseline is a theft suspicion.
+observe_secs = 21600
+baseline_days = 7
+min_baseline_secs = 7200
+ratio = 0.7
+min_observed_secs = 3600
+# A register that does not advance for stall_secs while its group's median advanced by more
+# than stall_min_neighbour_kwh is stalled.
+stall_secs = 21600
+stall_min_neighbour_kwh = 0.5
+
+[detection.intrusion]
+# Refusals (bad signatures, replays, certificate failures, failed logins) within window_secs:
+# per_meter naming one meter, per_source from one address, per_user failed logins of one user,
+# and fleet-wide max(fleet_min, fleet_factor x the usual count) are bursts. A burst repeats
+# into its active alarm at most every repeat_secs.
+window_secs = 300
+per_meter = 5
+per_source = 10
+per_user = 5
+fleet_min = 100
+fleet_factor = 5.0
+repeat_secs = 30
+# clone_takeovers session takeovers of one meter's certificate from different addresses within
+# clone_window_secs: a cloned meter.
+clone_takeovers = 3
+clone_window_secs = 600
+# A meter silent this long after a connection attempt with its revoked certificate.
+silence_secs = 3600
+
+# Feeders: groups of meters for outage and stall detection besides concentrators. One section
+# per feeder, meters listed and/or by id prefix:
+# [[detection.feeder]]
+# name = "feeder-7"
+# meters = ["m000001", "m000002"]
+# prefix = "f7-"
 
 # Security events as RFC 5424 syslog to a SIEM (absent: none).
 # [syslog]
@@ -803,7 +863,11 @@ impl Config {
                 })
             }
         };
+        raw.detection
+            .validate()
+            .map_err(|e| invalid("detection", e.to_string()))?;
         Ok(Self {
+            detection: raw.detection,
             api,
             audit,
             syslog,

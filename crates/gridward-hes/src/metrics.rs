@@ -27,6 +27,8 @@
 //! | `gridward_outbox_deliveries_total` | counter | `target`, `outcome` = `delivered`, `retry`, `dead` |
 //! | `gridward_logins_total` | counter | `outcome` = `success`, `failure` |
 //! | `gridward_lockouts_total` | counter | |
+//! | `gridward_alarms_active` | gauge | `severity` = `critical`, `major`, `minor`, `warning` (always all four) |
+//! | `gridward_alarms_raised_total` | counter | `type` (new alarms, not the repeats folded into them) |
 //! | `gridward_mqtt_connections` | gauge | (open now, handshakes included; once [`Metrics::watch_endpoint`]) |
 //! | `gridward_mqtt_sessions` | gauge | (meters with a live MQTT session) |
 //! | `gridward_mqtt_connection_attempts_total` | counter | `outcome` = `accepted`, `banned`, `limit` |
@@ -61,6 +63,9 @@ const MAX_EXTRA_REASONS: usize = 32;
 /// A label set: pairs of a fixed name and a bounded value.
 type Labels = Vec<(&'static str, Cow<'static, str>)>;
 
+/// The severity codes of `gridward_alarms_active`, highest first.
+const ALARM_SEVERITIES: [&str; 4] = ["critical", "major", "minor", "warning"];
+
 /// Where the endpoint's counters come from (see [`Metrics::watch_endpoint`]).
 type EndpointSource = Arc<Mutex<Option<Box<dyn Fn() -> Option<EndpointStats> + Send + Sync>>>>;
 
@@ -92,6 +97,8 @@ struct Prom {
     deliveries: Family<Labels, Counter>,
     logins: Family<Labels, Counter>,
     lockouts: Counter,
+    alarms_active: Family<Labels, Gauge>,
+    alarms_raised: Family<Labels, Counter>,
     endpoint: EndpointSource,
     /// Every target's gauges: each stored reading queues one row for each.
     targets: Mutex<Vec<(String, TargetGauges)>>,
@@ -300,6 +307,31 @@ impl Metrics {
         self.prom.lockouts.inc();
     }
 
+    /// The active alarms per severity code (`gridward_alarms_active`); severities not listed
+    /// are zero. Unknown severity codes are ignored (the label set stays the four).
+    pub fn set_active_alarms(&self, counts: &[(String, u64)]) {
+        for severity in ALARM_SEVERITIES {
+            let n = counts
+                .iter()
+                .filter(|(s, _)| s == severity)
+                .map(|(_, n)| *n)
+                .sum::<u64>();
+            self.prom
+                .alarms_active
+                .get_or_create(&vec![label("severity", severity)])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// A new alarm of type `alarm_type` (a `gridward-detect` code):
+    /// `gridward_alarms_raised_total{type}`.
+    pub fn record_alarm_raised(&self, alarm_type: &'static str) {
+        self.prom
+            .alarms_raised
+            .get_or_create(&vec![label("type", alarm_type)])
+            .inc();
+    }
+
     /// The gauges of downstream target `name` (a configured `[[forward]]` name), created at
     /// zero so that the target shows before its first delivery.
     pub fn outbox_target(&self, name: &str) -> TargetGauges {
@@ -489,6 +521,23 @@ impl Prom {
             "Accounts locked after repeated failed logins",
             lockouts.clone(),
         );
+        let alarms_active = Family::<Labels, Gauge>::default();
+        registry.register(
+            "gridward_alarms_active",
+            "Active (not cleared) alarms by severity",
+            alarms_active.clone(),
+        );
+        for severity in ALARM_SEVERITIES {
+            alarms_active
+                .get_or_create(&vec![label("severity", severity)])
+                .set(0);
+        }
+        let alarms_raised = Family::<Labels, Counter>::default();
+        registry.register(
+            "gridward_alarms_raised",
+            "New alarms by type (repeats folded into an active alarm are not counted)",
+            alarms_raised.clone(),
+        );
         let endpoint: EndpointSource = Arc::new(Mutex::new(None));
         registry.register_collector(Box::new(EndpointCollector(Arc::clone(&endpoint))));
         Self {
@@ -505,6 +554,8 @@ impl Prom {
             deliveries,
             logins,
             lockouts,
+            alarms_active,
+            alarms_raised,
             endpoint,
             targets: Mutex::new(Vec::new()),
         }

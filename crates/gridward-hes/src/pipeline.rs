@@ -34,13 +34,20 @@ pub fn system_clock() -> Clock {
     Arc::new(OffsetDateTime::now_utc)
 }
 
-/// One message as the endpoint hands it over.
+/// One message as the endpoint hands it over (or as a concentrator relayed it).
 #[derive(Debug, Clone)]
 pub struct Message {
-    /// The sender, from its certificate.
+    /// The meter that signed it: from its certificate when it connected itself, from the relay
+    /// item's topic when a concentrator relayed it.
     pub meter_id: MeterId,
-    /// The DER SubjectPublicKeyInfo of the sender's certificate.
+    /// The DER SubjectPublicKeyInfo of the sender's certificate. For a relayed envelope: one
+    /// of the meter's currently valid certificates (see [`Message::other_keys`]).
     pub cert_spki: Arc<[u8]>,
+    /// Further candidate keys of a relayed envelope's meter (a renewal overlap: the one whose
+    /// key id the envelope names is used). Empty for a meter that connected itself.
+    pub other_keys: Vec<Arc<[u8]>>,
+    /// The concentrator that relayed it, if one did.
+    pub relayed_by: Option<MeterId>,
     /// The topic it was published to.
     pub topic: String,
     /// The envelope bytes.
@@ -84,7 +91,13 @@ pub struct Pipeline {
     last: Arc<Mutex<HashMap<MeterId, u64>>>,
     keys: Mutex<HashMap<Arc<[u8]>, VerifyingKey>>,
     on_ack: Option<AckHook>,
+    on_stored: Option<StoredHook>,
 }
+
+/// Called with every message once it is durably stored (readings, events, acknowledgements,
+/// concentrator events), with its verified document: the detectors' view of what genuinely
+/// arrived. The [`Accepted`] carries no envelope bytes. Must not block.
+pub type StoredHook = Arc<dyn Fn(&Accepted, &Document) + Send + Sync>;
 
 /// A meter's acknowledgement of a command, once it is durably stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,7 +151,15 @@ impl Pipeline {
             last,
             keys: Mutex::new(HashMap::new()),
             on_ack: None,
+            on_stored: None,
         }
+    }
+
+    /// Calls `hook` with every message once it is stored.
+    #[must_use]
+    pub fn with_stored_hook(mut self, hook: StoredHook) -> Self {
+        self.on_stored = Some(hook);
+        self
     }
 
     /// Calls `hook` with every acknowledgement once it is stored.
@@ -177,12 +198,16 @@ impl Pipeline {
             Ok(a) => a,
             Err(refusal) => return self.refuse(&msg, refusal),
         };
-        let (accepted, ack) = accepted;
+        let (accepted, ack, document) = accepted;
+        let stored_copy = self.on_stored.as_ref().map(|_| stored_view(&accepted));
         let outcome = self.writer.write(accepted).await;
         let latency = ((self.clock)() - msg.received_at).unsigned_abs();
         match outcome {
             Ok(Outcome::Stored { .. }) => {
                 self.metrics.accepted(latency);
+                if let (Some(hook), Some(stored)) = (&self.on_stored, &stored_copy) {
+                    hook(stored, &document);
+                }
                 if let Some(ack) = ack {
                     self.acknowledged(&msg, ack, true);
                 }
@@ -262,15 +287,20 @@ impl Pipeline {
         }
     }
 
-    fn check(&self, msg: &Message) -> Result<(Accepted, Option<CommandAck>), Refusal> {
-        let key = self.key(&msg.cert_spki)?;
-        let verified =
-            envelope::verify(&msg.payload, &key, &msg.meter_id, &msg.topic).map_err(|e| {
-                Refusal {
-                    reason: Reason::from(&e),
-                    detail: e.to_string(),
-                }
-            })?;
+    fn check(&self, msg: &Message) -> Result<(Accepted, Option<CommandAck>, Document), Refusal> {
+        let mut verified = self.verify_with(msg, &msg.cert_spki);
+        // A relayed envelope of a meter with more than one valid certificate: the one whose key
+        // (key id, algorithm) the envelope names.
+        for other in &msg.other_keys {
+            match &verified {
+                Err(Refusal {
+                    reason: Reason::KeyMismatch,
+                    ..
+                }) => verified = self.verify_with(msg, other),
+                _ => break,
+            }
+        }
+        let verified = verified?;
         let header = verified.header().clone();
         let last = self
             .last
@@ -305,6 +335,9 @@ impl Pipeline {
                 energy_kwh: r.energy_kwh,
             },
             (Document::Event(e), Some(TopicKind::Events)) => AcceptedBody::Event { kind: e.kind },
+            (Document::ConcentratorEvent(e), Some(TopicKind::ConcentratorEvents)) => {
+                AcceptedBody::ConcentratorEvent { kind: e.kind }
+            }
             (Document::CommandAck(a), Some(TopicKind::Events)) => {
                 ack = Some(a.clone());
                 AcceptedBody::CommandAck {
@@ -334,7 +367,20 @@ impl Pipeline {
                 source: msg.source.clone(),
             },
             ack,
+            document.document().clone(),
         ))
+    }
+
+    fn verify_with(
+        &self,
+        msg: &Message,
+        spki: &Arc<[u8]>,
+    ) -> Result<envelope::VerifiedEnvelope, Refusal> {
+        let key = self.key(spki)?;
+        envelope::verify(&msg.payload, &key, &msg.meter_id, &msg.topic).map_err(|e| Refusal {
+            reason: Reason::from(&e),
+            detail: e.to_string(),
+        })
     }
 
     fn key(&self, spki: &Arc<[u8]>) -> Result<VerifyingKey, Refusal> {
@@ -361,8 +407,15 @@ impl Pipeline {
             reason = refusal.reason.code(),
             "message refused"
         );
+        let detail = match &msg.relayed_by {
+            Some(concentrator) => format!(
+                "{} (relayed by concentrator {concentrator})",
+                refusal.detail
+            ),
+            None => refusal.detail,
+        };
         let mut event =
-            SecurityEvent::new((self.clock)(), refusal.reason, refusal.detail).meter(&msg.meter_id);
+            SecurityEvent::new((self.clock)(), refusal.reason, detail).meter(&msg.meter_id);
         if let Some(source) = &msg.source {
             event = event.source(source);
         }
@@ -371,9 +424,25 @@ impl Pipeline {
     }
 }
 
+/// What the stored hook sees of a message: everything but the envelope bytes (the detectors
+/// do not need them, and copying them for every message would cost).
+fn stored_view(accepted: &Accepted) -> Accepted {
+    Accepted {
+        meter_id: accepted.meter_id.clone(),
+        counter: accepted.counter,
+        taken_at: accepted.taken_at,
+        received_at: accepted.received_at,
+        body: accepted.body,
+        envelope: Vec::new(),
+        content_type: accepted.content_type,
+        source: accepted.source.clone(),
+    }
+}
+
 enum TopicKind {
     Readings,
     Events,
+    ConcentratorEvents,
 }
 
 fn topic_kind(topic: &str) -> Option<TopicKind> {
@@ -381,6 +450,9 @@ fn topic_kind(topic: &str) -> Option<TopicKind> {
     match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some("meters"), Some(_), Some("readings"), None) => Some(TopicKind::Readings),
         (Some("meters"), Some(_), Some("events"), None) => Some(TopicKind::Events),
+        (Some("concentrators"), Some(_), Some("events"), None) => {
+            Some(TopicKind::ConcentratorEvents)
+        }
         _ => None,
     }
 }

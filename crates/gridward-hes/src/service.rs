@@ -65,19 +65,27 @@ pub enum ServiceError {
     },
 }
 
-/// The pipeline as the endpoint's [`PublishHandler`].
+/// The pipeline as the endpoint's [`PublishHandler`]; a concentrator's publishes go through
+/// [`Relays`](crate::relay::Relays).
 #[derive(Debug, Clone)]
 pub struct Ingest {
     pipeline: Arc<Pipeline>,
+    relays: crate::relay::Relays,
 }
 
 impl PublishHandler for Ingest {
     fn handle(&self, msg: InboundPublish) -> impl Future<Output = Verdict> + Send + 'static {
         let pipeline = Arc::clone(&self.pipeline);
+        let relays = self.relays.clone();
         async move {
+            if msg.device == gridward_mqtt::DeviceKind::Concentrator {
+                return relays.handle(msg).await;
+            }
             let message = Message {
                 meter_id: msg.meter_id,
                 cert_spki: msg.cert_spki,
+                other_keys: Vec::new(),
+                relayed_by: None,
                 topic: msg.topic,
                 payload: msg.payload.to_vec(),
                 source: Some(msg.source.to_string()),
@@ -93,12 +101,14 @@ impl PublishHandler for Ingest {
     }
 }
 
-/// The endpoint's [`EventSink`]: security events and connection changes to the store, counted.
+/// The endpoint's [`EventSink`]: security events and connection changes to the store, counted,
+/// and connections and takeovers to the detectors.
 #[derive(Debug, Clone)]
 struct Events {
     writer: Writer,
     metrics: Arc<Metrics>,
     commands: Option<Arc<gridward_command::Commands>>,
+    detection: Option<crate::detection::DetectionHandle>,
 }
 
 impl EventSink for Events {
@@ -109,6 +119,48 @@ impl EventSink for Events {
 
     fn connection(&self, meter: &MeterId, connected: bool, at: OffsetDateTime) {
         self.writer.connection(meter, connected, at);
+    }
+
+    fn device_connection(
+        &self,
+        device: &MeterId,
+        _kind: gridward_mqtt::DeviceKind,
+        source: SocketAddr,
+        connected: bool,
+        at: OffsetDateTime,
+    ) {
+        self.writer.connection(device, connected, at);
+        if let Some(d) = &self.detection {
+            d.signal(if connected {
+                gridward_detect::Signal::Connected {
+                    meter: device.clone(),
+                    at,
+                    source: Some(source.to_string()),
+                }
+            } else {
+                gridward_detect::Signal::Disconnected {
+                    meter: device.clone(),
+                    at,
+                }
+            });
+        }
+    }
+
+    fn session_replaced(
+        &self,
+        device: &MeterId,
+        previous: SocketAddr,
+        current: SocketAddr,
+        at: OffsetDateTime,
+    ) {
+        if let Some(d) = &self.detection {
+            d.signal(gridward_detect::Signal::SessionReplaced {
+                meter: device.clone(),
+                at,
+                previous: previous.to_string(),
+                current: current.to_string(),
+            });
+        }
     }
 
     fn subscribed(&self, meter: &MeterId, topic: &str, _at: OffsetDateTime) {
@@ -140,6 +192,8 @@ pub struct Running {
     /// Commands and firmware, when a command signer is configured and present.
     pub commands: Option<crate::commands::CommandService>,
     dispatcher: Option<(tokio_util::sync::CancellationToken, JoinHandle<()>)>,
+    detection: Option<crate::detection::DetectionThread>,
+    meter_keys: Arc<crate::relay::KeyDirectory>,
     api: Option<gridward_api::RunningApi>,
     audit_thread: Option<crate::audit::AuditThread>,
     syslog_stop: tokio_util::sync::CancellationToken,
@@ -178,12 +232,37 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
         Some(s) => Some(start_syslog(s, &config.pki_dir, syslog_stop.clone())?),
         None => None,
     };
+    let metrics = Arc::new(Metrics::new());
+    let (detection, detection_thread) = if config.detection.enabled {
+        let (handle, thread) = crate::detection::start(
+            config.detection.clone(),
+            crate::detection::DetectionContext {
+                store: Arc::clone(&store) as Arc<dyn gridward_store::AlarmStore>,
+                metrics: Arc::clone(&metrics),
+                audit: audit.clone(),
+                syslog: syslog.clone(),
+                clock: Arc::clone(&clock),
+            },
+        )
+        .map_err(|source| ServiceError::Io {
+            addr: "detection thread".into(),
+            source,
+        })?;
+        (Some(handle), Some(thread))
+    } else {
+        tracing::info!("detection is off ([detection] enabled = false)");
+        (None, None)
+    };
     let hook: crate::writer::SecurityHook = {
         let audit = audit.clone();
+        let detection = detection.clone();
         Arc::new(move |event: &gridward_store::SecurityEvent| {
             audit.security_event(event);
             if let Some(syslog) = &syslog {
                 syslog.send(syslog_message(event));
+            }
+            if let Some(d) = &detection {
+                d.signal(crate::detection::security_signal(event));
             }
         })
     };
@@ -202,7 +281,6 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
         None => None,
     };
     let command_service = start_commands(config, &store, &audit, access.as_ref(), &clock)?;
-    let metrics = Arc::new(Metrics::new());
     let (last, update_last) = Pipeline::last_counters_table(store.last_counters()?);
     let on_commit: crate::writer::OnCommit = Box::new(move |advanced: &[(MeterId, u64)]| {
         update_last(advanced);
@@ -242,16 +320,32 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
     if let Some(service) = &command_service {
         pipeline = pipeline.with_ack_hook(ack_hook(Arc::clone(&service.commands)));
     }
+    if let Some(d) = &detection {
+        let d = d.clone();
+        pipeline = pipeline.with_stored_hook(Arc::new(move |stored, document| {
+            if let Some(signal) = crate::detection::stored_signal(stored, document) {
+                d.signal(signal);
+            }
+        }));
+    }
     let pipeline = Arc::new(pipeline);
+    let meter_keys = Arc::new(crate::relay::KeyDirectory::load(&config.pki_dir)?);
+    let relays = crate::relay::Relays {
+        pipeline: Arc::clone(&pipeline),
+        topology: Arc::clone(&store) as Arc<dyn gridward_store::AlarmStore>,
+        keys: Arc::clone(&meter_keys),
+        writer: writer.clone(),
+    };
     let events = Arc::new(Events {
         writer,
         metrics: Arc::clone(&metrics),
         commands: command_service.as_ref().map(|c| Arc::clone(&c.commands)),
+        detection,
     });
     let endpoint = Endpoint::new(
         config.endpoint.clone(),
         tls,
-        Arc::new(Ingest { pipeline }),
+        Arc::new(Ingest { pipeline, relays }),
         events,
         clock,
     )?;
@@ -316,6 +410,8 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
         audit,
         commands: command_service,
         dispatcher,
+        detection: detection_thread,
+        meter_keys,
         api,
         audit_thread: Some(audit_thread),
         syslog_stop,
@@ -371,6 +467,9 @@ impl Running {
             tracing::warn!(error = %e, "PKI operations not imported into the audit log");
         }
         self.reload_command_signer();
+        if let Err(e) = self.meter_keys.refresh() {
+            tracing::warn!(error = %e, "meter keys for relayed envelopes not reloaded");
+        }
         if let Some((_, e)) = self
             .forwarders
             .reload(crate::forward::client::HttpsClient::load)
@@ -431,12 +530,18 @@ impl Running {
             audit,
             audit_thread,
             syslog_stop,
+            detection,
             ..
         } = self;
         // The forwarders hold writer handles (for dead-letter events): stop them first.
         forwarders.shutdown().await;
         drop(endpoint);
         let _ = tokio::task::spawn_blocking(move || writer_threads.join()).await;
+        // The detectors decide on what was queued, and write their last alarms (and audit
+        // entries) before the audit log closes.
+        if let Some(d) = detection {
+            let _ = tokio::task::spawn_blocking(move || d.stop()).await;
+        }
         // Every security event is queued by now: the audit thread writes them, signs a last
         // checkpoint and ends; then syslog flushes.
         audit.append(gridward_audit::NewEntry::new(

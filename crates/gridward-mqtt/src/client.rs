@@ -1,5 +1,10 @@
-//! A minimal async MQTT 3.1.1 / 5 client over TLS: what simulated meters, tests and the attack
-//! harness need, and nothing more.
+//! A minimal async MQTT 3.1.1 / 5 client over TLS: what simulated meters and concentrators,
+//! tests and the attack harness need, and nothing more.
+//!
+//! It knows no topic: the caller names each one, so a meter publishes to `meters/{id}/readings`
+//! and a data concentrator to `concentrators/{id}/relay` (relay batches up to
+//! `gridward_core::relay::MAX_RELAY_BYTES`; outgoing packets are not size-limited here, the
+//! endpoint's per-device maximum applies) with the same client.
 //!
 //! - [`connect_tls`]: TCP + TLS (the caller's rustls [`ClientConfig`]) + CONNECT / CONNACK.
 //! - Publishing with caller-chosen packet ids, without waiting for PUBACKs (pipelining):

@@ -3,6 +3,14 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::handler::DeviceKind;
+
+/// Default [`EndpointConfig::concentrator_max_packet_size`]: a relay batch of
+/// `gridward_core::relay::MAX_RELAY_BYTES` (256 KiB) plus room for the PUBLISH header,
+/// topic and properties.
+pub const DEFAULT_CONCENTRATOR_MAX_PACKET_SIZE: usize =
+    gridward_core::relay::MAX_RELAY_BYTES + 4096;
+
 /// Limits and timeouts of the endpoint. `EndpointConfig::default()` is safe for production;
 /// each field documents its default.
 #[derive(Debug, Clone, PartialEq)]
@@ -10,8 +18,13 @@ use std::time::Duration;
 pub struct EndpointConfig {
     /// Largest MQTT packet accepted, fixed header included (default 64 KiB). A bigger packet is
     /// refused as soon as its fixed header is read: security event `packet_too_large`, disconnect.
-    /// Announced to MQTT 5 clients as Maximum Packet Size.
+    /// Announced to MQTT 5 clients as Maximum Packet Size. Meters only: concentrators have
+    /// [`Self::concentrator_max_packet_size`].
     pub max_packet_size: usize,
+    /// [`Self::max_packet_size`] for data concentrators, whose relay batches carry up to
+    /// `gridward_core::relay::MAX_RELAY_BYTES` (256 KiB) of their meters' envelopes
+    /// (default [`DEFAULT_CONCENTRATOR_MAX_PACKET_SIZE`], 256 KiB + 4 KiB).
+    pub concentrator_max_packet_size: usize,
     /// Most simultaneous connections, TLS handshakes in progress included (default 20,000).
     /// Beyond it a new connection is closed at once: security event `connection_limit`.
     pub max_connections: usize,
@@ -42,6 +55,10 @@ pub struct EndpointConfig {
     pub rate_per_second: f64,
     /// Token-bucket depth of the per-meter rate limit, packets (default 200).
     pub rate_burst: u32,
+    /// A data concentrator relays for many meters: its rate limit is [`Self::rate_per_second`]
+    /// and [`Self::rate_burst`] times this factor (default 64: 3,200 packets/s, burst 12,800).
+    /// Its bucket is kept per concentrator like a meter's.
+    pub concentrator_rate_multiplier: f64,
     /// Failed TLS handshakes / CONNECTs, and sessions cut for abuse (`rate_limited`,
     /// `packet_too_large`, `malformed_packet`), from one source IP within [`Self::ban_window`]
     /// that trigger a ban (default 10; 0 disables banning).
@@ -73,6 +90,7 @@ impl Default for EndpointConfig {
     fn default() -> Self {
         Self {
             max_packet_size: 64 * 1024,
+            concentrator_max_packet_size: DEFAULT_CONCENTRATOR_MAX_PACKET_SIZE,
             max_connections: 20_000,
             connect_timeout: Duration::from_secs(10),
             max_keep_alive: Duration::from_secs(20 * 60),
@@ -81,6 +99,7 @@ impl Default for EndpointConfig {
             max_outbound_queue: 256,
             rate_per_second: 50.0,
             rate_burst: 200,
+            concentrator_rate_multiplier: 64.0,
             ban_after_failures: 10,
             ban_window: Duration::from_secs(60),
             ban_duration: Duration::from_secs(5 * 60),
@@ -103,6 +122,12 @@ pub enum ConfigError {
     /// The maximum packet size is below what a CONNECT needs or above MQTT's limit.
     #[error("max_packet_size must be between 128 bytes and 268,435,460 bytes, got {0}")]
     PacketSize(usize),
+    /// The concentrators' maximum packet size is below what a CONNECT needs or above MQTT's
+    /// limit.
+    #[error(
+        "concentrator_max_packet_size must be between 128 bytes and 268,435,460 bytes, got {0}"
+    )]
+    ConcentratorPacketSize(usize),
 }
 
 impl EndpointConfig {
@@ -110,10 +135,17 @@ impl EndpointConfig {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::NotPositive`] naming the field, [`ConfigError::PacketSize`].
+    /// [`ConfigError::NotPositive`] naming the field, [`ConfigError::PacketSize`],
+    /// [`ConfigError::ConcentratorPacketSize`].
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(128..=crate::codec::MAX_REMAINING_LENGTH + 5).contains(&self.max_packet_size) {
+        let packet_sizes = 128..=crate::codec::MAX_REMAINING_LENGTH + 5;
+        if !packet_sizes.contains(&self.max_packet_size) {
             return Err(ConfigError::PacketSize(self.max_packet_size));
+        }
+        if !packet_sizes.contains(&self.concentrator_max_packet_size) {
+            return Err(ConfigError::ConcentratorPacketSize(
+                self.concentrator_max_packet_size,
+            ));
         }
         let positive = [
             ("max_connections", self.max_connections > 0),
@@ -127,6 +159,11 @@ impl EndpointConfig {
                 self.rate_per_second.is_finite() && self.rate_per_second > 0.0,
             ),
             ("rate_burst", self.rate_burst > 0),
+            (
+                "concentrator_rate_multiplier",
+                self.concentrator_rate_multiplier.is_finite()
+                    && self.concentrator_rate_multiplier > 0.0,
+            ),
             ("ban_window", !self.ban_window.is_zero()),
             ("ban_duration", !self.ban_duration.is_zero()),
             ("write_timeout", !self.write_timeout.is_zero()),
@@ -138,6 +175,35 @@ impl EndpointConfig {
         match positive.iter().find(|(_, ok)| !ok) {
             Some((name, _)) => Err(ConfigError::NotPositive(name)),
             None => Ok(()),
+        }
+    }
+}
+
+impl EndpointConfig {
+    /// The largest packet accepted from a device of `kind`:
+    /// [`Self::max_packet_size`] or [`Self::concentrator_max_packet_size`].
+    pub fn max_packet_size_of(&self, kind: DeviceKind) -> usize {
+        match kind {
+            DeviceKind::Meter => self.max_packet_size,
+            DeviceKind::Concentrator => self.concentrator_max_packet_size,
+        }
+    }
+
+    /// The rate limit of a device of `kind`: (packets per second, burst). A concentrator's is
+    /// the meters' times [`Self::concentrator_rate_multiplier`] (the burst rounded, at least 1).
+    pub fn rate_of(&self, kind: DeviceKind) -> (f64, u32) {
+        match kind {
+            DeviceKind::Meter => (self.rate_per_second, self.rate_burst),
+            DeviceKind::Concentrator => {
+                let m = self.concentrator_rate_multiplier;
+                let burst = (f64::from(self.rate_burst) * m)
+                    .round()
+                    .clamp(1.0, f64::from(u32::MAX));
+                // In range after the clamp; `as` saturates anyway.
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+                let burst = burst as u32;
+                (self.rate_per_second * m, burst)
+            }
         }
     }
 }
@@ -183,5 +249,34 @@ mod tests {
             ..EndpointConfig::default()
         };
         assert_eq!(c.validate(), Err(ConfigError::PacketSize(10)));
+        let c = EndpointConfig {
+            concentrator_max_packet_size: 10,
+            ..EndpointConfig::default()
+        };
+        assert_eq!(c.validate(), Err(ConfigError::ConcentratorPacketSize(10)));
+        let c = EndpointConfig {
+            concentrator_rate_multiplier: 0.0,
+            ..EndpointConfig::default()
+        };
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::NotPositive("concentrator_rate_multiplier"))
+        );
+    }
+
+    #[test]
+    fn concentrators_get_their_own_packet_size_and_a_multiplied_rate() {
+        let c = EndpointConfig::default();
+        assert_eq!(c.max_packet_size_of(DeviceKind::Meter), 64 * 1024);
+        assert!(
+            c.max_packet_size_of(DeviceKind::Concentrator) > gridward_core::relay::MAX_RELAY_BYTES
+        );
+        assert_eq!(c.rate_of(DeviceKind::Meter), (50.0, 200));
+        assert_eq!(c.rate_of(DeviceKind::Concentrator), (3200.0, 12_800));
+        let c = EndpointConfig {
+            concentrator_rate_multiplier: 0.001,
+            ..EndpointConfig::default()
+        };
+        assert_eq!(c.rate_of(DeviceKind::Concentrator).1, 1);
     }
 }

@@ -3,7 +3,7 @@
 //! sans-IO [`Session`].
 //!
 //! ```text
-//! accept ─► banned? ─► connection permit? ─► TLS (client cert, CRLs) ─► identity_of = Meter(id)?
+//! accept ─► banned? ─► connection permit? ─► TLS (client cert, CRLs) ─► identity_of = Meter(id) | Concentrator(id)?
 //!        ─► Session: CONNECT (ClientID = id) ─► registry (takeover, revocation) ─► PUBLISH ─► PublishHandler
 //!                                                                     PUBACK ◄─ verdict (in order)
 //!
@@ -11,7 +11,13 @@
 //!        ─► Session::publish ─► PUBLISH QoS 1 (once subscribed) ─► meter's PUBACK ─► oneshot: OutboundResult
 //! ```
 //!
-//! Every refusal goes to the [`EventSink`] as a `SecurityEvent`; connects and disconnects too,
+//! Meters and data concentrators connect alike ([`DeviceKind`]); each has its own topics, and
+//! a concentrator a larger packet size and rate limit (see [`crate::session`] for the ACL).
+//! The registry holds one live session per device: a newer connection with the same identity
+//! takes over the older one ([`EventSink::session_replaced`] with both addresses).
+//!
+//! Every refusal goes to the [`EventSink`] as a `SecurityEvent`; connects and disconnects too
+//! ([`EventSink::device_connection`], by default [`EventSink::connection`]),
 //! and each new subscription of a meter to its commands or firmware topic
 //! ([`EventSink::subscribed`]): from then on [`Endpoint::publish`] reaches it there.
 //! A message handed to [`Endpoint::publish`] is sent at most once on that connection; if the
@@ -51,7 +57,7 @@ use tracing::Instrument;
 
 use crate::codec::{self, frame_len};
 use crate::config::{ConfigError, EndpointConfig};
-use crate::handler::{EventSink, InboundPublish, PublishHandler, Verdict};
+use crate::handler::{DeviceKind, EventSink, InboundPublish, PublishHandler, Verdict};
 use crate::limits::{Admission, BanList, BanPolicy, MeterBuckets};
 use crate::peer::{PeerCert, RevocationError, Revocations, handshake_reason};
 use crate::session::{Action, Cancel, OutboundResult, Session};
@@ -115,7 +121,7 @@ pub struct EndpointStats {
     pub accepted: u64,
     /// Connections open now (TLS handshakes included).
     pub open: u64,
-    /// Meters with a live MQTT session now.
+    /// Devices (meters and concentrators) with a live MQTT session now.
     pub sessions: u64,
     /// Failed TLS handshakes (including timeouts) and refused certificate identities.
     pub handshake_failures: u64,
@@ -144,6 +150,8 @@ struct Counters {
 #[derive(Debug)]
 struct Live {
     conn_id: u64,
+    /// The peer's address (reported when a newer connection takes over).
+    addr: SocketAddr,
     cert: Arc<PeerCert>,
     control: oneshot::Sender<Cancel>,
     /// Head-end → meter messages for the session loop.
@@ -152,7 +160,9 @@ struct Live {
 
 #[derive(Debug, Default)]
 struct Registry {
-    live: HashMap<MeterId, Live>,
+    /// By kind and id: a concentrator never takes over a meter's session (their ids are
+    /// distinct by PKI rule; this keeps it so whatever a certificate says).
+    live: HashMap<(DeviceKind, MeterId), Live>,
     revoked: Revocations,
 }
 
@@ -166,6 +176,8 @@ struct Inner<H> {
     bans: Mutex<BanList>,
     /// Each meter's rate-limit bucket, kept across its connections.
     buckets: Mutex<MeterBuckets>,
+    /// Each concentrator's, likewise (a different rate).
+    concentrator_buckets: Mutex<MeterBuckets>,
     permits: Arc<Semaphore>,
     shutdown: CancellationToken,
     next_conn_id: AtomicU64,
@@ -225,6 +237,7 @@ impl<H: PublishHandler> Endpoint<H> {
         Ok(Self {
             inner: Arc::new(Inner {
                 permits: Arc::new(Semaphore::new(config.max_connections)),
+                concentrator_buckets: Mutex::new(buckets.clone()),
                 buckets: Mutex::new(buckets),
                 config,
                 tls: RwLock::new(tls),
@@ -260,14 +273,14 @@ impl<H: PublishHandler> Endpoint<H> {
             *cfg = tls;
         }
         let mut reg = lock(&self.inner.registry);
-        let doomed: Vec<MeterId> = reg
+        let doomed: Vec<(DeviceKind, MeterId)> = reg
             .live
             .iter()
             .filter(|(_, l)| revoked.contains(&l.cert))
-            .map(|(m, _)| m.clone())
+            .map(|(key, _)| key.clone())
             .collect();
-        for meter in &doomed {
-            if let Some(live) = reg.live.remove(meter) {
+        for key in &doomed {
+            if let Some(live) = reg.live.remove(key) {
                 // The session task reports the disconnect (its entry is gone, so it reports it
                 // itself) and raises the security event.
                 let _ = live.control.send(Cancel::Revoked);
@@ -301,10 +314,17 @@ impl<H: PublishHandler> Endpoint<H> {
         self.reload_material(&material)
     }
 
-    /// Disconnects `meter` if it is connected (MQTT 5: DISCONNECT 0x98 administrative action).
+    /// Disconnects the meter or concentrator `meter` if it is connected (MQTT 5: DISCONNECT
+    /// 0x98 administrative action).
     pub fn disconnect(&self, meter: &MeterId) -> bool {
-        let live = lock(&self.inner.registry).live.remove(meter);
-        live.is_some_and(|l| l.control.send(Cancel::Admin).is_ok())
+        let mut reg = lock(&self.inner.registry);
+        let mut any = false;
+        for kind in [DeviceKind::Meter, DeviceKind::Concentrator] {
+            if let Some(l) = reg.live.remove(&(kind, meter.clone())) {
+                any |= l.control.send(Cancel::Admin).is_ok();
+            }
+        }
+        any
     }
 
     /// Sends `payload` to `meter` on `topic` (its `meters/{id}/commands` or
@@ -313,6 +333,9 @@ impl<H: PublishHandler> Endpoint<H> {
     /// PUBACK, [`OutboundResult::Refused`] if the session refused it unsent (another topic, too
     /// large for the meter, queue full), [`OutboundResult::Disconnected`] if the connection ended
     /// first (resend on the next one).
+    ///
+    /// Meters only: a data concentrator has no downward path, so for a concentrator's id this
+    /// answers [`PublishError::NotConnected`] whether it is connected or not.
     ///
     /// # Errors
     ///
@@ -331,7 +354,10 @@ impl<H: PublishHandler> Endpoint<H> {
             done,
         };
         let reg = lock(&self.inner.registry);
-        let live = reg.live.get(meter).ok_or(PublishError::NotConnected)?;
+        let live = reg
+            .live
+            .get(&(DeviceKind::Meter, meter.clone()))
+            .ok_or(PublishError::NotConnected)?;
         match live.outbound.try_send(request) {
             Ok(()) => Ok(rx),
             Err(mpsc::error::TrySendError::Full(_)) => Err(PublishError::Busy),
@@ -339,14 +365,35 @@ impl<H: PublishHandler> Endpoint<H> {
         }
     }
 
-    /// Meters with a live MQTT session.
+    /// Meters with a live MQTT session (concentrators: [`Endpoint::connected_concentrators`]).
     pub fn connected_meters(&self) -> Vec<MeterId> {
-        lock(&self.inner.registry).live.keys().cloned().collect()
+        self.connected(DeviceKind::Meter)
     }
 
-    /// Whether `meter` has a live MQTT session.
+    /// Concentrators with a live MQTT session.
+    pub fn connected_concentrators(&self) -> Vec<MeterId> {
+        self.connected(DeviceKind::Concentrator)
+    }
+
+    fn connected(&self, kind: DeviceKind) -> Vec<MeterId> {
+        lock(&self.inner.registry)
+            .live
+            .keys()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    /// Whether the meter `meter` has a live MQTT session.
     pub fn is_connected(&self, meter: &MeterId) -> bool {
-        lock(&self.inner.registry).live.contains_key(meter)
+        self.is_device_connected(DeviceKind::Meter, meter)
+    }
+
+    /// Whether the device `id` of `kind` has a live MQTT session.
+    pub fn is_device_connected(&self, kind: DeviceKind, id: &MeterId) -> bool {
+        lock(&self.inner.registry)
+            .live
+            .contains_key(&(kind, id.clone()))
     }
 
     /// Counters.
@@ -401,7 +448,8 @@ impl<H: PublishHandler> Endpoint<H> {
                             let span = tracing::info_span!(
                                 "mqtt",
                                 peer = %addr,
-                                meter = tracing::field::Empty
+                                meter = tracing::field::Empty,
+                                device = tracing::field::Empty
                             );
                             tracker.spawn(
                                 async move {
@@ -516,6 +564,14 @@ impl<H> Inner<H> {
     fn is_revoked(&self, cert: &PeerCert) -> bool {
         lock(&self.registry).revoked.contains(cert)
     }
+
+    /// The rate-limit buckets of devices of `kind`.
+    fn buckets(&self, kind: DeviceKind) -> MutexGuard<'_, MeterBuckets> {
+        match kind {
+            DeviceKind::Meter => lock(&self.buckets),
+            DeviceKind::Concentrator => lock(&self.concentrator_buckets),
+        }
+    }
 }
 
 /// A pipeline future for one message.
@@ -621,7 +677,9 @@ async fn serve<H: PublishHandler>(
         .and_then(|der| PeerCert::from_der(der));
     let peer = match peer {
         Ok(p) => {
-            tracing::Span::current().record("meter", tracing::field::display(&p.meter));
+            let span = tracing::Span::current();
+            span.record("meter", tracing::field::display(&p.meter));
+            span.record("device", p.kind.as_str());
             Arc::new(p)
         }
         Err(e) => {
@@ -699,7 +757,7 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
             inner,
             peer,
             addr,
-            session: Session::new(peer.meter.clone(), &inner.config, accepted_at),
+            session: Session::for_device(peer.meter.clone(), peer.kind, &inner.config, accepted_at),
             conn_id: inner.next_conn_id.fetch_add(1, Ordering::Relaxed),
             pending: Vec::new(),
             control_tx: Some(control_tx),
@@ -746,7 +804,7 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
             // Feed complete frames already buffered, as long as the session takes them.
             let mut fed = false;
             while self.session.wants_read() && !self.closing {
-                match frame_len(&rbuf, cfg.max_packet_size) {
+                match frame_len(&rbuf, self.session.max_packet_size()) {
                     Ok(Some(n)) => {
                         fed = true;
                         let frame = rbuf.split_to(n);
@@ -763,8 +821,12 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
                 self.apply(&mut actions);
             }
             if fed && self.connected {
-                // The meter's bucket as this connection leaves it, for its next connection.
-                lock(&inner.buckets).put(&self.peer.meter, self.session.bucket(), Instant::now());
+                // The device's bucket as this connection leaves it, for its next connection.
+                inner.buckets(self.peer.kind).put(
+                    &self.peer.meter,
+                    self.session.bucket(),
+                    Instant::now(),
+                );
             }
             if rbuf.is_empty() && rbuf.capacity() > 16 * 1024 {
                 rbuf = BytesMut::new();
@@ -878,6 +940,7 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
                         .fetch_add(1, Ordering::Relaxed);
                     let msg = InboundPublish {
                         meter_id: self.peer.meter.clone(),
+                        device: self.peer.kind,
                         cert_spki: Arc::clone(&self.peer.spki),
                         cert_serial: self.peer.serial.clone(),
                         topic: d.topic,
@@ -921,12 +984,13 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
         }
     }
 
-    /// CONNECT accepted: enter the registry, taking over an older session of the same meter.
+    /// CONNECT accepted: enter the registry, taking over an older session of the same device.
     fn register(&mut self) {
         let Some(control) = self.control_tx.take() else {
             return;
         };
         let meter = self.peer.meter.clone();
+        let kind = self.peer.kind;
         let mut reg = lock(&self.inner.registry);
         if reg.revoked.contains(self.peer) {
             drop(reg);
@@ -938,30 +1002,40 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
         }
         // The meter's message rate is limited per meter, not per connection: this connection
         // continues with the bucket the meter's earlier ones left (reconnecting refills nothing).
-        if let Some(bucket) = lock(&self.inner.buckets).get(&meter) {
+        if let Some(bucket) = self.inner.buckets(kind).get(&meter) {
             self.session.set_bucket(bucket);
         }
         let Some(outbound) = self.outbound_tx.take() else {
             return;
         };
         let old = reg.live.insert(
-            meter.clone(),
+            (kind, meter.clone()),
             Live {
                 conn_id: self.conn_id,
+                addr: self.addr,
                 cert: Arc::clone(self.peer),
                 control,
                 outbound,
             },
         );
-        if let Some(old) = old {
-            tracing::debug!("takes over the meter's older session");
+        let previous = old.map(|old| {
+            tracing::debug!(previous = %old.addr, "takes over the {kind}'s older session");
             let _ = old.control.send(Cancel::TakenOver);
-        }
-        tracing::debug!("session started");
+            old.addr
+        });
+        tracing::debug!(%kind, "session started");
         self.connected = true;
-        // Reported under the registry lock so that connect / disconnect reports of one meter
-        // reach the sink in registry order (the sink does not block).
-        self.inner.events.connection(&meter, true, self.inner.now());
+        // Reported under the registry lock so that connect / disconnect / takeover reports of
+        // one device reach the sink in registry order (the sink does not block).
+        let now = self.inner.now();
+        self.inner
+            .events
+            .device_connection(&meter, kind, self.addr, true, now);
+        if let Some(previous) = previous {
+            self.inner
+                .events
+                .session_replaced(&meter, previous, self.addr, now);
+        }
     }
 
     /// The connection is over: closes the session (if the connection ended under it), so every
@@ -1012,10 +1086,11 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
             return;
         }
         let meter = &self.peer.meter;
+        let key = (self.peer.kind, meter.clone());
         let mut reg = lock(&self.inner.registry);
-        let report = match reg.live.get(meter) {
+        let report = match reg.live.get(&key) {
             Some(l) if l.conn_id == self.conn_id => {
-                reg.live.remove(meter);
+                reg.live.remove(&key);
                 true
             }
             Some(_) => false,
@@ -1024,7 +1099,13 @@ impl<'a, H: PublishHandler> SessionLoop<'a, H> {
         };
         tracing::debug!(abused = self.abused, "session ended");
         if report {
-            self.inner.events.connection(meter, false, self.inner.now());
+            self.inner.events.device_connection(
+                meter,
+                self.peer.kind,
+                self.addr,
+                false,
+                self.inner.now(),
+            );
         }
     }
 }

@@ -1,6 +1,10 @@
 //! The endpoint ↔ pipeline contract: what the endpoint hands over for each accepted PUBLISH
 //! ([`InboundPublish`] to a [`PublishHandler`]), what it expects back ([`Verdict`]), and where
 //! security events and connection notifications go ([`EventSink`]).
+//!
+//! Two kinds of device connect ([`DeviceKind`]): meters, and data concentrators that relay for
+//! the meters behind them. Both are identified by their certificate; a concentrator's id has
+//! the syntax of a meter id (a [`MeterId`]) and is never also a meter's.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,18 +17,54 @@ use time::OffsetDateTime;
 
 use crate::codec::Protocol;
 
-/// One PUBLISH that passed the endpoint's checks: the sender's certificate proved `meter_id`,
-/// the ClientID equals it, and the topic is one the meter may publish to.
+/// What kind of device a peer's certificate proves (`gridward_pki::identity_of`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeviceKind {
+    /// A meter (`Identity::Meter`): publishes to `meters/{id}/readings` and `meters/{id}/events`,
+    /// subscribes to `meters/{id}/commands` and `meters/{id}/firmware`.
+    Meter,
+    /// A data concentrator (`Identity::Concentrator`): publishes to `concentrators/{id}/relay`
+    /// (relay batches of its meters' envelopes) and `concentrators/{id}/events` (its own signed
+    /// events), subscribes to nothing.
+    Concentrator,
+}
+
+impl DeviceKind {
+    /// `meter` or `concentrator`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Meter => "meter",
+            Self::Concentrator => "concentrator",
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One PUBLISH that passed the endpoint's checks: the sender's certificate proved `meter_id`
+/// (a meter's or a concentrator's, see `device`), the ClientID equals it, and the topic is one
+/// that device may publish to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InboundPublish {
-    /// The meter, from the client certificate (`identity_of`), already equal to the ClientID.
+    /// The sending device's id, from the client certificate (`identity_of`), already equal to
+    /// the ClientID: the meter's id for a meter, **the concentrator's own id** for a concentrator
+    /// (the meters it relays for are named inside the relay batch, not here).
     pub meter_id: MeterId,
+    /// What kind of device sent it: [`DeviceKind::Meter`] (topic `meters/{id}/readings` or
+    /// `meters/{id}/events`) or [`DeviceKind::Concentrator`] (topic `concentrators/{id}/relay`
+    /// or `concentrators/{id}/events`).
+    pub device: DeviceKind,
     /// DER SubjectPublicKeyInfo of the client certificate (to build the envelope's `VerifyingKey`).
     pub cert_spki: Arc<[u8]>,
     /// Serial of the client certificate: lowercase hex without leading zero bytes
     /// (the `gridward-pki` inventory form).
     pub cert_serial: String,
-    /// The topic: `meters/{id}/readings` or `meters/{id}/events`.
+    /// The topic: `meters/{id}/readings` or `meters/{id}/events` for a meter,
+    /// `concentrators/{id}/relay` or `concentrators/{id}/events` for a concentrator.
     pub topic: String,
     /// The application payload (the signed envelope).
     pub payload: Bytes,
@@ -112,10 +152,41 @@ pub trait PublishHandler: Send + Sync + 'static {
 /// (e.g. push into a bounded channel and count what does not fit).
 pub trait EventSink: Send + Sync + 'static {
     /// One refusal (TLS, identity, ACL, limits, malformed packets, timeouts, revocation).
+    /// For a concentrator the event's `meter_id` is the concentrator's id.
     fn security_event(&self, event: SecurityEvent);
     /// `meter` completed CONNECT (`connected = true`) or its connection ended (`false`).
-    /// A connection taken over by a newer one of the same meter reports no `false`.
+    /// A connection taken over by a newer one of the same device reports no `false`.
+    /// Also reported for concentrators: `meter` is then the concentrator's id (implement
+    /// [`EventSink::device_connection`] to tell them apart).
     fn connection(&self, meter: &MeterId, connected: bool, at: OffsetDateTime);
+    /// What the endpoint calls for every connect / disconnect: the device's id, its kind and
+    /// the peer's address. The default calls [`EventSink::connection`]`(device, connected, at)`;
+    /// a sink that overrides this one gets no `connection` calls (unless it forwards them).
+    fn device_connection(
+        &self,
+        device: &MeterId,
+        kind: DeviceKind,
+        source: SocketAddr,
+        connected: bool,
+        at: OffsetDateTime,
+    ) {
+        let _ = (kind, source);
+        self.connection(device, connected, at);
+    }
+    /// A new connection of `device` (a meter or concentrator id) completed CONNECT while an
+    /// older one was live: the older one, from `previous`, is taken over (MQTT 5: DISCONNECT
+    /// 0x8E) by the one from `current`. Reported after the new connection's
+    /// `connection(.., true, ..)`; the older one reports no `false`. Two addresses taking turns
+    /// with one certificate may be a cloned device. The default does nothing.
+    fn session_replaced(
+        &self,
+        device: &MeterId,
+        previous: SocketAddr,
+        current: SocketAddr,
+        at: OffsetDateTime,
+    ) {
+        let _ = (device, previous, current, at);
+    }
     /// `meter` subscribed to `topic`, its `meters/{id}/commands` or `meters/{id}/firmware`
     /// topic, on its current connection: head-end messages for that topic reach it from now on
     /// (`Endpoint::publish`). Reported once per topic and connection, after the SUBACK.
@@ -132,6 +203,27 @@ impl<T: EventSink + ?Sized> EventSink for Arc<T> {
 
     fn connection(&self, meter: &MeterId, connected: bool, at: OffsetDateTime) {
         (**self).connection(meter, connected, at);
+    }
+
+    fn device_connection(
+        &self,
+        device: &MeterId,
+        kind: DeviceKind,
+        source: SocketAddr,
+        connected: bool,
+        at: OffsetDateTime,
+    ) {
+        (**self).device_connection(device, kind, source, connected, at);
+    }
+
+    fn session_replaced(
+        &self,
+        device: &MeterId,
+        previous: SocketAddr,
+        current: SocketAddr,
+        at: OffsetDateTime,
+    ) {
+        (**self).session_replaced(device, previous, current, at);
     }
 
     fn subscribed(&self, meter: &MeterId, topic: &str, at: OffsetDateTime) {

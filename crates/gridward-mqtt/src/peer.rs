@@ -1,5 +1,5 @@
-//! The peer's certificate after the TLS handshake: who it is ([`PeerCert::from_der`] via
-//! `gridward_pki::identity_of`), why a handshake failed ([`handshake_reason`], one reason per
+//! The peer's certificate after the TLS handshake: which device it is, a meter or a
+//! concentrator ([`PeerCert::from_der`] via `gridward_pki::identity_of`), why a handshake failed ([`handshake_reason`], one reason per
 //! certificate-path refusal), and which
 //! certificates are revoked ([`Revocations`]).
 
@@ -14,7 +14,9 @@ use rustls_pki_types::CertificateRevocationListDer;
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
-/// Why a verified client certificate cannot be used on the meter endpoint.
+use crate::handler::DeviceKind;
+
+/// Why a verified client certificate cannot be used on the device endpoint.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PeerError {
@@ -24,16 +26,19 @@ pub enum PeerError {
     /// The certificate does not prove an identity.
     #[error("certificate does not prove an identity: {0}")]
     Identity(#[from] IdentityError),
-    /// The certificate proves an identity that is not a meter.
-    #[error("{0} may not connect to the meter endpoint")]
-    NotAMeter(String),
+    /// The certificate proves an identity that is neither a meter nor a concentrator
+    /// (a client or server certificate).
+    #[error("{0} may not connect to the device endpoint")]
+    NotADevice(String),
 }
 
-/// What the endpoint keeps of a meter's certificate.
+/// What the endpoint keeps of a device's (meter's or concentrator's) certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerCert {
-    /// The meter id (URI SAN and CN).
+    /// The device id (URI SAN and CN): a meter's or a concentrator's, see `kind`.
     pub meter: MeterId,
+    /// Meter or concentrator.
+    pub kind: DeviceKind,
     /// DER SubjectPublicKeyInfo.
     pub spki: Arc<[u8]>,
     /// Serial, lowercase hex without leading zero bytes (the `gridward-pki` form).
@@ -47,18 +52,20 @@ impl PeerCert {
     ///
     /// # Errors
     ///
-    /// [`PeerError::Identity`] from `identity_of`, [`PeerError::NotAMeter`] for client and
+    /// [`PeerError::Identity`] from `identity_of`, [`PeerError::NotADevice`] for client and
     /// server certificates.
     pub fn from_der(der: &[u8]) -> Result<Self, PeerError> {
-        let meter = match identity_of(der)? {
-            Identity::Meter(id) => id,
-            other => return Err(PeerError::NotAMeter(other.to_string())),
+        let (meter, kind) = match identity_of(der)? {
+            Identity::Meter(id) => (id, DeviceKind::Meter),
+            Identity::Concentrator(id) => (id, DeviceKind::Concentrator),
+            other => return Err(PeerError::NotADevice(other.to_string())),
         };
         // identity_of parsed the same bytes successfully, so this parse cannot fail; map anyway.
         let (_, cert) = X509Certificate::from_der(der)
             .map_err(|e| PeerError::Identity(IdentityError::Malformed(e.to_string())))?;
         Ok(Self {
             meter,
+            kind,
             spki: Arc::from(cert.public_key().raw),
             serial: serial_hex(cert.raw_serial()),
             issuer: cert.issuer().as_raw().to_vec(),
@@ -305,6 +312,7 @@ mod tests {
         let r = Revocations::from_serials(["0A:FF", "0x0001"]);
         let cert = |serial: &str| PeerCert {
             meter: MeterId::new("M").unwrap(),
+            kind: DeviceKind::Meter,
             spki: Arc::from(&[][..]),
             serial: serial.into(),
             issuer: vec![1],

@@ -1,4 +1,5 @@
-//! The sans-IO MQTT session of one authenticated meter: packets and time in, [`Action`]s out.
+//! The sans-IO MQTT session of one authenticated device — a meter or a data concentrator
+//! ([`DeviceKind`]): packets and time in, [`Action`]s out.
 //!
 //! The endpoint's I/O loop owns the socket; it feeds every decoded packet (or decoding error),
 //! every verdict from the pipeline, every head-end → meter message and every timer tick into a
@@ -7,6 +8,21 @@
 //! Everything the endpoint decides about MQTT — identity binding of the ClientID, the topic ACL,
 //! QoS, keep-alive, rate limit, PUBACK ordering, the downward path — is decided here and tested
 //! in memory.
+//!
+//! ## The topic ACL
+//!
+//! | device | may publish (QoS 0/1) to | may subscribe to |
+//! | --- | --- | --- |
+//! | meter `id` | `meters/{id}/readings`, `meters/{id}/events` | `meters/{id}/commands`, `meters/{id}/firmware` |
+//! | concentrator `id` | `concentrators/{id}/relay`, `concentrators/{id}/events` | nothing |
+//!
+//! A PUBLISH to any other topic (another device's, the other kind's, a downward topic) is
+//! refused with `topic_not_authorized`: MQTT 5 QoS 1 gets PUBACK 0x87 in its turn, then
+//! DISCONNECT 0x87; otherwise the connection closes (DISCONNECT 0x87 under MQTT 5). A refused
+//! subscription gets a SUBACK failure and `subscribe_not_authorized`; the session goes on.
+//! For both kinds the ClientID must be the certificate's id (`client_id_mismatch`), and the
+//! rate limit and largest packet are the device kind's (see [`EndpointConfig::rate_of`],
+//! [`EndpointConfig::max_packet_size_of`]). The PUBACK contract ([`Verdict`]) is the same.
 //!
 //! ## The downward path (head-end → meter)
 //!
@@ -17,6 +33,8 @@
 //!
 //! - A meter may subscribe (QoS 0 or 1) to its own `meters/{id}/commands` and
 //!   `meters/{id}/firmware` only; [`Action::Subscribed`] follows the SUBACK of a new one.
+//!   A concentrator has no downward path: every [`Session::publish`] to it is refused
+//!   ([`OutboundRefusal::TopicNotAllowed`]).
 //! - A message goes only to the meter's commands or firmware topic, and only once the meter has
 //!   subscribed to it; until then it waits in the session's queue. A full queue, another topic or
 //!   a PUBLISH larger than the client's Maximum Packet Size end it at once with
@@ -40,7 +58,7 @@ use gridward_core::security::Reason;
 
 use crate::codec::{self, CodecError, ConnAckProperties, ConnectInfo, Packet, Protocol, QoS};
 use crate::config::EndpointConfig;
-use crate::handler::Verdict;
+use crate::handler::{DeviceKind, Verdict};
 use crate::limits::TokenBucket;
 
 /// MQTT 5 reason codes used by the endpoint.
@@ -243,14 +261,17 @@ struct Outbound {
     payload: Bytes,
 }
 
-/// The MQTT session of one meter whose certificate has been verified.
+/// The MQTT session of one device (meter or concentrator) whose certificate has been verified.
 #[derive(Debug)]
 pub struct Session {
     meter: MeterId,
-    readings_topic: String,
-    events_topic: String,
-    commands_topic: String,
-    firmware_topic: String,
+    kind: DeviceKind,
+    /// The topics the device may publish to: readings + events (meter), relay + events
+    /// (concentrator).
+    uplinks: [String; 2],
+    /// The topics a meter may subscribe to and the head-end publish to (indexed by
+    /// [`Downlink`]); `None` for a concentrator.
+    downlinks: Option<[String; 2]>,
     /// The granted QoS of the meter's subscription to its commands / firmware topic
     /// (indexed by [`Downlink`]).
     subscriptions: [Option<QoS>; 2],
@@ -283,11 +304,35 @@ pub struct Session {
 impl Session {
     /// A session for `meter` (from its certificate) whose connection was accepted at `now`.
     pub fn new(meter: MeterId, config: &EndpointConfig, now: Instant) -> Self {
+        Self::for_device(meter, DeviceKind::Meter, config, now)
+    }
+
+    /// A session for the device `id` of `kind` (both from its certificate) whose connection was
+    /// accepted at `now`: the topic ACL, rate limit and largest packet are that kind's.
+    pub fn for_device(
+        id: MeterId,
+        kind: DeviceKind,
+        config: &EndpointConfig,
+        now: Instant,
+    ) -> Self {
+        let (uplinks, downlinks) = match kind {
+            DeviceKind::Meter => (
+                [id.readings_topic(), id.events_topic()],
+                Some([id.commands_topic(), id.firmware_topic()]),
+            ),
+            DeviceKind::Concentrator => (
+                [
+                    gridward_core::relay::relay_topic(&id),
+                    gridward_core::relay::concentrator_events_topic(&id),
+                ],
+                None,
+            ),
+        };
+        let (rate, burst) = config.rate_of(kind);
         Self {
-            readings_topic: meter.readings_topic(),
-            events_topic: meter.events_topic(),
-            commands_topic: meter.commands_topic(),
-            firmware_topic: meter.firmware_topic(),
+            kind,
+            uplinks,
+            downlinks,
             subscriptions: [None; 2],
             outbound_queue: VecDeque::new(),
             outbound_sent: VecDeque::new(),
@@ -295,26 +340,37 @@ impl Session {
             max_outbound_queue: config.max_outbound_queue.max(1),
             max_outbound_inflight: usize::from(config.max_outbound_inflight.max(1)),
             outbound_window: usize::from(config.max_outbound_inflight.max(1)),
-            meter,
+            meter: id,
             state: State::AwaitingConnect,
             protocol: Protocol::V311,
             inflight: VecDeque::new(),
             next_seq: 0,
-            bucket: TokenBucket::new(config.rate_per_second, config.rate_burst, now),
+            bucket: TokenBucket::new(rate, burst, now),
             keep_alive: config.max_keep_alive,
             last_packet: now,
             connect_deadline: now + config.connect_timeout,
             max_inflight: usize::from(config.max_inflight.max(1)),
             max_keep_alive: config.max_keep_alive,
-            max_packet_size: config.max_packet_size,
+            max_packet_size: config.max_packet_size_of(kind),
             reason_strings: false,
             client_max_packet_size: usize::MAX,
         }
     }
 
-    /// The meter.
+    /// The device's id (a meter's or a concentrator's, see [`Session::kind`]).
     pub fn meter(&self) -> &MeterId {
         &self.meter
+    }
+
+    /// Meter or concentrator.
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+
+    /// The largest packet accepted from the device, fixed header included (the I/O loop frames
+    /// with it; announced to MQTT 5 clients as Maximum Packet Size).
+    pub fn max_packet_size(&self) -> usize {
+        self.max_packet_size
     }
 
     /// The rate-limit bucket (the endpoint keeps it per meter across connections).
@@ -477,7 +533,7 @@ impl Session {
                     self.event(
                         out,
                         Reason::RateLimited,
-                        "message rate of the meter exceeded".to_owned(),
+                        format!("message rate of the {} exceeded", self.kind),
                     );
                     self.state = State::Draining(Some(rc::MESSAGE_RATE_TOO_HIGH));
                     self.flush_ready(out);
@@ -501,8 +557,8 @@ impl Session {
                 out,
                 Reason::ClientIdMismatch,
                 format!(
-                    "ClientID {:?} is not the certificate's meter id {}",
-                    info.client_id, self.meter
+                    "ClientID {:?} is not the certificate's {} id {}",
+                    info.client_id, self.kind, self.meter
                 ),
             );
             let code = match self.protocol {
@@ -670,11 +726,14 @@ impl Session {
             self.disconnect(out, rc::QOS_NOT_SUPPORTED);
             return;
         }
-        if topic != self.readings_topic && topic != self.events_topic {
+        if !self.uplinks.contains(&topic) {
             self.event(
                 out,
                 Reason::TopicNotAuthorized,
-                format!("publish to {topic:?} refused"),
+                format!(
+                    "publish to {topic:?} refused ({} {})",
+                    self.kind, self.meter
+                ),
             );
             match (self.protocol, qos) {
                 (Protocol::V5, QoS::AtLeastOnce) => {
@@ -868,22 +927,23 @@ impl Session {
         }
     }
 
-    /// Which of the meter's downward topics `topic` is, if any.
+    /// Which of the meter's downward topics `topic` is, if any (never any for a concentrator).
     fn downlink(&self, topic: &str) -> Option<Downlink> {
-        if topic == self.commands_topic {
+        let [commands, firmware] = self.downlinks.as_ref()?;
+        if topic == commands {
             Some(Downlink::Commands)
-        } else if topic == self.firmware_topic {
+        } else if topic == firmware {
             Some(Downlink::Firmware)
         } else {
             None
         }
     }
 
+    /// The topic of `to` (only called for a `Downlink` that [`Self::downlink`] returned).
     fn topic(&self, to: Downlink) -> &str {
-        match to {
-            Downlink::Commands => &self.commands_topic,
-            Downlink::Firmware => &self.firmware_topic,
-        }
+        self.downlinks
+            .as_ref()
+            .map_or("", |topics| topics[to as usize].as_str())
     }
 
     /// An unused packet id for a server → client PUBLISH (1..=65,535, round robin).
@@ -2159,5 +2219,254 @@ mod tests {
                 assert_eq!(publish_len(protocol, COMMANDS.len(), n), buf.len(), "{n}");
             }
         }
+    }
+
+    // ------------------------------------------------------------------------------------------
+    // Data concentrators (issue 11)
+
+    fn concentrator() -> MeterId {
+        MeterId::new("DC-1").unwrap()
+    }
+
+    fn concentrator_connected(protocol: Protocol) -> (Session, Instant) {
+        let t0 = Instant::now();
+        let mut s = Session::for_device(concentrator(), DeviceKind::Concentrator, &cfg(), t0);
+        let mut out = Vec::new();
+        s.on_packet(connect(protocol, "DC-1", 30), t0, &mut out);
+        assert!(s.is_connected(), "{out:?}");
+        assert!(events(&out).is_empty());
+        (s, t0)
+    }
+
+    fn deliveries(out: &[Action]) -> Vec<(String, QoS)> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::Deliver(d) => Some((d.topic.clone(), d.qos)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_concentrator_publishes_to_its_relay_and_events_topics() {
+        for protocol in [Protocol::V311, Protocol::V5] {
+            let (mut s, t0) = concentrator_connected(protocol);
+            assert_eq!(s.kind(), DeviceKind::Concentrator);
+            let mut out = Vec::new();
+            s.on_packet(
+                publish("concentrators/DC-1/relay", QoS::AtLeastOnce, 1),
+                t0,
+                &mut out,
+            );
+            s.on_packet(
+                publish("concentrators/DC-1/events", QoS::AtMostOnce, 0),
+                t0,
+                &mut out,
+            );
+            s.on_packet(
+                publish("concentrators/DC-1/events", QoS::AtLeastOnce, 2),
+                t0,
+                &mut out,
+            );
+            assert!(events(&out).is_empty(), "{out:?}");
+            assert_eq!(
+                deliveries(&out),
+                vec![
+                    ("concentrators/DC-1/relay".into(), QoS::AtLeastOnce),
+                    ("concentrators/DC-1/events".into(), QoS::AtMostOnce),
+                    ("concentrators/DC-1/events".into(), QoS::AtLeastOnce),
+                ]
+            );
+            // The PUBACK contract is the meters': in order, after the verdicts.
+            let mut out = Vec::new();
+            s.on_verdict(2, Verdict::Accepted, &mut out);
+            assert!(sent(protocol, &out).is_empty());
+            s.on_verdict(1, Verdict::Accepted, &mut out);
+            s.on_verdict(0, Verdict::Duplicate, &mut out);
+            assert_eq!(
+                sent(protocol, &out),
+                vec![
+                    Packet::PubAck {
+                        pkid: 1,
+                        reason_code: 0
+                    },
+                    Packet::PubAck {
+                        pkid: 2,
+                        reason_code: 0
+                    },
+                ]
+            );
+            assert!(s.is_connected());
+        }
+    }
+
+    #[test]
+    fn a_concentrators_client_id_must_be_its_own_id() {
+        for (protocol, code) in [(Protocol::V311, 5), (Protocol::V5, 0x87)] {
+            let t0 = Instant::now();
+            let mut s = Session::for_device(concentrator(), DeviceKind::Concentrator, &cfg(), t0);
+            let mut out = Vec::new();
+            s.on_packet(connect(protocol, "MTR-1", 30), t0, &mut out);
+            assert_eq!(events(&out), vec![Reason::ClientIdMismatch]);
+            assert!(matches!(
+                &out[0],
+                Action::Event { detail, .. } if detail.contains("concentrator id DC-1")
+            ));
+            assert_eq!(
+                sent(protocol, &out),
+                vec![Packet::ConnAck {
+                    session_present: false,
+                    code
+                }]
+            );
+            assert!(s.is_closed());
+        }
+    }
+
+    #[test]
+    fn a_concentrator_is_refused_on_meter_topics_and_other_concentrators_topics() {
+        for topic in [
+            "meters/DC-1/readings",
+            "meters/DC-1/events",
+            "meters/MTR-1/readings",
+            "concentrators/DC-2/relay",
+            "concentrators/DC-2/events",
+            "concentrators/DC-1/commands",
+            "concentrators/DC-1/relay/x",
+            "concentrators/+/relay",
+        ] {
+            // 3.1.1: close.
+            let (mut s, t0) = concentrator_connected(Protocol::V311);
+            let mut out = Vec::new();
+            s.on_packet(publish(topic, QoS::AtLeastOnce, 1), t0, &mut out);
+            assert_eq!(events(&out), vec![Reason::TopicNotAuthorized], "{topic}");
+            assert!(deliveries(&out).is_empty());
+            assert!(sent(Protocol::V311, &out).is_empty());
+            assert_eq!(out.last(), Some(&Action::Close));
+            // 5: PUBACK 0x87, then DISCONNECT 0x87, as for a meter.
+            let (mut s, t0) = concentrator_connected(Protocol::V5);
+            let mut out = Vec::new();
+            s.on_packet(publish(topic, QoS::AtLeastOnce, 7), t0, &mut out);
+            assert_eq!(events(&out), vec![Reason::TopicNotAuthorized], "{topic}");
+            assert!(deliveries(&out).is_empty());
+            assert_eq!(
+                sent(Protocol::V5, &out),
+                vec![
+                    Packet::PubAck {
+                        pkid: 7,
+                        reason_code: 0x87
+                    },
+                    Packet::Disconnect { reason_code: 0x87 },
+                ]
+            );
+            assert!(s.is_closed());
+        }
+    }
+
+    #[test]
+    fn a_concentrator_cannot_subscribe() {
+        for (protocol, fail) in [(Protocol::V311, 0x80), (Protocol::V5, 0x87)] {
+            let (mut s, t0) = concentrator_connected(protocol);
+            let mut out = Vec::new();
+            s.on_packet(
+                Packet::Subscribe {
+                    pkid: 3,
+                    filters: vec![
+                        ("meters/DC-1/commands".into(), QoS::AtLeastOnce),
+                        ("meters/DC-1/firmware".into(), QoS::AtMostOnce),
+                        ("concentrators/DC-1/commands".into(), QoS::AtLeastOnce),
+                        ("concentrators/DC-1/relay".into(), QoS::AtLeastOnce),
+                        ("#".into(), QoS::AtMostOnce),
+                        ("".into(), QoS::AtMostOnce),
+                    ],
+                },
+                t0,
+                &mut out,
+            );
+            assert_eq!(events(&out), vec![Reason::SubscribeNotAuthorized; 6]);
+            assert_eq!(
+                sent(protocol, &out),
+                vec![Packet::SubAck {
+                    pkid: 3,
+                    return_codes: vec![fail; 6]
+                }]
+            );
+            assert!(!out.iter().any(|a| matches!(a, Action::Subscribed { .. })));
+            assert!(s.is_connected());
+            assert!(!s.is_subscribed("meters/DC-1/commands"));
+        }
+    }
+
+    #[test]
+    fn head_end_publishes_to_a_concentrator_are_refused_unsent() {
+        let (mut s, _) = concentrator_connected(Protocol::V5);
+        for (tag, topic) in [
+            "meters/DC-1/commands",
+            "meters/DC-1/firmware",
+            "concentrators/DC-1/relay",
+            "",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut out = Vec::new();
+            s.publish(topic, payload(1), tag as u64, &mut out);
+            assert_eq!(
+                done(&out),
+                vec![(
+                    tag as u64,
+                    OutboundResult::Refused(OutboundRefusal::TopicNotAllowed {
+                        topic: topic.into()
+                    })
+                )]
+            );
+            assert!(sent(Protocol::V5, &out).is_empty());
+        }
+        assert_eq!(s.outbound_queued(), 0);
+    }
+
+    #[test]
+    fn a_meter_cannot_publish_to_concentrator_topics() {
+        for topic in [
+            "concentrators/MTR-1/relay",
+            "concentrators/MTR-1/events",
+            "concentrators/DC-1/relay",
+        ] {
+            let (mut s, t0) = connected(Protocol::V5);
+            let mut out = Vec::new();
+            s.on_packet(publish(topic, QoS::AtLeastOnce, 1), t0, &mut out);
+            assert_eq!(events(&out), vec![Reason::TopicNotAuthorized], "{topic}");
+            assert!(deliveries(&out).is_empty());
+            assert_eq!(
+                sent(Protocol::V5, &out).last(),
+                Some(&Packet::Disconnect { reason_code: 0x87 })
+            );
+        }
+    }
+
+    #[test]
+    fn a_concentrator_has_a_larger_packet_size_and_a_multiplied_rate() {
+        let config = cfg();
+        let t0 = Instant::now();
+        let m = Session::new(meter(), &config, t0);
+        let c = Session::for_device(concentrator(), DeviceKind::Concentrator, &config, t0);
+        assert_eq!(m.kind(), DeviceKind::Meter);
+        assert_eq!(m.max_packet_size(), config.max_packet_size);
+        assert_eq!(c.max_packet_size(), config.concentrator_max_packet_size);
+        assert!(c.max_packet_size() > gridward_core::relay::MAX_RELAY_BYTES);
+        // cfg(): burst 5 → 5 × 64 = 320 packets at once for the concentrator.
+        let (mut s, t0) = concentrator_connected(Protocol::V5);
+        let mut out = Vec::new();
+        for _ in 0..320 {
+            s.on_packet(Packet::PingReq, t0, &mut out);
+        }
+        assert!(events(&out).is_empty());
+        s.on_packet(Packet::PingReq, t0, &mut out);
+        assert_eq!(events(&out), vec![Reason::RateLimited]);
+        assert!(matches!(
+            out.iter().find(|a| matches!(a, Action::Event { .. })),
+            Some(Action::Event { detail, .. }) if detail.contains("concentrator")
+        ));
+        assert!(s.is_closed());
     }
 }

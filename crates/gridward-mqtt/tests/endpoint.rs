@@ -20,8 +20,8 @@ use gridward_mqtt::client::{
     Client, ClientError, ClientOptions, ConnAck, Packet, Protocol, QoS, connect_tls, tls_connect,
 };
 use gridward_mqtt::{
-    Endpoint, EndpointConfig, EventSink, InboundPublish, OutboundRefusal, OutboundResult,
-    PublishError, PublishHandler, Verdict,
+    DeviceKind, Endpoint, EndpointConfig, EventSink, InboundPublish, OutboundRefusal,
+    OutboundResult, PublishError, PublishHandler, Verdict,
 };
 use gridward_pki::tls::{TlsMaterial, client_config, server_config};
 use gridward_pki::{
@@ -105,6 +105,10 @@ struct Recorder {
     conns: Mutex<Vec<(String, bool)>>,
     /// (meter, topic) of every `EventSink::subscribed`.
     subs: Mutex<Vec<(String, String)>>,
+    /// (id, kind, source, connected) of every `EventSink::device_connection`.
+    devices: Mutex<Vec<(String, DeviceKind, SocketAddr, bool)>>,
+    /// (id, previous, current) of every `EventSink::session_replaced`.
+    replaced: Mutex<Vec<(String, SocketAddr, SocketAddr)>>,
     verdict: Mutex<Option<Verdict>>,
     /// When set, each message waits for one permit before its verdict.
     gate: Option<Arc<Semaphore>>,
@@ -163,6 +167,14 @@ impl Recorder {
     fn subs(&self) -> Vec<(String, String)> {
         self.subs.lock().unwrap().clone()
     }
+
+    fn devices(&self) -> Vec<(String, DeviceKind, SocketAddr, bool)> {
+        self.devices.lock().unwrap().clone()
+    }
+
+    fn replaced(&self) -> Vec<(String, SocketAddr, SocketAddr)> {
+        self.replaced.lock().unwrap().clone()
+    }
 }
 
 impl PublishHandler for Recorder {
@@ -202,6 +214,35 @@ impl EventSink for Recorder {
             .lock()
             .unwrap()
             .push((meter.to_string(), connected));
+    }
+
+    fn device_connection(
+        &self,
+        device: &MeterId,
+        kind: DeviceKind,
+        source: SocketAddr,
+        connected: bool,
+        at: OffsetDateTime,
+    ) {
+        self.devices
+            .lock()
+            .unwrap()
+            .push((device.to_string(), kind, source, connected));
+        // What the default does: the tests below that read `conns` see every device.
+        self.connection(device, connected, at);
+    }
+
+    fn session_replaced(
+        &self,
+        device: &MeterId,
+        previous: SocketAddr,
+        current: SocketAddr,
+        _at: OffsetDateTime,
+    ) {
+        self.replaced
+            .lock()
+            .unwrap()
+            .push((device.to_string(), previous, current));
     }
 
     fn subscribed(&self, meter: &MeterId, topic: &str, _at: OffsetDateTime) {
@@ -1803,4 +1844,385 @@ async fn mosquitto_sub_receives_what_the_head_end_publishes() {
     }
     wait_until("both sessions over", || !srv.ep.is_connected(&meter)).await;
     assert!(rec.events.lock().unwrap().is_empty(), "{:?}", rec.reasons());
+}
+
+// ----------------------------------------------------------------------------------------------
+// Data concentrators (issue 11)
+
+/// A client configuration presenting a concentrator certificate `id` from the fixture's issuing
+/// CA: URI SAN `urn:gridward:concentrator:{id}`, CN id, EKU clientAuth (the profile of
+/// `docs/wire-format.md` §11), made here with rcgen and the PKI's issuing key.
+fn concentrator_tls(fx: &Fixture, id: &str) -> Arc<ClientConfig> {
+    use rcgen::{
+        CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    };
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+
+    let ca_pem = std::fs::read_to_string(fx.dir.join("ca/issuing.key.pem")).unwrap();
+    let issuing = fx.pki.issuing_certificate().clone();
+    let issuer = Issuer::from_ca_cert_der(&issuing, KeyPair::from_pem(&ca_pem).unwrap()).unwrap();
+    let mut params = CertificateParams::default();
+    params.not_before = fx.now - time::Duration::days(1);
+    params.not_after = fx.now + time::Duration::days(30);
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, id);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.subject_alt_names = vec![SanType::URI(
+        format!("urn:gridward:concentrator:{id}")
+            .try_into()
+            .unwrap(),
+    )];
+    let mut serial = vec![0x5c];
+    serial.extend_from_slice(&rand_serial());
+    params.serial_number = Some(SerialNumber::from_slice(&serial));
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let ours = fx.server_material();
+    client_config(&TlsMaterial {
+        chain: vec![cert.der().clone(), issuing],
+        key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        roots: ours.roots,
+        crls: ours.crls,
+    })
+    .unwrap()
+}
+
+/// Eight bytes that differ between calls (distinct serials for the certificates made here).
+fn rand_serial() -> [u8; 8] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    (nanos ^ N.fetch_add(1, Ordering::Relaxed).rotate_left(40)).to_be_bytes()
+}
+
+async fn connect_concentrator(
+    srv: &Server,
+    fx: &Fixture,
+    id: &str,
+    client_id: &str,
+    protocol: Protocol,
+) -> Result<(Client, ConnAck), ClientError> {
+    connect_tls(
+        srv.addr,
+        "localhost",
+        concentrator_tls(fx, id),
+        &opts(client_id, protocol),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concentrator_publishes_to_its_relay_and_events_topics() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    let dc = m("DC-1");
+
+    let (mut c, ack) = connect_concentrator(&srv, &fx, "DC-1", "DC-1", Protocol::V5)
+        .await
+        .unwrap();
+    assert_eq!(ack.code, 0);
+    wait_until("connect notification", || rec.devices().len() == 1).await;
+    let (id, kind, _, connected) = rec.devices()[0].clone();
+    assert_eq!(
+        (id.as_str(), kind, connected),
+        ("DC-1", DeviceKind::Concentrator, true)
+    );
+    assert_eq!(rec.conns(), vec![("DC-1".into(), true)]);
+    assert!(srv.ep.is_device_connected(DeviceKind::Concentrator, &dc));
+    assert!(!srv.ep.is_connected(&dc), "is_connected is for meters");
+    assert_eq!(srv.ep.connected_concentrators(), vec![dc.clone()]);
+    assert!(srv.ep.connected_meters().is_empty());
+
+    c.publish(
+        "concentrators/DC-1/relay",
+        b"batch".to_vec(),
+        QoS::AtLeastOnce,
+        1,
+    )
+    .await
+    .unwrap();
+    c.publish(
+        "concentrators/DC-1/events",
+        b"event".to_vec(),
+        QoS::AtLeastOnce,
+        2,
+    )
+    .await
+    .unwrap();
+    for pkid in [1, 2] {
+        assert_eq!(
+            next(&mut c).await,
+            Some(Packet::PubAck {
+                pkid,
+                reason_code: 0
+            })
+        );
+    }
+    let got = rec.publishes();
+    assert_eq!(got.len(), 2);
+    for (msg, topic) in got
+        .iter()
+        .zip(["concentrators/DC-1/relay", "concentrators/DC-1/events"])
+    {
+        assert_eq!(msg.device, DeviceKind::Concentrator);
+        assert_eq!(msg.meter_id, dc);
+        assert_eq!(msg.topic, topic);
+        assert_eq!(msg.qos, 1);
+    }
+
+    // No downward path: no subscription, and the head-end cannot publish to it.
+    c.subscribe(3, "meters/DC-1/commands", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::SubAck {
+            pkid: 3,
+            return_codes: vec![0x87]
+        })
+    );
+    c.subscribe(4, "concentrators/DC-1/relay", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::SubAck {
+            pkid: 4,
+            return_codes: vec![0x87]
+        })
+    );
+    assert_eq!(
+        srv.ep
+            .publish(&dc, "meters/DC-1/commands".into(), Bytes::from_static(b"x"))
+            .unwrap_err(),
+        PublishError::NotConnected
+    );
+    assert!(rec.subs().is_empty());
+    c.ping().await.unwrap();
+    assert_eq!(next(&mut c).await, Some(Packet::PingResp));
+    c.disconnect().await.unwrap();
+    wait_until("disconnect", || rec.devices().len() == 2).await;
+    assert_eq!(rec.conns()[1], ("DC-1".into(), false));
+    assert_eq!(
+        rec.reasons(),
+        vec![
+            Reason::SubscribeNotAuthorized,
+            Reason::SubscribeNotAuthorized
+        ]
+    );
+    let e = rec.event(Reason::SubscribeNotAuthorized).unwrap();
+    assert_eq!(e.meter_id.as_ref(), Some(&dc));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concentrator_is_refused_on_meter_topics_and_other_concentrators_topics() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+
+    // 5: PUBACK 0x87, then DISCONNECT 0x87, exactly as for a meter.
+    let (mut c, _) = connect_concentrator(&srv, &fx, "DC-1", "DC-1", Protocol::V5)
+        .await
+        .unwrap();
+    c.publish(&readings("M-1"), b"spoof".to_vec(), QoS::AtLeastOnce, 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::PubAck {
+            pkid: 1,
+            reason_code: 0x87
+        })
+    );
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::Disconnect { reason_code: 0x87 })
+    );
+    // 3.1.1, another concentrator's relay topic: the connection is closed.
+    let (mut c, _) = connect_concentrator(&srv, &fx, "DC-1", "DC-1", Protocol::V311)
+        .await
+        .unwrap();
+    c.publish(
+        "concentrators/DC-2/relay",
+        b"spoof".to_vec(),
+        QoS::AtLeastOnce,
+        1,
+    )
+    .await
+    .unwrap();
+    expect_closed(&mut c).await;
+    // The ClientID must be the concentrator's id.
+    let err = connect_concentrator(&srv, &fx, "DC-1", "M-1", Protocol::V311)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(ConnAck { code: 5, .. })),
+        "{err}"
+    );
+
+    wait_until("three events", || rec.reasons().len() == 3).await;
+    assert_eq!(
+        rec.reasons(),
+        vec![
+            Reason::TopicNotAuthorized,
+            Reason::TopicNotAuthorized,
+            Reason::ClientIdMismatch
+        ]
+    );
+    let events = rec.events.lock().unwrap().clone();
+    assert!(events[0].detail.contains("meters/M-1/readings"));
+    assert!(events[1].detail.contains("concentrators/DC-2/relay"));
+    for e in &events {
+        assert_eq!(e.meter_id.as_ref().map(MeterId::as_str), Some("DC-1"));
+    }
+    assert!(
+        rec.publishes().is_empty(),
+        "nothing refused reaches the pipeline"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_cannot_publish_to_concentrator_topics() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    for (n, topic) in ["concentrators/M-1/relay", "concentrators/DC-1/events"]
+        .into_iter()
+        .enumerate()
+    {
+        let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V5)
+            .await
+            .unwrap();
+        c.publish(topic, b"spoof".to_vec(), QoS::AtLeastOnce, 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            next(&mut c).await,
+            Some(Packet::PubAck {
+                pkid: 1,
+                reason_code: 0x87
+            })
+        );
+        assert_eq!(
+            next(&mut c).await,
+            Some(Packet::Disconnect { reason_code: 0x87 })
+        );
+        wait_until("event", || rec.count(Reason::TopicNotAuthorized) == n + 1).await;
+    }
+    assert!(rec.publishes().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_reports_session_replaced_with_both_addresses() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+
+    for (n, (id, kind)) in [
+        ("M-1", DeviceKind::Meter),
+        ("DC-1", DeviceKind::Concentrator),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let connect = || async {
+            match kind {
+                DeviceKind::Meter => connect_as(&srv, &fx, id, id, Protocol::V5).await,
+                DeviceKind::Concentrator => {
+                    connect_concentrator(&srv, &fx, id, id, Protocol::V5).await
+                }
+            }
+            .unwrap()
+            .0
+        };
+        let base = rec.devices().len();
+        let mut first = connect().await;
+        wait_until("first session", || rec.devices().len() == base + 1).await;
+        let mut second = connect().await;
+        assert_eq!(
+            next(&mut first).await,
+            Some(Packet::Disconnect { reason_code: 0x8E })
+        );
+        expect_closed(&mut first).await;
+        wait_until("takeover report", || rec.replaced().len() == n + 1).await;
+        let devices = rec.devices();
+        let (a, b) = (&devices[base], &devices[base + 1]);
+        assert_eq!((a.0.as_str(), a.1, a.3), (id, kind, true));
+        assert_eq!((b.0.as_str(), b.1, b.3), (id, kind, true));
+        assert_ne!(a.2, b.2, "two connections, two source ports");
+        assert_eq!(rec.replaced()[n], (id.to_owned(), a.2, b.2));
+        // The taken-over session reports no disconnect; the newer one lives on.
+        second.ping().await.unwrap();
+        assert_eq!(next(&mut second).await, Some(Packet::PingResp));
+        assert_eq!(rec.devices().len(), base + 2);
+        second.disconnect().await.unwrap();
+        wait_until("final disconnect", || rec.devices().len() == base + 3).await;
+        assert!(!rec.devices()[base + 2].3);
+    }
+    // A meter's and a concentrator's sessions never replace each other.
+    let (_m1, _) = connect_as(&srv, &fx, "M-2", "M-2", Protocol::V5)
+        .await
+        .unwrap();
+    let (_dc, _) = connect_concentrator(&srv, &fx, "DC-2", "DC-2", Protocol::V5)
+        .await
+        .unwrap();
+    wait_until("both sessions", || {
+        srv.ep.is_connected(&m("M-2"))
+            && srv
+                .ep
+                .is_device_connected(DeviceKind::Concentrator, &m("DC-2"))
+    })
+    .await;
+    assert_eq!(rec.replaced().len(), 2);
+    assert!(rec.reasons().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concentrator_may_send_a_200_kib_relay_batch_a_meter_may_not() {
+    let fx = Fixture::new();
+    let rec = Arc::new(Recorder::default());
+    let srv = start(&fx, EndpointConfig::default(), &rec).await;
+    let big = vec![b'x'; 200 * 1024];
+
+    let (mut c, _) = connect_concentrator(&srv, &fx, "DC-1", "DC-1", Protocol::V5)
+        .await
+        .unwrap();
+    c.publish("concentrators/DC-1/relay", big.clone(), QoS::AtLeastOnce, 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::PubAck {
+            pkid: 1,
+            reason_code: 0
+        })
+    );
+    let got = rec.publishes();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload.len(), 200 * 1024);
+    assert_eq!(got[0].device, DeviceKind::Concentrator);
+
+    let (mut c, _) = connect_as(&srv, &fx, "M-1", "M-1", Protocol::V5)
+        .await
+        .unwrap();
+    c.publish(&readings("M-1"), big, QoS::AtLeastOnce, 1)
+        .await
+        .ok();
+    assert_eq!(
+        next(&mut c).await,
+        Some(Packet::Disconnect { reason_code: 0x95 })
+    );
+    wait_until("event", || rec.count(Reason::PacketTooLarge) == 1).await;
+    let e = rec.event(Reason::PacketTooLarge).unwrap();
+    assert_eq!(e.meter_id.as_ref().map(MeterId::as_str), Some("M-1"));
+    assert_eq!(rec.publishes().len(), 1);
 }
