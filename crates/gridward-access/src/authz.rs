@@ -20,10 +20,18 @@
 //! | `ApproveCommands`   | 401  | 403             | ✔        | 403     | 403   |
 //! | `ManageFirmware`    | 401  | 403             | ✔        | 403     | 403   |
 //! | `ReadFirmware`      | 401  | 403             | ✔        | ✔       | 403   |
+//! | `ReadAlarms`        | 401  | 403             | ✔        | ✔       | 403   |
+//! | `AcknowledgeAlarms` | 401  | 403             | ✔        | 403     | 403   |
+//! | `ReadTopology`      | 401  | 403             | ✔        | ✔       | 403   |
+//! | `ManageTopology`    | 401  | 403             | ✔        | 403     | 403   |
 //!
 //! Operators are always TOTP-verified: [`Role::requires_totp`] holds for every role but consumer,
 //! so an operator session exists only after a second factor; an operator certificate is the other
 //! credential that may command.
+//!
+//! Alarms and the concentrator topology follow the same split: auditors read, operators act.
+//! Consumers get 403 on both (their own meter's events are `ReadMeterEvents`), administrators
+//! too (they manage people, not the grid).
 //!
 //! A consumer asking for a meter that is not theirs gets `404`, as if it did not exist
 //! ([`Decision::is_probe`]: the caller records a security event).
@@ -74,6 +82,15 @@ pub enum Action {
     ManageFirmware,
     /// Read firmware images and campaigns.
     ReadFirmware,
+    /// Read alarms (tamper, outage, theft suspicion, intrusion, ...) with their evidence.
+    ReadAlarms,
+    /// Acknowledge or clear an alarm (who and when are audited).
+    AcknowledgeAlarms,
+    /// Read the concentrator topology: which meters are registered behind which concentrator.
+    ReadTopology,
+    /// Attach meters to a concentrator or detach them (a concentrator relays only for the
+    /// meters registered behind it).
+    ManageTopology,
 }
 
 /// Why a request is refused.
@@ -158,7 +175,11 @@ pub fn authorize(principal: Option<&Principal>, action: Action) -> Decision {
             | A::ReadCommands
             | A::ApproveCommands
             | A::ManageFirmware
-            | A::ReadFirmware,
+            | A::ReadFirmware
+            | A::ReadAlarms
+            | A::AcknowledgeAlarms
+            | A::ReadTopology
+            | A::ManageTopology,
         ) => Decision::Allow,
 
         (
@@ -168,7 +189,9 @@ pub fn authorize(principal: Option<&Principal>, action: Action) -> Decision {
             | A::ListMeters
             | A::ReadMeter(_)
             | A::ReadCommands
-            | A::ReadFirmware,
+            | A::ReadFirmware
+            | A::ReadAlarms
+            | A::ReadTopology,
         ) => Decision::Allow,
 
         (Role::Admin, A::ListUsers | A::ManageUsers | A::ListMeters | A::ReadMeter(_)) => {
@@ -229,6 +252,10 @@ mod tests {
             (Action::ApproveCommands,                 ['U', 'F', 'Y', 'F', 'F']),
             (Action::ManageFirmware,                  ['U', 'F', 'Y', 'F', 'F']),
             (Action::ReadFirmware,                    ['U', 'F', 'Y', 'Y', 'F']),
+            (Action::ReadAlarms,                      ['U', 'F', 'Y', 'Y', 'F']),
+            (Action::AcknowledgeAlarms,               ['U', 'F', 'Y', 'F', 'F']),
+            (Action::ReadTopology,                    ['U', 'F', 'Y', 'Y', 'F']),
+            (Action::ManageTopology,                  ['U', 'F', 'Y', 'F', 'F']),
         ];
         let principals: Vec<Option<Principal>> = std::iter::once(None)
             .chain(Role::ALL.into_iter().map(|r| Some(principal(r))))
@@ -271,6 +298,10 @@ mod tests {
             Action::ApproveCommands,
             Action::ManageFirmware,
             Action::ReadFirmware,
+            Action::ReadAlarms,
+            Action::AcknowledgeAlarms,
+            Action::ReadTopology,
+            Action::ManageTopology,
         ] {
             // Exhaustive match: adding a variant without adding it here fails to compile.
             match a {
@@ -291,7 +322,11 @@ mod tests {
                 | Action::ReadCommands
                 | Action::ApproveCommands
                 | Action::ManageFirmware
-                | Action::ReadFirmware => assert!(covered(&a), "{a:?}"),
+                | Action::ReadFirmware
+                | Action::ReadAlarms
+                | Action::AcknowledgeAlarms
+                | Action::ReadTopology
+                | Action::ManageTopology => assert!(covered(&a), "{a:?}"),
             }
         }
     }

@@ -13,7 +13,8 @@
 //!    │  401 / 403 / 404 (another's meter) ──► security event + audit entry
 //!    ▼
 //!  handler ──► gridward-store (read) │ gridward-access (users) │ gridward-audit (read)
-//!          └─► gridward-command (commands, four eyes, firmware, campaigns; 503 when off)
+//!          ├─► gridward-command (commands, four eyes, firmware, campaigns; 503 when off)
+//!          └─► gridward_store::AlarmStore (alarms: ack, clear; concentrator topology; 503 when off)
 //!    ▼
 //!  JSON, CSV, or an RFC 9457 problem
 //! ```
@@ -27,10 +28,11 @@
 //! - [`server`]: TLS, HTTP, [`start`] and [`RunningApi`].
 //!
 //! **Boundary:** this crate decides nothing about who may do what (that is
-//! `gridward_access::authorize`) and writes nothing itself but security events and audit
-//! entries; it reads the store, and changes the downward path only through
-//! `gridward_command::Commands`, which enforces four eyes, expiry bounds and the manufacturer's
-//! signature.
+//! `gridward_access::authorize`) and writes nothing itself but security events, audit
+//! entries, alarm acknowledgements and clears, and topology changes (through
+//! `gridward_store::AlarmStore`, each audited); it reads the store, and changes the downward
+//! path only through `gridward_command::Commands`, which enforces four eyes, expiry bounds
+//! and the manufacturer's signature.
 
 pub mod auth;
 pub mod extract;

@@ -11,7 +11,7 @@ use gridward_audit::{Actor, AuditLog, NewEntry, Outcome};
 use gridward_command::Commands;
 use gridward_core::MeterId;
 use gridward_core::envelope::VerifyingKey;
-use gridward_store::{CommandStore, SecurityEvent, Store};
+use gridward_store::{AlarmStore, CommandStore, SecurityEvent, Store};
 use time::OffsetDateTime;
 
 /// The clock the API reads (the binary passes the system clock, tests a fixed one).
@@ -60,6 +60,9 @@ pub struct ApiContext {
     /// The manufacturer keys a firmware manifest must be signed by (empty: every upload is
     /// refused).
     pub manufacturers: Arc<Vec<VerifyingKey>>,
+    /// Alarms and the concentrator topology (`None`: `/api/v1/alarms` and
+    /// `/api/v1/concentrators` answer 503). The head-end passes its store.
+    pub alarms: Option<Arc<dyn AlarmStore>>,
 }
 
 impl std::fmt::Debug for ApiContext {
@@ -69,12 +72,13 @@ impl std::fmt::Debug for ApiContext {
             .field("ready", &self.ready.load(Ordering::Relaxed))
             .field("commands", &self.commands.is_some())
             .field("manufacturers", &self.manufacturers.len())
+            .field("alarms", &self.alarms.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl ApiContext {
-    /// A context with no PKI directory, no hook, no commands, and ready.
+    /// A context with no PKI directory, no hook, no commands, no alarms, and ready.
     pub fn new(
         store: Arc<dyn Store>,
         access: Arc<Access>,
@@ -93,7 +97,15 @@ impl ApiContext {
             commands: None,
             command_store: None,
             manufacturers: Arc::new(Vec::new()),
+            alarms: None,
         }
+    }
+
+    /// Turns the alarm and topology routes on, served from `store`.
+    #[must_use]
+    pub fn with_alarms(mut self, store: Arc<dyn AlarmStore>) -> Self {
+        self.alarms = Some(store);
+        self
     }
 
     /// Turns the downward path on: `commands` issues and decides, `store` is read, uploads are

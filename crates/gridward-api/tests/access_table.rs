@@ -107,6 +107,10 @@ struct Downward {
     pause: HashMap<&'static str, i64>,
     resume: HashMap<&'static str, i64>,
     cancel: HashMap<&'static str, i64>,
+    /// An alarm to read, and per column an active one to acknowledge and another to clear.
+    alarm: i64,
+    ack: HashMap<&'static str, i64>,
+    clear: HashMap<&'static str, i64>,
 }
 
 fn mid(s: &str) -> MeterId {
@@ -164,6 +168,11 @@ fn downward(f: &Fixture) -> Downward {
         .unwrap()
     };
     let per_column = |make: &dyn Fn() -> i64| COLUMNS.iter().map(|c| (*c, make())).collect();
+    let alarms = std::sync::atomic::AtomicUsize::new(0);
+    let alarm = || {
+        let n = alarms.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        f.raise("tamper", "major", &format!("meter:a-{n}"))
+    };
     Downward {
         command: ids[0].to_string(),
         proposal: propose(),
@@ -178,6 +187,9 @@ fn downward(f: &Fixture) -> Downward {
             id
         }),
         cancel: per_column(&campaign),
+        alarm: alarm(),
+        ack: per_column(&alarm),
+        clear: per_column(&alarm),
     }
 }
 
@@ -195,7 +207,14 @@ fn downward_path(path: &str, column: &'static str, d: &Downward) -> String {
         Some("cancel") => per(&d.cancel),
         _ => d.campaign.to_string(),
     };
+    let alarm = match path.rsplit('/').next() {
+        Some("ack") => per(&d.ack),
+        Some("clear") => per(&d.clear),
+        _ => d.alarm.to_string(),
+    };
     path.replace("{command_id}", &d.command)
+        .replace("{alarm_id}", &alarm)
+        .replace("{concentrator_id}", "dc-1")
         .replace("{proposal_id}", &proposal)
         .replace("{firmware_id}", &d.firmware.to_string())
         .replace("{campaign_id}", &campaign)
@@ -215,6 +234,9 @@ fn body_for(f: &Fixture, d: &Downward, method: &str, path: &str, n: usize) -> Op
             r#"{{"firmware_id":{},"meters":["m-1"]}}"#,
             d.firmware
         )),
+        ("PUT", "/api/v1/concentrators/{concentrator_id}/meters") => {
+            Some(r#"{"attach":["m-1"]}"#.to_owned())
+        }
         ("POST", "/api/v1/session") => {
             Some(r#"{"username":"nobody","password":"not the password 1"}"#.to_owned())
         }

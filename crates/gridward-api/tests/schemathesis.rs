@@ -6,7 +6,8 @@
 //!
 //! Deterministic (fixed seed, no example database), bounded (a few examples per operation),
 //! loopback only. The downward path is seeded (a command, proposals of a second operator, a
-//! firmware image, a campaign) so that sending, approving and reading reach their 2xx answers.
+//! firmware image, a campaign, alarms, a concentrator) so that sending, approving and reading
+//! reach their 2xx answers.
 //! Only `DELETE /api/v1/session` is left out: it would end the operator's
 //! session and with it the run. The administrators' routes stay in (an operator gets 403,
 //! which the document lists).
@@ -35,8 +36,8 @@ const SEED: &str = "20261203";
 const CHECKS: &str = "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance";
 
 /// Values the generator mixes in, so that most requests reach the fixture's data (meters m-1
-/// and m-2 have readings; a command, proposals of another operator, a firmware image and a
-/// campaign exist) instead of stopping at a 404 or a 400, and both formats of a readings page
+/// and m-2 have readings; a command, proposals of another operator, a firmware image, a
+/// campaign, alarms and concentrator dc-1 with two meters exist) instead of stopping at a 404 or a 400, and both formats of a readings page
 /// are asked for.
 fn config(d: &Downward) -> String {
     format!(
@@ -49,6 +50,10 @@ values = {proposals:?}
 values = [{firmware}, 999]
 [dictionaries.campaigns]
 values = [{campaign}, 999]
+[dictionaries.alarms]
+values = {alarms:?}
+[dictionaries.concentrators]
+values = ["dc-1", "dc-9"]
 [dictionaries.meters]
 values = ["m-1", "m-2", "m-999"]
 [dictionaries.formats]
@@ -62,6 +67,8 @@ values = [1, 2, 5, 100, 1000]
 "path.proposal_id" = {{ dictionary = "proposals", probability = 0.9 }}
 "path.firmware_id" = {{ dictionary = "firmware", probability = 0.9 }}
 "path.campaign_id" = {{ dictionary = "campaigns", probability = 0.9 }}
+"path.alarm_id" = {{ dictionary = "alarms", probability = 0.9 }}
+"path.concentrator_id" = {{ dictionary = "concentrators", probability = 0.9 }}
 "query.format" = {{ dictionary = "formats", probability = 0.7 }}
 "query.limit" = {{ dictionary = "limits", probability = 0.7 }}
 "#,
@@ -69,6 +76,7 @@ values = [1, 2, 5, 100, 1000]
         proposals = d.proposals,
         firmware = d.firmware,
         campaign = d.campaign,
+        alarms = d.alarms,
     )
 }
 
@@ -78,6 +86,8 @@ struct Downward {
     proposals: Vec<i64>,
     firmware: i64,
     campaign: i64,
+    /// Alarms to read, acknowledge and clear (and 999, which does not exist).
+    alarms: Vec<i64>,
 }
 
 /// A command, three proposals of the second operator `olga` (so the operator of the run may
@@ -126,11 +136,27 @@ fn downward(f: &support::Fixture) -> Downward {
             actor: "olga".into(),
         })
         .unwrap();
+    let mut alarms: Vec<i64> = [
+        ("tamper", "major", "meter:m-1"),
+        ("outage", "critical", "concentrator:dc-1"),
+        ("refusal_burst", "major", "source:192.0.2.9"),
+    ]
+    .iter()
+    .map(|(t, s, o)| f.raise(t, s, o))
+    .collect();
+    alarms.push(999);
+    {
+        use gridward_store::AlarmStore;
+        f.store
+            .attach_meters(&meter("dc-1"), &[meter("m-1"), meter("m-2")], f.now())
+            .unwrap();
+    }
     Downward {
         command: ids[0].to_string(),
         proposals,
         firmware,
         campaign,
+        alarms,
     }
 }
 
@@ -213,6 +239,10 @@ async fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document()
         "POST /api/v1/proposals/{proposal_id}/approve",
         "GET /api/v1/firmware/{firmware_id}",
         "GET /api/v1/campaigns/{campaign_id}",
+        "GET /api/v1/alarms",
+        "GET /api/v1/alarms/{alarm_id}",
+        "GET /api/v1/concentrators",
+        "GET /api/v1/concentrators/{concentrator_id}/meters",
     ] {
         assert!(accepted(op) > 0, "no 2xx answer for {op}: {rates:#}");
     }

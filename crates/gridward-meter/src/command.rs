@@ -444,11 +444,9 @@ impl Meter {
             }
             CommandBody::Reconnect => {
                 if let Some(since) = self.device.relay_open_since.take() {
-                    let profile = &self.config.profile;
-                    let frozen = (profile.register_kwh(since) - self.device.withheld_kwh)
+                    let frozen = (self.metered_kwh(since) - self.device.withheld_kwh)
                         .max(self.device.floor_kwh);
-                    let gap = (profile.register_kwh(ts.max(since)) - profile.register_kwh(since))
-                        .max(0.0);
+                    let gap = (self.metered_kwh(ts.max(since)) - self.metered_kwh(since)).max(0.0);
                     self.device.withheld_kwh += gap;
                     self.device.floor_kwh = frozen;
                 }

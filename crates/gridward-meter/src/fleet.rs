@@ -45,6 +45,9 @@ use crate::command::{
     DEFAULT_FIRMWARE_VERSION, DEFAULT_MAX_SKEW_SECS, DEFAULT_VENDOR_ID, DeviceConfig, DeviceState,
     Relay,
 };
+use crate::concentrator::{
+    ConcentratorOutcome, ConcentratorSigner, ConcentratorSpec, ConcentratorStats,
+};
 use crate::counter::{CounterBlock, DEFAULT_BLOCK};
 use crate::identity::MeterIdentity;
 use crate::meter::{
@@ -52,6 +55,7 @@ use crate::meter::{
 };
 use crate::outbox::{Outbox, OutboxEntry};
 use crate::profile::{LoadProfile, ProfileError, mix, unit};
+use crate::scenario::{Behaviour, GroundTruth};
 use crate::state::{CounterStore, DeviceRecord, StateError};
 use crate::stats::{FleetStats, LatencySummary, StatsSnapshot};
 
@@ -255,6 +259,9 @@ pub enum FleetError {
     /// A load profile parameter is out of range.
     #[error(transparent)]
     Profile(#[from] ProfileError),
+    /// A behaviour names a meter that is not one of the fleet's directly connected meters.
+    #[error("meter {0} is not a directly connected meter of the fleet")]
+    UnknownMeter(MeterId),
 }
 
 /// What one meter did, at the end of a run.
@@ -279,23 +286,31 @@ pub struct FleetReport {
     pub latency: LatencySummary,
     /// Run time from start to the end of the stop.
     pub elapsed: Duration,
-    /// Per meter.
+    /// Per meter (directly connected).
     pub meters: Vec<MeterOutcome>,
+    /// Per concentrator, with its PLC meters.
+    pub concentrators: Vec<ConcentratorOutcome>,
+    /// Per clone ([`Behaviour::Clone`]).
+    pub clones: Vec<MeterOutcome>,
+    /// The clones' counters (kept apart from the genuine fleet's).
+    pub clone_stats: StatsSnapshot,
+    /// What the behaviours did, in the order they took effect.
+    pub ground_truth: Vec<GroundTruth>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub(crate) enum Phase {
     Running,
     Draining,
     Stop,
 }
 
 /// A durable write asked of the counter service: a counter mark, a device state, or both.
-struct Reservation {
-    meter: MeterId,
-    mark: Option<u64>,
-    device: Option<DeviceRecord>,
-    reply: oneshot::Sender<bool>,
+pub(crate) struct Reservation {
+    pub(crate) meter: MeterId,
+    pub(crate) mark: Option<u64>,
+    pub(crate) device: Option<DeviceRecord>,
+    pub(crate) reply: oneshot::Sender<bool>,
 }
 
 /// A meter task's links to the [`Fleet`]: what it is asked, and where it shows its device state.
@@ -304,38 +319,170 @@ struct Channels {
     device: watch::Sender<DeviceState>,
 }
 
-/// What the fleet asks of one meter task.
-enum Control {
+/// What the fleet asks of one meter task (or of a concentrator, for a PLC meter).
+#[derive(Debug)]
+pub(crate) enum Control {
     Event(EventKind),
+    /// A thief: the event, then only this share of the load is metered.
+    Theft(EventKind, f64),
+    /// The power fails (last gasp).
+    PowerFail,
+    /// The power is back.
+    PowerRestore,
     /// A command as if it arrived on `topic` (no PUBACK: it did not come over MQTT).
     Command(String, Bytes),
     /// A firmware chunk as if it arrived on the firmware topic.
     Chunk(Bytes),
 }
 
+/// What the fleet asks of a concentrator task.
+#[derive(Debug)]
+pub(crate) enum ConcControl {
+    /// For one of its PLC meters.
+    Meter(MeterId, Control),
+    /// For the concentrator itself (its own power).
+    Own(Control),
+    /// Contact with a PLC meter lost (`true`) or found again (`false`).
+    Plc(MeterId, bool),
+    /// Relay a copy of an envelope with one byte flipped.
+    Alter,
+    /// Relay an envelope of the foreign meter.
+    RelayFor,
+}
+
+/// How the fleet reaches a meter or a concentrator.
+#[derive(Debug, Clone)]
+pub(crate) enum Route {
+    Direct(mpsc::UnboundedSender<Control>),
+    Plc(mpsc::UnboundedSender<ConcControl>),
+    Concentrator(mpsc::UnboundedSender<ConcControl>),
+}
+
+impl Route {
+    fn send(&self, meter: &MeterId, c: Control) -> bool {
+        match self {
+            Self::Direct(tx) => tx.send(c).is_ok(),
+            Self::Plc(tx) => tx.send(ConcControl::Meter(meter.clone(), c)).is_ok(),
+            Self::Concentrator(tx) => tx.send(ConcControl::Own(c)).is_ok(),
+        }
+    }
+
+    fn concentrator(&self, c: ConcControl) -> bool {
+        match self {
+            Self::Concentrator(tx) => tx.send(c).is_ok(),
+            Self::Direct(_) | Self::Plc(_) => false,
+        }
+    }
+}
+
 /// What every meter task shares.
-struct Shared {
-    addr: SocketAddr,
-    server_name: String,
-    protocol: Protocol,
-    keep_alive: Duration,
-    connect_timeout: Duration,
-    backoff_base: Duration,
-    backoff_cap: Duration,
-    clock: Clock,
-    stats: Arc<FleetStats>,
-    reservations: mpsc::UnboundedSender<Reservation>,
-    outbox: Option<Arc<Mutex<Outbox>>>,
+pub(crate) struct Shared {
+    pub(crate) addr: SocketAddr,
+    pub(crate) server_name: String,
+    pub(crate) protocol: Protocol,
+    pub(crate) keep_alive: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) backoff_base: Duration,
+    pub(crate) backoff_cap: Duration,
+    pub(crate) clock: Clock,
+    pub(crate) stats: Arc<FleetStats>,
+    pub(crate) reservations: mpsc::UnboundedSender<Reservation>,
+    pub(crate) outbox: Option<Arc<Mutex<Outbox>>>,
+}
+
+/// Builds the fleet's meters alike.
+struct MeterBuilder<'a> {
+    config: &'a FleetConfig,
+    device: &'a DeviceConfig,
+    now: OffsetDateTime,
+}
+
+impl MeterBuilder<'_> {
+    /// A meter whose first reading falls at a point of the interval drawn from its id and `salt`.
+    fn meter(
+        &self,
+        id: MeterId,
+        key: gridward_core::envelope::SigningKey,
+        misbehaviour: Option<Misbehaviour>,
+        block: CounterBlock,
+        salt: u64,
+    ) -> Result<Meter, FleetError> {
+        let config = self.config;
+        let h = mix(config.seed ^ id_hash(&id));
+        let profile = LoadProfile::from_seed(h).with_utc_offset(config.utc_offset_seconds)?;
+        let meter_config = MeterConfig {
+            interval: config.interval,
+            format: config.format,
+            profile,
+            max_inflight: config.max_inflight,
+            max_held: config.max_held,
+            counter_block: config.counter_block,
+            misbehaviour,
+            misbehave_every: config.misbehave_every,
+            device: self.device.clone(),
+        };
+        // Readings are spread evenly over the interval.
+        let interval = config.interval.clamp(MIN_INTERVAL, MAX_INTERVAL);
+        let offset = interval * unit(mix(h ^ salt));
+        let first = self.now.checked_add(offset).unwrap_or(self.now);
+        Ok(Meter::new(id, key, meter_config, block, first))
+    }
+}
+
+/// One step of the behaviours' schedule.
+struct Scheduled {
+    after: Duration,
+    action: Action,
+}
+
+enum Action {
+    Theft(MeterId, EventKind, f64),
+    PowerFail {
+        outage: usize,
+        name: String,
+        meters: Vec<MeterId>,
+        meter: MeterId,
+    },
+    PowerRestore {
+        outage: usize,
+        meter: MeterId,
+    },
+    Clone(MeterId),
+    PlcLost(MeterId, MeterId),
+    PlcFound(MeterId, MeterId),
+    Alter(MeterId),
+    RelayFor(MeterId),
+}
+
+/// The ground truth recorded so far, with where each open outage and PLC loss is.
+#[derive(Default)]
+pub(crate) struct Truth {
+    entries: Vec<GroundTruth>,
+    outages: HashMap<usize, usize>,
+    losses: HashMap<(MeterId, MeterId), usize>,
+}
+
+impl Truth {
+    pub(crate) fn push(&mut self, t: GroundTruth) {
+        self.entries.push(t);
+    }
 }
 
 /// A running fleet.
 pub struct Fleet {
     stats: Arc<FleetStats>,
+    clone_stats: Arc<FleetStats>,
+    concentrator_stats: HashMap<MeterId, Arc<ConcentratorStats>>,
     phase: watch::Sender<Phase>,
-    controls: HashMap<MeterId, mpsc::UnboundedSender<Control>>,
+    routes: HashMap<MeterId, Route>,
     devices: HashMap<MeterId, watch::Receiver<DeviceState>>,
     tasks: Vec<JoinHandle<MeterOutcome>>,
+    concentrator_tasks: Vec<JoinHandle<ConcentratorOutcome>>,
+    clones: Vec<JoinHandle<MeterOutcome>>,
+    scenario: JoinHandle<()>,
+    truth: Arc<Mutex<Truth>>,
     counter_service: JoinHandle<()>,
+    volatile_service: JoinHandle<()>,
     started: Instant,
 }
 
@@ -349,7 +496,7 @@ impl std::fmt::Debug for Fleet {
 }
 
 /// A stable 64-bit hash of a meter id (FNV-1a), for per-meter seeds.
-fn id_hash(id: &MeterId) -> u64 {
+pub(crate) fn id_hash(id: &MeterId) -> u64 {
     id.as_str().bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     })
@@ -360,6 +507,18 @@ impl Fleet {
     /// counter block and its task is spawned; connects then happen staggered at
     /// [`FleetConfig::connect_rate`].
     pub async fn start(meters: Vec<MeterSpec>, config: FleetConfig) -> Result<Self, FleetError> {
+        Self::start_with(meters, Vec::new(), Vec::new(), config).await
+    }
+
+    /// Starts `meters` connected directly, `concentrators` with the PLC meters behind them,
+    /// and schedules `behaviours` (thief, outage, clone) relative to now; the
+    /// [`GroundTruth`] of what they did is kept ([`ground_truth`](Self::ground_truth)).
+    pub async fn start_with(
+        meters: Vec<MeterSpec>,
+        concentrators: Vec<ConcentratorSpec>,
+        behaviours: Vec<Behaviour>,
+        config: FleetConfig,
+    ) -> Result<Self, FleetError> {
         let addr = tokio::net::lookup_host((config.host.as_str(), config.port))
             .await
             .map_err(|e| e.to_string())
@@ -369,32 +528,68 @@ impl Fleet {
                 port: config.port,
                 reason,
             })?;
+        // Every holder of a counter: direct meters, then per concentrator itself, its PLC
+        // meters and the foreign meter it may relay for.
+        let mut owners: Vec<MeterId> = meters.iter().map(|m| m.identity.id().clone()).collect();
+        for c in &concentrators {
+            owners.push(c.identity.id().clone());
+            owners.extend(c.meters.iter().map(|m| m.identity.id().clone()));
+            if let Some(f) = &c.relay_for {
+                owners.push(f.identity.id().clone());
+            }
+        }
         let mut seen = std::collections::HashSet::new();
-        for m in &meters {
-            if !seen.insert(m.identity.id().clone()) {
-                return Err(FleetError::DuplicateMeter(m.identity.id().clone()));
+        for id in &owners {
+            if !seen.insert(id.clone()) {
+                return Err(FleetError::DuplicateMeter(id.clone()));
+            }
+        }
+        let direct: std::collections::HashSet<&MeterId> =
+            meters.iter().map(|m| m.identity.id()).collect();
+        for b in &behaviours {
+            if let Behaviour::Clone { identity, .. } = b
+                && !direct.contains(identity.id())
+            {
+                return Err(FleetError::UnknownMeter(identity.id().clone()));
             }
         }
         let stats = Arc::new(FleetStats::default());
 
-        // One durable write reserves a block for every meter.
+        // One durable write reserves a block for every counter holder.
         let mut store = CounterStore::open(&config.state_dir)?;
-        let blocks: Vec<CounterBlock> = meters
-            .iter()
-            .map(|m| CounterBlock::resume(store.mark(m.identity.id())))
+        let reserved: Vec<(MeterId, CounterBlock, u64)> = owners
+            .into_iter()
+            .map(|id| {
+                let b = CounterBlock::resume(store.mark(&id));
+                let mark = b.reservation(config.counter_block);
+                (id, b, mark)
+            })
             .collect();
-        let marks: Vec<(&MeterId, u64)> = meters
-            .iter()
-            .zip(&blocks)
-            .map(|(m, b)| (m.identity.id(), b.reservation(config.counter_block)))
-            .collect();
-        store.persist(marks.iter().copied())?;
+        store.persist(reserved.iter().map(|(id, _, mark)| (id, *mark)))?;
         stats.counter_writes.fetch_add(1, Ordering::Relaxed);
-        let granted: Vec<u64> = marks.iter().map(|(_, mark)| *mark).collect();
-        let records: Vec<Option<DeviceRecord>> = meters
+        // A clone starts where the genuine meter starts: their counters collide.
+        let cloned: std::collections::HashSet<&MeterId> = behaviours
             .iter()
-            .map(|m| store.device(m.identity.id()).cloned())
+            .filter_map(|b| match b {
+                Behaviour::Clone { identity, .. } => Some(identity.id()),
+                _ => None,
+            })
             .collect();
+        let clone_starts: HashMap<MeterId, u64> = reserved
+            .iter()
+            .filter(|(id, _, _)| cloned.contains(id))
+            .map(|(id, b, _)| (id.clone(), b.next()))
+            .collect();
+        drop(cloned);
+        let mut grants: HashMap<MeterId, (CounterBlock, u64)> = reserved
+            .into_iter()
+            .map(|(id, b, mark)| (id, (b, mark)))
+            .collect();
+        let mut take_block = |id: &MeterId| {
+            let (mut b, mark) = grants.remove(id).unwrap_or((CounterBlock::resume(None), 0));
+            b.granted(mark);
+            b
+        };
         let device_config = config.device_config();
 
         let (outbox, mut restored) = if config.outbox {
@@ -407,6 +602,10 @@ impl Fleet {
         } else {
             (None, HashMap::new())
         };
+        let records: HashMap<MeterId, DeviceRecord> = seen
+            .iter()
+            .filter_map(|id| store.device(id).map(|r| (id.clone(), r.clone())))
+            .collect();
 
         let store = Arc::new(Mutex::new(store));
         let (res_tx, res_rx) = mpsc::unbounded_channel();
@@ -433,48 +632,16 @@ impl Fleet {
         } else {
             f64::MAX
         };
-        let mut controls = HashMap::with_capacity(meters.len());
-        let mut devices = HashMap::with_capacity(meters.len());
-        let mut tasks = Vec::with_capacity(meters.len());
-        for (i, (((spec, mut block), mark), record)) in meters
-            .into_iter()
-            .zip(blocks)
-            .zip(granted)
-            .zip(records)
-            .enumerate()
-        {
-            block.granted(mark);
-            // A revoked meter gives up soon: its refused handshakes would otherwise count towards
-            // the head-end's ban of the (shared) source address.
-            let give_up_after = match spec.misbehaviour {
-                Some(Misbehaviour::Revoked) => {
-                    Some(REVOKED_GIVE_UP.min(config.give_up_after.unwrap_or(u32::MAX)))
-                }
-                _ => config.give_up_after,
-            };
-            let (id, tls, key) = spec.identity.into_parts();
-            let h = mix(config.seed ^ id_hash(&id));
-            let profile = LoadProfile::from_seed(h).with_utc_offset(config.utc_offset_seconds)?;
-            let meter_config = MeterConfig {
-                interval: config.interval,
-                format: config.format,
-                profile,
-                max_inflight: config.max_inflight,
-                max_held: config.max_held,
-                counter_block: config.counter_block,
-                misbehaviour: spec.misbehaviour,
-                misbehave_every: config.misbehave_every,
-                device: device_config.clone(),
-            };
-            // Readings are spread evenly over the interval.
-            let interval = config.interval.clamp(MIN_INTERVAL, MAX_INTERVAL);
-            let offset = interval * unit(mix(h ^ 0x51));
-            let first = now.checked_add(offset).unwrap_or(now);
-            let mut meter = Meter::new(id.clone(), key, meter_config, block, first);
-            if let Some(record) = &record {
+        let build = MeterBuilder {
+            config: &config,
+            device: &device_config,
+            now,
+        };
+        let mut restore = |meter: &mut Meter| {
+            if let Some(record) = records.get(meter.id()) {
                 meter.restore_device(record, now);
             }
-            if let Some(entries) = restored.remove(&id) {
+            if let Some(entries) = restored.remove(meter.id()) {
                 stats
                     .restored
                     .fetch_add(entries.len() as u64, Ordering::Relaxed);
@@ -484,11 +651,34 @@ impl Fleet {
                         .map(|e| (e.counter, Arc::<str>::from(e.topic), e.envelope)),
                 );
             }
+        };
+        let mut routes = HashMap::with_capacity(meters.len());
+        let mut devices = HashMap::with_capacity(meters.len());
+        let mut tasks = Vec::with_capacity(meters.len());
+        let mut slot = 0usize;
+        let connect_at = |slot: &mut usize| {
+            let at = started + Duration::from_secs_f64((*slot as f64 / rate).min(86_400.0));
+            *slot += 1;
+            at
+        };
+        for spec in meters {
+            // A revoked meter gives up soon: its refused handshakes would otherwise count towards
+            // the head-end's ban of the (shared) source address.
+            let give_up_after = match spec.misbehaviour {
+                Some(Misbehaviour::Revoked) => {
+                    Some(REVOKED_GIVE_UP.min(config.give_up_after.unwrap_or(u32::MAX)))
+                }
+                _ => config.give_up_after,
+            };
+            let misbehaviour = spec.misbehaviour;
+            let (id, tls, key) = spec.identity.into_parts();
+            let block = take_block(&id);
+            let mut meter = build.meter(id.clone(), key, misbehaviour, block, 0x51)?;
+            restore(&mut meter);
             let (ev_tx, ev_rx) = mpsc::unbounded_channel();
             let (dev_tx, dev_rx) = watch::channel(meter.device_state());
             devices.insert(id.clone(), dev_rx);
-            controls.insert(id, ev_tx);
-            let connect_at = started + Duration::from_secs_f64((i as f64 / rate).min(86_400.0));
+            routes.insert(id, Route::Direct(ev_tx));
             tasks.push(tokio::spawn(run_meter(
                 meter,
                 tls,
@@ -498,17 +688,195 @@ impl Fleet {
                     device: dev_tx,
                 },
                 phase_tx.subscribe(),
-                connect_at,
+                connect_at(&mut slot),
                 give_up_after,
             )));
         }
+
+        let truth = Arc::new(Mutex::new(Truth::default()));
+        // Concentrators, with their PLC meters: one task and one connection each.
+        let mut concentrator_tasks = Vec::with_capacity(concentrators.len());
+        let mut concentrator_stats = HashMap::new();
+        let mut schedule: Vec<Scheduled> = Vec::new();
+        for c in concentrators {
+            let ConcentratorSpec {
+                identity,
+                meters: plc,
+                relay,
+                plc_losses,
+                alter_relay_after,
+                relay_for,
+            } = c;
+            let (cid, tls, key) = identity.into_parts();
+            let own = take_block(&cid);
+            let mut plc_meters = Vec::with_capacity(plc.len());
+            for spec in plc {
+                let (id, _, key) = spec.identity.into_parts();
+                let block = take_block(&id);
+                let mut meter = build.meter(id, key, spec.misbehaviour, block, 0x51)?;
+                restore(&mut meter);
+                plc_meters.push(meter);
+            }
+            let foreign = match relay_for {
+                Some(f) => {
+                    let (id, _, key) = f.identity.into_parts();
+                    let block = take_block(&id);
+                    schedule.push(Scheduled {
+                        after: f.after,
+                        action: Action::RelayFor(cid.clone()),
+                    });
+                    Some(build.meter(id, key, None, block, 0x52)?)
+                }
+                None => None,
+            };
+            for l in plc_losses {
+                schedule.push(Scheduled {
+                    after: l.after,
+                    action: Action::PlcLost(cid.clone(), l.meter.clone()),
+                });
+                if let Some(d) = l.duration {
+                    schedule.push(Scheduled {
+                        after: l.after + d,
+                        action: Action::PlcFound(cid.clone(), l.meter),
+                    });
+                }
+            }
+            if let Some(after) = alter_relay_after {
+                schedule.push(Scheduled {
+                    after,
+                    action: Action::Alter(cid.clone()),
+                });
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            for m in &plc_meters {
+                routes.insert(m.id().clone(), Route::Plc(tx.clone()));
+            }
+            routes.insert(cid.clone(), Route::Concentrator(tx));
+            let cstats = Arc::new(ConcentratorStats::default());
+            concentrator_stats.insert(cid.clone(), Arc::clone(&cstats));
+            let signer = ConcentratorSigner::new(cid, key, own, config.counter_block);
+            concentrator_tasks.push(tokio::spawn(crate::plc::run_concentrator(
+                crate::plc::ConcentratorTask {
+                    signer,
+                    meters: plc_meters,
+                    foreign,
+                    relay,
+                    tls,
+                    shared: Arc::clone(&shared),
+                    stats: cstats,
+                    controls: rx,
+                    phase: phase_tx.subscribe(),
+                    connect_at: connect_at(&mut slot),
+                    give_up_after: config.give_up_after,
+                    truth: Arc::clone(&truth),
+                },
+            )));
+        }
+
+        // Clones: their own counters (never persisted), their own statistics.
+        let clone_stats = Arc::new(FleetStats::default());
+        let (volatile_tx, volatile_rx) = mpsc::unbounded_channel();
+        let volatile_service = tokio::spawn(volatile_service(volatile_rx));
+        let clone_shared = Arc::new(Shared {
+            stats: Arc::clone(&clone_stats),
+            reservations: volatile_tx,
+            outbox: None,
+            clock: Arc::clone(&config.clock),
+            server_name: config.server_name.clone(),
+            ..*shared.as_ref()
+        });
+        let mut clones = Vec::new();
+        for b in behaviours {
+            match b {
+                Behaviour::Theft {
+                    meter,
+                    after,
+                    event,
+                    metered_share,
+                } => schedule.push(Scheduled {
+                    after,
+                    action: Action::Theft(meter, event, metered_share),
+                }),
+                Behaviour::Outage {
+                    name,
+                    meters,
+                    after,
+                    duration,
+                    spread,
+                } => {
+                    let index = schedule.len();
+                    for m in &meters {
+                        let h = mix(config.seed ^ id_hash(m) ^ 0x07a6e);
+                        let fail = after + spread.mul_f64(unit(h));
+                        schedule.push(Scheduled {
+                            after: fail,
+                            action: Action::PowerFail {
+                                outage: index,
+                                name: name.clone(),
+                                meters: meters.clone(),
+                                meter: m.clone(),
+                            },
+                        });
+                        if let Some(d) = duration {
+                            let back = after + d + spread.mul_f64(unit(mix(h)));
+                            schedule.push(Scheduled {
+                                after: back,
+                                action: Action::PowerRestore {
+                                    outage: index,
+                                    meter: m.clone(),
+                                },
+                            });
+                        }
+                    }
+                }
+                Behaviour::Clone { identity, after } => {
+                    let (id, tls, key) = identity.into_parts();
+                    let mut block = CounterBlock::resume(clone_starts.get(&id).copied());
+                    block.granted(u64::MAX);
+                    let meter = build.meter(id.clone(), key, None, block, 0x53)?;
+                    schedule.push(Scheduled {
+                        after,
+                        action: Action::Clone(id),
+                    });
+                    let (_ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+                    let (dev_tx, _) = watch::channel(meter.device_state());
+                    clones.push(tokio::spawn(run_meter(
+                        meter,
+                        tls,
+                        Arc::clone(&clone_shared),
+                        Channels {
+                            controls: ctl_rx,
+                            device: dev_tx,
+                        },
+                        phase_tx.subscribe(),
+                        started + after,
+                        None,
+                    )));
+                }
+            }
+        }
+        drop(clone_shared);
+        let scenario = tokio::spawn(run_schedule(
+            schedule,
+            routes.clone(),
+            Arc::clone(&truth),
+            Arc::clone(&config.clock),
+            started,
+        ));
         Ok(Self {
             stats,
+            clone_stats,
+            concentrator_stats,
             phase: phase_tx,
-            controls,
+            routes,
             devices,
             tasks,
+            concentrator_tasks,
+            clones,
+            scenario,
+            truth,
             counter_service,
+            volatile_service,
             started,
         })
     }
@@ -534,10 +902,58 @@ impl Fleet {
         self.control(meter, Control::Event(kind))
     }
 
+    /// A thief on `meter` now: it signs `event`, then meters only `metered_share` of its load
+    /// ([`Meter::start_bypass`]). `false` if the meter is unknown or its task has ended.
+    /// Unlike [`Behaviour::Theft`], no ground truth is recorded.
+    pub fn start_theft(&self, meter: &MeterId, event: EventKind, metered_share: f64) -> bool {
+        self.control(meter, Control::Theft(event, metered_share))
+    }
+
+    /// `meter` (or a concentrator) loses power now ([`Meter::power_fail`]).
+    pub fn power_fail(&self, meter: &MeterId) -> bool {
+        self.control(meter, Control::PowerFail)
+    }
+
+    /// `meter` (or a concentrator) has power again ([`Meter::power_restore`]).
+    pub fn power_restore(&self, meter: &MeterId) -> bool {
+        self.control(meter, Control::PowerRestore)
+    }
+
+    /// The concentrator `concentrator` loses (`true`) or finds again (`false`) its PLC meter
+    /// `meter`: it reports MeterLost / MeterFound and the meter's messages stop / resume.
+    pub fn plc_contact(&self, concentrator: &MeterId, meter: &MeterId, lost: bool) -> bool {
+        self.routes
+            .get(concentrator)
+            .is_some_and(|r| r.concentrator(ConcControl::Plc(meter.clone(), lost)))
+    }
+
     fn control(&self, meter: &MeterId, c: Control) -> bool {
-        self.controls
-            .get(meter)
-            .is_some_and(|tx| tx.send(c).is_ok())
+        self.routes.get(meter).is_some_and(|r| r.send(meter, c))
+    }
+
+    fn direct(&self, meter: &MeterId, c: Control) -> bool {
+        match self.routes.get(meter) {
+            Some(r @ Route::Direct(_)) => r.send(meter, c),
+            _ => false,
+        }
+    }
+
+    /// What the fleet's behaviours did so far.
+    pub fn ground_truth(&self) -> Vec<GroundTruth> {
+        self.truth
+            .lock()
+            .map(|t| t.entries.clone())
+            .unwrap_or_default()
+    }
+
+    /// The live counters of the clones.
+    pub fn clone_stats(&self) -> &Arc<FleetStats> {
+        &self.clone_stats
+    }
+
+    /// The live counters of concentrator `id`.
+    pub fn concentrator_stats(&self, id: &MeterId) -> Option<&Arc<ConcentratorStats>> {
+        self.concentrator_stats.get(id)
     }
 
     /// Hands `bytes` to `meter` as if they had arrived on `topic` from the broker, by a path
@@ -545,13 +961,13 @@ impl Fleet {
     /// and answers exactly as for a command over MQTT (without a PUBACK). `false` if the meter
     /// is unknown or its task has ended.
     pub fn inject_command(&self, meter: &MeterId, topic: &str, bytes: impl Into<Bytes>) -> bool {
-        self.control(meter, Control::Command(topic.to_owned(), bytes.into()))
+        self.direct(meter, Control::Command(topic.to_owned(), bytes.into()))
     }
 
     /// Hands `bytes` to `meter` as a firmware chunk (a tampered or foreign image from a
     /// compromised broker). `false` if the meter is unknown or its task has ended.
     pub fn inject_firmware_chunk(&self, meter: &MeterId, bytes: impl Into<Bytes>) -> bool {
-        self.control(meter, Control::Chunk(bytes.into()))
+        self.direct(meter, Control::Chunk(bytes.into()))
     }
 
     /// A snapshot of `meter`'s device state (relay, interval, tariff, firmware), as of its last
@@ -575,10 +991,16 @@ impl Fleet {
     /// then disconnects every meter and reports.
     pub async fn stop(self, drain: Duration) -> FleetReport {
         let _ = self.phase.send(Phase::Draining);
+        self.scenario.abort();
+        let _ = self.scenario.await;
+        drop(self.routes);
         let deadline = Instant::now() + drain;
         let mut tasks = self.tasks;
         // Wait for the meters to finish by themselves, up to the deadline.
-        while Instant::now() < deadline && !tasks.iter().all(JoinHandle::is_finished) {
+        while Instant::now() < deadline
+            && !(tasks.iter().all(JoinHandle::is_finished)
+                && self.concentrator_tasks.iter().all(JoinHandle::is_finished))
+        {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _ = self.phase.send(Phase::Stop);
@@ -588,14 +1010,130 @@ impl Fleet {
                 meters.push(outcome);
             }
         }
+        let mut concentrators = Vec::with_capacity(self.concentrator_tasks.len());
+        for t in self.concentrator_tasks {
+            if let Ok(outcome) = t.await {
+                concentrators.push(outcome);
+            }
+        }
+        let mut clones = Vec::with_capacity(self.clones.len());
+        for t in self.clones {
+            if let Ok(outcome) = t.await {
+                clones.push(outcome);
+            }
+        }
         // Every task has ended, so the reservation channel is closed: the service finishes and
         // releases the state directory.
         let _ = self.counter_service.await;
+        let _ = self.volatile_service.await;
+        let ground_truth = self
+            .truth
+            .lock()
+            .map(|t| t.entries.clone())
+            .unwrap_or_default();
         FleetReport {
             stats: self.stats.snapshot(),
             latency: self.stats.latency.summary(),
             elapsed: self.started.elapsed(),
             meters,
+            concentrators,
+            clones,
+            clone_stats: self.clone_stats.snapshot(),
+            ground_truth,
+        }
+    }
+}
+
+/// The counter service of clones: grants everything, persists nothing (a clone's counters and
+/// device state must never touch the genuine meter's).
+async fn volatile_service(mut rx: mpsc::UnboundedReceiver<Reservation>) {
+    while let Some(r) = rx.recv().await {
+        let _ = r.reply.send(true);
+    }
+}
+
+/// Runs the behaviours' schedule, recording the ground truth as each takes effect.
+async fn run_schedule(
+    mut schedule: Vec<Scheduled>,
+    routes: HashMap<MeterId, Route>,
+    truth: Arc<Mutex<Truth>>,
+    clock: Clock,
+    started: Instant,
+) {
+    schedule.sort_by_key(|s| s.after);
+    for s in schedule {
+        tokio::time::sleep_until(started + s.after).await;
+        let now = clock();
+        let Ok(mut t) = truth.lock() else {
+            return;
+        };
+        let send = |m: &MeterId, c: Control| routes.get(m).is_some_and(|r| r.send(m, c));
+        let conc = |c: &MeterId, x: ConcControl| routes.get(c).is_some_and(|r| r.concentrator(x));
+        match s.action {
+            Action::Theft(meter, event, metered_share) => {
+                if send(&meter, Control::Theft(event, metered_share)) {
+                    t.push(GroundTruth::Theft {
+                        meter,
+                        at: now,
+                        event,
+                        metered_share,
+                    });
+                }
+            }
+            Action::PowerFail {
+                outage,
+                name,
+                meters,
+                meter,
+            } => {
+                send(&meter, Control::PowerFail);
+                if !t.outages.contains_key(&outage) {
+                    let i = t.entries.len();
+                    t.outages.insert(outage, i);
+                    t.push(GroundTruth::Outage {
+                        name,
+                        meters,
+                        failed_at: now,
+                        restored_at: None,
+                    });
+                }
+            }
+            Action::PowerRestore { outage, meter } => {
+                send(&meter, Control::PowerRestore);
+                if let Some(&i) = t.outages.get(&outage)
+                    && let Some(GroundTruth::Outage { restored_at, .. }) = t.entries.get_mut(i)
+                {
+                    *restored_at = Some(now);
+                }
+            }
+            Action::Clone(meter) => t.push(GroundTruth::Clone { meter, at: now }),
+            Action::PlcLost(c, meter) => {
+                if conc(&c, ConcControl::Plc(meter.clone(), true)) {
+                    let i = t.entries.len();
+                    t.losses.insert((c.clone(), meter.clone()), i);
+                    t.push(GroundTruth::PlcLoss {
+                        concentrator: c,
+                        meter,
+                        lost_at: now,
+                        found_at: None,
+                    });
+                }
+            }
+            Action::PlcFound(c, meter) => {
+                if conc(&c, ConcControl::Plc(meter.clone(), false))
+                    && let Some(i) = t.losses.remove(&(c, meter))
+                    && let Some(GroundTruth::PlcLoss { found_at, .. }) = t.entries.get_mut(i)
+                {
+                    *found_at = Some(now);
+                }
+            }
+            Action::Alter(c) => {
+                // The concentrator records the ground truth when it publishes the copy.
+                conc(&c, ConcControl::Alter);
+            }
+            Action::RelayFor(c) => {
+                conc(&c, ConcControl::RelayFor);
+            }
         }
     }
 }
@@ -642,7 +1180,7 @@ async fn counter_service(
 }
 
 /// An established connection.
-struct Conn {
+pub(crate) struct Conn {
     reader: ClientReader,
     writer: ClientWriter,
     last_read: Instant,
@@ -675,7 +1213,7 @@ async fn next_event(rx: &mut mpsc::UnboundedReceiver<Control>, open: bool) -> Op
     }
 }
 
-async fn next_packet(conn: &mut Option<Conn>) -> Result<Packet, ClientError> {
+pub(crate) async fn next_packet(conn: &mut Option<Conn>) -> Result<Packet, ClientError> {
     match conn {
         Some(c) => c.reader.recv().await,
         None => std::future::pending().await,
@@ -683,15 +1221,15 @@ async fn next_packet(conn: &mut Option<Conn>) -> Result<Packet, ClientError> {
 }
 
 /// How long until `t` on the wall clock, as a tokio instant.
-fn instant_of(t: OffsetDateTime, clock: &Clock) -> Instant {
+pub(crate) fn instant_of(t: OffsetDateTime, clock: &Clock) -> Instant {
     let delta = t - clock();
     Instant::now() + Duration::try_from(delta).unwrap_or(Duration::ZERO).min(FAR)
 }
 
-const FAR: Duration = Duration::from_secs(86_400 * 365);
+pub(crate) const FAR: Duration = Duration::from_secs(86_400 * 365);
 
 /// A head-end that does not read for this long is given up on (the connection is dropped).
-const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 async fn run_meter(
     mut m: Meter,
@@ -993,6 +1531,11 @@ async fn run_meter(
                 }
                 Wake::Packet(Err(_)) => lost = true,
                 Wake::Control(Some(Control::Event(kind))) => m.request_event(kind),
+                Wake::Control(Some(Control::Theft(kind, share))) => {
+                    m.start_bypass((sh.clock)(), Some(kind), share);
+                }
+                Wake::Control(Some(Control::PowerFail)) => m.power_fail((sh.clock)()),
+                Wake::Control(Some(Control::PowerRestore)) => m.power_restore((sh.clock)()),
                 Wake::Control(Some(Control::Command(topic, bytes))) => {
                     handle_command(&mut m, &sh, &topic, &bytes);
                     publish_device_state(&m, &device);

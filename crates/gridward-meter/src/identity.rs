@@ -70,6 +70,16 @@ pub enum LoadError {
         /// Why.
         reason: String,
     },
+    /// The certificate identifies another device than the (non-meter) one asked for.
+    #[error("{path}: the certificate identifies {found}, not {expected}")]
+    WrongIdentity {
+        /// The chain file.
+        path: PathBuf,
+        /// The device asked for.
+        expected: String,
+        /// What the certificate identifies (or why it identifies nothing).
+        found: String,
+    },
     /// The certificate identifies another meter than the one asked for.
     #[error("{path}: the certificate is meter {found}'s, not {expected}'s")]
     WrongMeter {
@@ -492,6 +502,49 @@ pub fn load_material(
         roots: trust.roots.clone(),
         crls: trust.crls.clone(),
     })
+}
+
+/// The TLS configuration and envelope key of concentrator `id` from its chain and key files:
+/// the certificate must identify concentrator `id`.
+pub fn load_concentrator(
+    id: &MeterId,
+    chain_path: &Path,
+    key_path: &Path,
+    trust: &Trust,
+    opts: &TlsOptions,
+) -> Result<(Arc<ClientConfig>, SigningKey), LoadError> {
+    let expected = Identity::Concentrator(id.clone());
+    let chain = read_certs(chain_path)?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| pem_err(chain_path, "no CERTIFICATE block"))?;
+    match gridward_pki::identity_of(leaf) {
+        Ok(found) if found == expected => {}
+        other => {
+            return Err(LoadError::WrongIdentity {
+                path: chain_path.to_owned(),
+                expected: expected.to_string(),
+                found: match other {
+                    Ok(found) => found.to_string(),
+                    Err(e) => e.to_string(),
+                },
+            });
+        }
+    }
+    let key_bytes = std::fs::read(key_path).map_err(io_err(key_path))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| pem_err(key_path, e))?;
+    let material = TlsMaterial {
+        chain,
+        key,
+        roots: trust.roots.clone(),
+        crls: trust.crls.clone(),
+    };
+    let signing_key = envelope_key(key_path, chain_path, &material)?;
+    let client_config = client_config_with(&material, opts).map_err(|source| LoadError::Tls {
+        meter: id.clone(),
+        source,
+    })?;
+    Ok((client_config, signing_key))
 }
 
 /// The meters of a PKI directory that can be simulated (a `key.pem` next to `chain.pem`),

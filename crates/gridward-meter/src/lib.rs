@@ -27,7 +27,12 @@
 //!   forwarder uses the same, from `gridward_core::backoff`).
 //! - [`identity`]: a meter's TLS configuration and envelope key from a PKI directory.
 //! - [`sign`]: signing a document given on the command line (`gridward meter sign`).
-//! - [`fleet`]: N meters in one process over MQTT/TLS, one tokio task each.
+//! - [`fleet`]: N meters in one process over MQTT/TLS, one tokio task each; concentrators with
+//!   their PLC meters, one task and one connection each.
+//! - [`concentrator`]: a data concentrator: relay batches of its PLC meters' own envelopes,
+//!   resent until acknowledged, and its own signed events (sans-IO; its task is `plc`).
+//! - [`scenario`]: live behaviours with ground truth (thief, feeder outage, cloned meter, PLC
+//!   meter lost, altered or unauthorised relay).
 //! - [`stats`]: live fleet counters and the publish → PUBACK latency histogram.
 //!
 //! Architecture invariants:
@@ -50,13 +55,16 @@
 
 pub use gridward_core::backoff;
 pub mod command;
+pub mod concentrator;
 pub mod counter;
 pub mod firmware;
 pub mod fleet;
 pub mod identity;
 pub mod meter;
 pub mod outbox;
+mod plc;
 pub mod profile;
+pub mod scenario;
 pub mod sign;
 pub mod state;
 pub mod stats;

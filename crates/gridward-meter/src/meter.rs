@@ -33,7 +33,7 @@ use time::{Duration, OffsetDateTime};
 
 use crate::command::{Device, DeviceConfig};
 use crate::counter::{CounterBlock, DEFAULT_BLOCK};
-use crate::profile::LoadProfile;
+use crate::profile::{LoadProfile, MeteredShare};
 
 /// The shortest interval between readings; shorter ones are raised to it.
 pub const MIN_INTERVAL: Duration = Duration::MILLISECOND;
@@ -260,6 +260,8 @@ pub struct MeterCounts {
     pub commands_refused: u64,
     /// Command acknowledgements signed.
     pub acks: u64,
+    /// Readings not taken because the meter had no power ([`Meter::power_fail`]).
+    pub unpowered: u64,
 }
 
 /// One simulated meter. See the module documentation for the driving loop.
@@ -288,6 +290,11 @@ pub struct Meter {
     subscribe_due: Vec<Arc<str>>,
     subacks_pending: Vec<u16>,
     pub(crate) device: Device,
+    /// The metered share of the load over time (thief, outage).
+    metered: MeteredShare,
+    /// The share metered while powered (1, or less once a thief bypasses the meter).
+    bypass_share: f64,
+    powered: bool,
 }
 
 impl std::fmt::Debug for Meter {
@@ -337,7 +344,74 @@ impl Meter {
             subscribe_due: Vec::new(),
             subacks_pending: Vec::new(),
             device,
+            metered: MeteredShare::new(),
+            bypass_share: 1.0,
+            powered: true,
         }
+    }
+
+    /// A thief at `now`: signs `event` (e.g. [`EventKind::CoverOpened`], at the next
+    /// [`handle_timeout`](Self::handle_timeout)) if one is given, then from `now` on only
+    /// `metered_share` (0..=1, e.g. 0.5) of the load passes through the meter: the register
+    /// grows that much slower for good.
+    pub fn start_bypass(
+        &mut self,
+        now: OffsetDateTime,
+        event: Option<EventKind>,
+        metered_share: f64,
+    ) {
+        if let Some(kind) = event {
+            self.request_event(kind);
+        }
+        self.bypass_share = if metered_share.is_nan() {
+            1.0
+        } else {
+            metered_share.clamp(0.0, 1.0)
+        };
+        if self.powered {
+            self.metered.set(whole_second(now), self.bypass_share);
+        }
+    }
+
+    /// The power fails at `now`: the meter signs its last gasp ([`EventKind::PowerFail`], sent
+    /// at the next [`handle_timeout`](Self::handle_timeout) like any event), then takes no
+    /// readings and its register stands still until [`power_restore`](Self::power_restore).
+    /// Messages already signed stay held and are sent as usual. Nothing if already unpowered.
+    pub fn power_fail(&mut self, now: OffsetDateTime) {
+        if !self.powered {
+            return;
+        }
+        self.powered = false;
+        self.request_event(EventKind::PowerFail);
+        self.metered.set(whole_second(now), 0.0);
+    }
+
+    /// The power is back at `now`: the meter signs [`EventKind::PowerRestore`], its register
+    /// grows again and readings resume on their schedule (those missed are not made up).
+    /// Nothing if powered.
+    pub fn power_restore(&mut self, now: OffsetDateTime) {
+        if self.powered {
+            return;
+        }
+        self.powered = true;
+        self.request_event(EventKind::PowerRestore);
+        self.metered.set(whole_second(now), self.bypass_share);
+    }
+
+    /// Whether the meter has power (see [`power_fail`](Self::power_fail)).
+    pub fn is_powered(&self) -> bool {
+        self.powered
+    }
+
+    /// The metered share of the load over time.
+    pub fn metered_share(&self) -> &MeteredShare {
+        &self.metered
+    }
+
+    /// The profile's register at `t` as this meter's register counts it (bypass and outages
+    /// applied; the relay is applied on top by the device).
+    pub(crate) fn metered_kwh(&self, t: OffsetDateTime) -> f64 {
+        self.metered.register_kwh(&self.config.profile, t)
     }
 
     /// The topic commands arrive on (`meters/{id}/commands`).
@@ -543,7 +617,9 @@ impl Meter {
         if now < self.next_reading && !read_now {
             return Ok(out);
         }
-        if self.held() >= self.config.max_held {
+        if !self.powered {
+            self.counts.unpowered += 1;
+        } else if self.held() >= self.config.max_held {
             out.skipped += 1;
             self.counts.skipped += 1;
         } else {
@@ -593,8 +669,7 @@ impl Meter {
     }
 
     fn reading_body(&self, ts: OffsetDateTime) -> Result<String, MeterError> {
-        let profile = &self.config.profile;
-        let kwh = self.device.register(ts, |t| profile.register_kwh(t));
+        let kwh = self.device.register(ts, |t| self.metered_kwh(t));
         let reading = Reading::new(self.id.clone(), ts, kwh)?;
         Ok(match self.config.format {
             Format::Xml => reading.to_xml(),
@@ -987,6 +1062,78 @@ mod tests {
             msgs.iter().map(|m| m.counter).collect::<Vec<_>>(),
             [1, 2, 3]
         );
+    }
+
+    fn register_of(m: &Meter, msg: &Message) -> f64 {
+        let Document::Reading(r) = verify_msg(m, msg).unwrap() else {
+            panic!("not a reading")
+        };
+        r.energy_kwh
+    }
+
+    #[test]
+    fn a_thief_opens_the_cover_then_half_the_load_is_metered() {
+        let mut cfg = MeterConfig::new(Duration::minutes(15), LoadProfile::from_seed(4));
+        cfg.format = Format::Json;
+        let mut m = meter_with(cfg);
+        m.on_connected();
+        let before = run_connected(&mut m, T0, 4); // 06:00 .. 06:45
+        let t1 = T0 + Duration::hours(1);
+        m.start_bypass(t1, Some(EventKind::TerminalCoverOpened), 0.5);
+        let after = run_connected(&mut m, t1, 9); // 07:00 .. 09:00
+        let Document::Event(e) = verify_msg(&m, &after[0]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(e.kind, EventKind::TerminalCoverOpened);
+        assert_eq!(&*after[0].topic, "meters/M-000001/events");
+        let profile = m.config().profile.clone();
+        let t9 = t1 + Duration::hours(2);
+        let metered = register_of(&m, &after[9]) - register_of(&m, &after[1]);
+        let full = profile.register_exact(t9) - profile.register_exact(t1);
+        assert!((metered - full / 2.0).abs() < 0.002, "{metered} vs {full}");
+        // Before the bypass the register is the profile's.
+        assert_eq!(
+            register_of(&m, &before[3]),
+            profile.register_kwh(T0 + Duration::minutes(45))
+        );
+        assert_eq!(m.metered_share().share_at(t9), 0.5);
+    }
+
+    #[test]
+    fn without_power_a_meter_sends_its_last_gasp_and_takes_no_readings() {
+        let mut m = meter();
+        m.on_connected();
+        run_connected(&mut m, T0, 3);
+        let t_fail = T0 + Duration::seconds(30);
+        m.power_fail(t_fail);
+        m.power_fail(t_fail); // once
+        assert!(!m.is_powered());
+        let during = run_connected(&mut m, t_fail, 6);
+        assert_eq!(during.len(), 1);
+        let Document::Event(e) = verify_msg(&m, &during[0]).unwrap() else {
+            panic!()
+        };
+        assert_eq!(e.kind, EventKind::PowerFail);
+        assert_eq!(m.counts().unpowered, 6);
+        let t_back = t_fail + Duration::seconds(60);
+        m.power_restore(t_back);
+        let after = run_connected(&mut m, t_back, 2);
+        let kinds: Vec<MessageKind> = after.iter().map(|a| a.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                MessageKind::Event(EventKind::PowerRestore),
+                MessageKind::Reading,
+                MessageKind::Reading
+            ]
+        );
+        // The register stood still while the power was off.
+        let profile = m.config().profile.clone();
+        let lost = profile.register_exact(t_back) - profile.register_exact(t_fail);
+        let expected = profile.register_exact(t_back) - lost;
+        assert!((register_of(&m, &after[1]) - expected).abs() < 0.002);
+        // Counters stay unique and increasing across it all.
+        assert!(after.windows(2).all(|w| w[0].counter < w[1].counter));
     }
 
     #[test]

@@ -280,6 +280,92 @@ impl LoadProfile {
     }
 }
 
+/// The share of a meter's load that its register counts, over time: 1 normally, less while
+/// part of the load bypasses the meter (a thief), 0 while the meter has no power (an outage).
+///
+/// The metered register is the profile's register minus what the uncounted share consumed:
+///
+/// ```text
+/// metered(t) = register(t) − Σ_i (1 − share_i) · (register(min(t, end_i)) − register(start_i))
+/// ```
+///
+/// over the spans `[start_i, end_i)` of constant share before `t`; it is a pure function of
+/// time (given the changes) and never decreases.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeteredShare {
+    /// `(from, share)`, in time order; before the first change the share is 1.
+    changes: Vec<(OffsetDateTime, f64)>,
+}
+
+impl MeteredShare {
+    /// The whole load is metered, always.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// From `from` on, only `share` (clamped to 0..=1; NaN counts as 1) of the load is metered.
+    /// A change before the last one takes effect at the last one's time (time never runs
+    /// backwards for a register).
+    pub fn set(&mut self, from: OffsetDateTime, share: f64) {
+        let share = if share.is_nan() {
+            1.0
+        } else {
+            share.clamp(0.0, 1.0)
+        };
+        let from = match self.changes.last() {
+            Some((last, _)) if *last > from => *last,
+            _ => from,
+        };
+        if self.share_at(from) == share {
+            return;
+        }
+        match self.changes.last_mut() {
+            Some(last) if last.0 == from => last.1 = share,
+            _ => self.changes.push((from, share)),
+        }
+    }
+
+    /// The metered share at `t`.
+    pub fn share_at(&self, t: OffsetDateTime) -> f64 {
+        self.changes
+            .iter()
+            .rev()
+            .find(|(from, _)| *from <= t)
+            .map_or(1.0, |(_, s)| *s)
+    }
+
+    /// Whether the share was ever changed.
+    pub fn is_changed(&self) -> bool {
+        !self.changes.is_empty()
+    }
+
+    /// The exact metered register of `profile` at `t`, in kWh.
+    pub fn register_exact(&self, profile: &LoadProfile, t: OffsetDateTime) -> f64 {
+        let mut r = profile.register_exact(t);
+        for (i, &(start, share)) in self.changes.iter().enumerate() {
+            if start >= t {
+                break;
+            }
+            let end = self
+                .changes
+                .get(i + 1)
+                .map_or(t, |(next, _)| (*next).min(t));
+            let used = (profile.register_exact(end) - profile.register_exact(start)).max(0.0);
+            r -= (1.0 - share) * used;
+        }
+        r
+    }
+
+    /// The metered register as the meter reports it, rounded down to whole watt-hours; exactly
+    /// [`LoadProfile::register_kwh`] while the share was never changed.
+    pub fn register_kwh(&self, profile: &LoadProfile, t: OffsetDateTime) -> f64 {
+        if self.changes.is_empty() {
+            return profile.register_kwh(t);
+        }
+        (self.register_exact(profile, t) * 1000.0).floor() / 1000.0
+    }
+}
+
 /// `24 / ∫₀²⁴ raw`: scales the raw shape to a daily mean of 1.
 fn norm() -> f64 {
     let total: f64 = BASE * 24.0 + BUMPS.iter().map(|&(a, _, w)| a * w).sum::<f64>();
@@ -463,6 +549,43 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn metered_share_halves_growth_and_stops_it_without_power() {
+        let p = LoadProfile::from_seed(11);
+        let mut m = MeteredShare::new();
+        let t0 = at_hour(6.0);
+        assert_eq!(m.register_kwh(&p, t0), p.register_kwh(t0));
+        assert!(!m.is_changed());
+        // A thief from 08:00 bypasses half the load.
+        m.set(at_hour(8.0), 0.5);
+        let (a, b) = (at_hour(8.0), at_hour(12.0));
+        let full = p.register_exact(b) - p.register_exact(a);
+        let metered = m.register_exact(&p, b) - m.register_exact(&p, a);
+        assert!((metered - full / 2.0).abs() < 1e-9, "{metered} vs {full}");
+        assert!((m.register_exact(&p, a) - p.register_exact(a)).abs() < 1e-12);
+        // An outage from 12:00 to 14:00: the register stands still, then grows at half again.
+        m.set(at_hour(12.0), 0.0);
+        m.set(at_hour(14.0), 0.5);
+        let r12 = m.register_exact(&p, at_hour(12.0));
+        assert!((m.register_exact(&p, at_hour(13.5)) - r12).abs() < 1e-12);
+        let after = m.register_exact(&p, at_hour(16.0)) - m.register_exact(&p, at_hour(14.0));
+        let full = p.register_exact(at_hour(16.0)) - p.register_exact(at_hour(14.0));
+        assert!((after - full / 2.0).abs() < 1e-9);
+        assert_eq!(m.share_at(at_hour(13.0)), 0.0);
+        assert_eq!(m.share_at(at_hour(7.0)), 1.0);
+        // Never decreasing, in 37-second steps over the day.
+        let mut last = 0.0;
+        for i in 0..(86_400 / 37) {
+            let r = m.register_kwh(&p, DAY0 + Duration::seconds(37 * i));
+            assert!(r >= last);
+            last = r;
+        }
+        // A change back in time takes effect at the last change; out-of-range shares clamp.
+        m.set(at_hour(1.0), 2.0);
+        assert_eq!(m.share_at(at_hour(14.0)), 1.0);
+        assert_eq!(m.share_at(at_hour(13.0)), 0.0);
     }
 
     #[test]

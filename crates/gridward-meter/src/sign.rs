@@ -116,6 +116,9 @@ pub fn sign_document(
         let topic = match parsed {
             Document::Reading(_) => meter.readings_topic(),
             Document::Event(_) | Document::CommandAck(_) => meter.events_topic(),
+            Document::ConcentratorEvent(_) => {
+                gridward_core::relay::concentrator_events_topic(meter)
+            }
         };
         (doc_ts, topic)
     };

@@ -16,17 +16,23 @@ use gridward_core::MeterId;
 use gridward_core::command::{
     self, AckOutcome, Command, CommandAck, CommandBody, CommandId, Refusal,
 };
-use gridward_core::document::{Document, EventKind, Format, Limits};
+use gridward_core::document::{ConcentratorEvent, Document, EventKind, Format, Limits};
 use gridward_core::envelope::{EnvelopeError, SigningKey, VerifyingKey, verify};
 use gridward_core::firmware::{self, Manifest};
+use gridward_core::relay;
 use gridward_core::security::{Reason, SecurityEvent};
 use gridward_meter::command::Relay;
+use gridward_meter::concentrator::{
+    ConcentratorIdentity, ConcentratorSpec, ForeignRelay, PlcLoss, RelayConfig,
+};
 use gridward_meter::fleet::{Clock, Fleet, FleetConfig, MeterSpec};
 use gridward_meter::identity::{self, MeterIdentity, Trust};
 use gridward_meter::meter::Misbehaviour;
+use gridward_meter::scenario::{Behaviour, GroundTruth};
 use gridward_mqtt::client::Protocol;
 use gridward_mqtt::{
-    Endpoint, EndpointConfig, EventSink, InboundPublish, OutboundResult, PublishHandler, Verdict,
+    DeviceKind, Endpoint, EndpointConfig, EventSink, InboundPublish, OutboundResult,
+    PublishHandler, Verdict,
 };
 use gridward_pki::tls::{TlsOptions, server_config};
 use gridward_pki::{InitOptions, IssueOptions, LeafKind, Pki, RevocationReason, RevokeTarget};
@@ -48,6 +54,12 @@ struct Stored {
     acks: Vec<CommandAck>,
     /// Per meter: the register of each reading, in counter order.
     registers: HashMap<MeterId, Vec<f64>>,
+    /// What was stored, in arrival order: the meter and `Reading` or the event kind.
+    log: Vec<(MeterId, String)>,
+    /// Concentrators' own events.
+    concentrator_events: Vec<ConcentratorEvent>,
+    /// Relay batches received.
+    batches: u64,
 }
 
 /// The stand-in pipeline. It decides (and stores) as each message arrives, in arrival order;
@@ -59,52 +71,121 @@ struct Pipeline {
     /// While set, messages are neither stored nor answered (a head-end that dies before storing);
     /// once cleared, their verdicts come back as refusals to connections long gone.
     blackhole: AtomicBool,
+    /// The topology: meter → the concentrator it is registered behind.
+    behind: HashMap<MeterId, MeterId>,
+    /// The meters' envelope keys, for relayed envelopes.
+    keys: HashMap<MeterId, VerifyingKey>,
 }
 
 impl Pipeline {
     fn decide(&self, msg: &InboundPublish) -> Verdict {
         let mut s = self.stored.lock().unwrap();
+        if msg.device == DeviceKind::Concentrator {
+            return self.decide_concentrator(&mut s, msg);
+        }
+        let key = VerifyingKey::from_spki_der(&msg.cert_spki).unwrap();
+        Self::decide_envelope(&mut s, &msg.meter_id, &msg.topic, &msg.payload, &key)
+    }
+
+    /// A concentrator's publish: its own event (its certificate's key), or a relay batch whose
+    /// every envelope is verified with its meter's key, for the meters registered behind it.
+    fn decide_concentrator(&self, s: &mut Stored, msg: &InboundPublish) -> Verdict {
         let refuse = |s: &mut Stored, reason| {
             s.refused.push((msg.meter_id.clone(), reason));
             Verdict::Rejected(reason)
         };
-        let key = VerifyingKey::from_spki_der(&msg.cert_spki).unwrap();
-        let verified = match verify(&msg.payload, &key, &msg.meter_id, &msg.topic) {
+        if msg.topic == relay::concentrator_events_topic(&msg.meter_id) {
+            let key = VerifyingKey::from_spki_der(&msg.cert_spki).unwrap();
+            let Ok(v) = verify(&msg.payload, &key, &msg.meter_id, &msg.topic) else {
+                return refuse(s, Reason::BadSignature);
+            };
+            let Ok(doc) = v.into_document(&Limits::default()) else {
+                return refuse(s, Reason::InvalidDocument);
+            };
+            let Document::ConcentratorEvent(e) = doc.document() else {
+                return refuse(s, Reason::InvalidDocument);
+            };
+            s.log
+                .push((msg.meter_id.clone(), e.kind.as_str().to_owned()));
+            s.concentrator_events.push(e.clone());
+            return Verdict::Accepted;
+        }
+        let Ok(items) = relay::decode_batch(&msg.payload) else {
+            return refuse(s, Reason::MalformedEnvelope);
+        };
+        s.batches += 1;
+        let mut verdict = Verdict::Accepted;
+        for item in items {
+            let registered = relay::meter_topic(&item.topic)
+                .map(|(m, _)| m)
+                .filter(|m| self.behind.get(m) == Some(&msg.meter_id));
+            let Some(meter) = registered else {
+                verdict = refuse(s, Reason::RelayNotAuthorized);
+                continue;
+            };
+            let key = self.keys[&meter].clone();
+            let v = Self::decide_envelope(s, &meter, &item.topic, &item.envelope, &key);
+            if matches!(v, Verdict::Rejected(_)) {
+                verdict = v;
+            }
+        }
+        verdict
+    }
+
+    fn decide_envelope(
+        s: &mut Stored,
+        meter: &MeterId,
+        topic: &str,
+        payload: &[u8],
+        key: &VerifyingKey,
+    ) -> Verdict {
+        let refuse = |s: &mut Stored, reason| {
+            s.refused.push((meter.clone(), reason));
+            Verdict::Rejected(reason)
+        };
+        let verified = match verify(payload, key, meter, topic) {
             Ok(v) => v,
-            Err(EnvelopeError::BadSignature) => return refuse(&mut s, Reason::BadSignature),
-            Err(_) => return refuse(&mut s, Reason::MalformedEnvelope),
+            Err(EnvelopeError::BadSignature) => return refuse(s, Reason::BadSignature),
+            Err(_) => return refuse(s, Reason::MalformedEnvelope),
         };
         let counter = verified.header().counter;
-        let last = s.last.get(&msg.meter_id).copied();
+        let last = s.last.get(meter).copied();
         if last.is_some_and(|l| counter <= l) {
             let same = s
                 .readings
-                .get(&msg.meter_id)
+                .get(meter)
                 .and_then(|r| r.get(&counter))
-                .is_some_and(|stored| stored[..] == msg.payload[..]);
+                .is_some_and(|stored| stored[..] == payload[..]);
             if same {
                 s.duplicates += 1;
                 return Verdict::Duplicate;
             }
-            return refuse(&mut s, Reason::Replay);
+            return refuse(s, Reason::Replay);
         }
         let Ok(doc) = verified.into_document(&Limits::default()) else {
-            return refuse(&mut s, Reason::InvalidDocument);
+            return refuse(s, Reason::InvalidDocument);
         };
+        let what = match doc.document() {
+            Document::Event(e) => e.kind.as_str().to_owned(),
+            Document::Reading(_) => "Reading".to_owned(),
+            _ => "other".to_owned(),
+        };
+        s.log.push((meter.clone(), what));
         match doc.document() {
-            Document::Event(e) => s.events.push((msg.meter_id.clone(), e.kind)),
+            Document::Event(e) => s.events.push((meter.clone(), e.kind)),
             Document::CommandAck(a) => s.acks.push(a.clone()),
             Document::Reading(r) => s
                 .registers
-                .entry(msg.meter_id.clone())
+                .entry(meter.clone())
                 .or_default()
                 .push(r.energy_kwh),
+            Document::ConcentratorEvent(_) => {}
         }
-        s.last.insert(msg.meter_id.clone(), counter);
+        s.last.insert(meter.clone(), counter);
         s.readings
-            .entry(msg.meter_id.clone())
+            .entry(meter.clone())
             .or_default()
-            .insert(counter, msg.payload.to_vec());
+            .insert(counter, payload.to_vec());
         Verdict::Accepted
     }
 }
@@ -141,13 +222,22 @@ impl PublishHandler for Handler {
 }
 
 #[derive(Default)]
-struct Events(Mutex<Vec<SecurityEvent>>);
+struct Events(Mutex<Vec<SecurityEvent>>, Mutex<Vec<MeterId>>);
 
 impl EventSink for Events {
     fn security_event(&self, event: SecurityEvent) {
         self.0.lock().unwrap().push(event);
     }
     fn connection(&self, _: &MeterId, _: bool, _: OffsetDateTime) {}
+    fn session_replaced(
+        &self,
+        device: &MeterId,
+        _: std::net::SocketAddr,
+        _: std::net::SocketAddr,
+        _: OffsetDateTime,
+    ) {
+        self.1.lock().unwrap().push(device.clone());
+    }
 }
 
 struct Setup {
@@ -639,5 +729,292 @@ async fn commands_and_firmware_over_mqtt_survive_a_restart() {
     fleet.stop(Duration::from_secs(5)).await;
     let stored = pipeline.stored.lock().unwrap();
     assert!(stored.refused.is_empty(), "{:?}", stored.refused);
+    endpoint.shutdown();
+}
+
+/// The live behaviours, with their ground truth: a thief (cover opened, then half the load), a
+/// feeder outage of three meters (last gasps, no readings, restores), and a cloned meter (the
+/// endpoint's takeover rule drops the two in turn; the clone's counters are refused as replays).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thief_outage_and_clone_behave_and_record_ground_truth() {
+    let s = setup(6);
+    let pipeline = Arc::new(Pipeline::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (endpoint, events, _task) = start_endpoint(&s.pki, &pipeline, listener).await;
+
+    let specs = (1..=6).map(|n| MeterSpec::from(load(&s, n))).collect();
+    let behaviours = vec![
+        Behaviour::theft(id(1), Duration::from_millis(800)),
+        Behaviour::Outage {
+            name: "feeder-a".into(),
+            meters: vec![id(2), id(3), id(4)],
+            after: Duration::from_millis(1000),
+            duration: Some(Duration::from_millis(1500)),
+            spread: Duration::from_millis(300),
+        },
+        Behaviour::Clone {
+            identity: load(&s, 5),
+            after: Duration::from_millis(600),
+        },
+    ];
+    let mut config = fleet_config(&s, port);
+    config.format = Format::Json;
+    let started = OffsetDateTime::now_utc();
+    let fleet = Fleet::start_with(specs, Vec::new(), behaviours, config)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(4000)).await;
+    let report = fleet.stop(Duration::from_secs(5)).await;
+    let stored = pipeline.stored.lock().unwrap();
+
+    // Ground truth: the theft, one outage of three meters (restored), the clone.
+    let kinds: Vec<&str> = report.ground_truth.iter().map(GroundTruth::kind).collect();
+    assert_eq!(
+        kinds,
+        ["clone", "theft", "outage"],
+        "{:?}",
+        report.ground_truth
+    );
+    match &report.ground_truth[2] {
+        GroundTruth::Outage {
+            meters,
+            failed_at,
+            restored_at: Some(restored_at),
+            ..
+        } => {
+            assert_eq!(meters, &[id(2), id(3), id(4)]);
+            assert!(*failed_at >= started + time::Duration::milliseconds(1000));
+            let off = *restored_at - *failed_at;
+            assert!(off >= time::Duration::milliseconds(1200), "{off}");
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The thief's cover event, then its readings go on.
+    let log = &stored.log;
+    let cover = log
+        .iter()
+        .position(|(m, k)| *m == id(1) && k == "CoverOpened")
+        .expect("cover opened");
+    assert!(
+        log[cover..]
+            .iter()
+            .any(|(m, k)| *m == id(1) && k == "Reading")
+    );
+    let regs = &stored.registers[&id(1)];
+    assert!(regs.windows(2).all(|w| w[0] <= w[1]));
+    // Each meter of the outage: PowerFail, no reading, PowerRestore, readings again.
+    for n in 2..=4 {
+        let mine: Vec<&str> = log
+            .iter()
+            .filter(|(m, _)| *m == id(n))
+            .map(|(_, k)| k.as_str())
+            .collect();
+        let fail = mine.iter().position(|k| *k == "PowerFail").unwrap();
+        let back = mine.iter().position(|k| *k == "PowerRestore").unwrap();
+        assert!(fail < back);
+        let held_before = mine[fail + 1..back]
+            .iter()
+            .filter(|k| **k == "Reading")
+            .count();
+        // At most the readings signed before the power failed and still in flight.
+        assert!(held_before <= 1, "{mine:?}");
+        assert!(mine[back..].contains(&"Reading"), "{mine:?}");
+        let outcome = report.meters.iter().find(|m| m.id == id(n)).unwrap();
+        assert!(outcome.counts.unpowered >= 5, "{:?}", outcome.counts);
+    }
+    // Meter 6 is undisturbed.
+    assert!(!log.iter().any(|(m, k)| *m == id(6) && k != "Reading"));
+
+    // The clone: taken over in turns with the genuine meter, its reused counters refused.
+    assert_eq!(report.clones.len(), 1);
+    assert!(report.clone_stats.connects >= 1, "{:?}", report.clone_stats);
+    let replaced = events
+        .1
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|m| **m == id(5))
+        .count();
+    assert!(replaced >= 2, "{replaced}");
+    assert!(
+        stored.refused.iter().any(|r| *r == (id(5), Reason::Replay)),
+        "{:?}",
+        stored.refused
+    );
+    assert!(stored.refused.iter().all(|(m, _)| *m == id(5)));
+    // Only the cloned meter's messages were refused (the genuine one's too, when the clone was
+    // ahead): the rest of the fleet lost nothing.
+    for m in report.meters.iter().filter(|m| m.id != id(5)) {
+        assert_eq!((m.counts.rejected, m.held), (0, 0), "{m:?}");
+    }
+    endpoint.shutdown();
+}
+
+/// A data concentrator with four PLC meters behind it, over the real endpoint: each meter's
+/// own envelopes arrive in relay batches and verify with that meter's key; batches in flight
+/// when the endpoint goes away are resent after the reconnect and every reading is stored once;
+/// a PLC meter lost for a while is reported (MeterLost, MeterFound, signed by the
+/// concentrator); an altered envelope and one of a meter not behind it are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concentrator_relays_its_meters_envelopes_in_batches() {
+    let s = setup(6);
+    let dc = MeterId::new("dc-1").unwrap();
+    Pki::open(&s.pki, None)
+        .unwrap()
+        .issue_concentrator(&dc, &IssueOptions::new("test"), OffsetDateTime::now_utc())
+        .unwrap();
+    let trust = Trust::load(&s.pki).unwrap();
+    let plc: Vec<MeterId> = (1..=4).map(id).collect();
+    let mut pipeline = Pipeline::default();
+    for n in 1..=6 {
+        let m = load(&s, n);
+        pipeline
+            .keys
+            .insert(id(n), m.signing_key().verifying_key().unwrap());
+    }
+    for m in &plc {
+        pipeline.behind.insert(m.clone(), dc.clone());
+    }
+    // A slow store: batches are in flight when the endpoint goes away.
+    *pipeline.delay.lock().unwrap() = Duration::from_millis(250);
+    let pipeline = Arc::new(pipeline);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (endpoint, _, task) = start_endpoint(&s.pki, &pipeline, listener).await;
+
+    let identity = ConcentratorIdentity::load(&s.pki, &dc, &trust, &TlsOptions::default()).unwrap();
+    let mut spec = ConcentratorSpec::new(
+        identity,
+        (1..=4).map(|n| MeterSpec::from(load(&s, n))).collect(),
+    );
+    spec.relay = RelayConfig {
+        max_items: 5,
+        linger: time::Duration::milliseconds(150),
+        ..RelayConfig::default()
+    };
+    spec.plc_losses.push(PlcLoss {
+        meter: id(2),
+        after: Duration::from_millis(600),
+        duration: Some(Duration::from_millis(800)),
+    });
+    spec.alter_relay_after = Some(Duration::from_millis(900));
+    spec.relay_for = Some(ForeignRelay {
+        identity: load(&s, 6),
+        after: Duration::from_millis(1100),
+    });
+    let mut config = fleet_config(&s, addr.port());
+    config.interval = time::Duration::milliseconds(100);
+    config.format = Format::Json;
+    let fleet = Fleet::start_with(
+        vec![MeterSpec::from(load(&s, 5))],
+        vec![spec],
+        Vec::new(),
+        config,
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let live = fleet.concentrator_stats(&dc).unwrap().snapshot();
+    assert_eq!(live.connected, 1, "{live:?}");
+    // The endpoint goes away with batches in flight, and comes back.
+    endpoint.shutdown();
+    task.await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let (endpoint, _, _task) = start_endpoint(&s.pki, &pipeline, listener).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let report = fleet.stop(Duration::from_secs(10)).await;
+    let stored = pipeline.stored.lock().unwrap();
+
+    assert_eq!(report.concentrators.len(), 1);
+    let c = &report.concentrators[0];
+    let cs = c.stats;
+    assert_eq!(c.held, 0, "{cs:?}");
+    assert!(cs.connects >= 2 && cs.batches_resent >= 1, "{cs:?}");
+    // Every PLC meter's readings stored exactly once, with consecutive counters, its own.
+    for outcome in &c.meters {
+        assert_eq!(outcome.held, 0, "{outcome:?}");
+        assert_eq!(outcome.counts.rejected, 0, "{outcome:?}");
+        let counters: Vec<u64> = stored.readings[&outcome.id].keys().copied().collect();
+        assert_eq!(counters, (1..=outcome.counts.readings).collect::<Vec<_>>());
+    }
+    let plc_readings: u64 = c.meters.iter().map(|m| m.counts.readings).sum();
+    assert!(plc_readings >= 4 * 20, "{plc_readings}");
+    assert_eq!(cs.envelopes_acked, cs.envelopes_relayed, "{cs:?}");
+    assert!(
+        stored.batches >= plc_readings / 5,
+        "{} batches",
+        stored.batches
+    );
+    // The directly connected meter is unaffected.
+    assert_eq!(report.meters.len(), 1);
+    assert_eq!(report.meters[0].held, 0);
+    // MeterLost then MeterFound, signed by the concentrator; the lost meter's readings waited.
+    let kinds: Vec<(&str, Vec<MeterId>)> = stored
+        .concentrator_events
+        .iter()
+        .map(|e| (e.kind.as_str(), e.meters.clone()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("MeterLost", vec![id(2)]), ("MeterFound", vec![id(2)])]
+    );
+    assert!(
+        stored
+            .concentrator_events
+            .iter()
+            .all(|e| e.concentrator_id == dc)
+    );
+    let lost = stored
+        .log
+        .iter()
+        .position(|(_, k)| k == "MeterLost")
+        .unwrap();
+    let found = stored
+        .log
+        .iter()
+        .position(|(_, k)| k == "MeterFound")
+        .unwrap();
+    let during = stored.log[lost..found]
+        .iter()
+        .filter(|(m, _)| *m == id(2))
+        .count();
+    assert!(
+        during <= 2,
+        "{during} readings of the lost meter got through"
+    );
+    assert!(stored.log[found..].iter().any(|(m, _)| *m == id(2)));
+    // The tamper tests: refused, nothing else.
+    assert_eq!((cs.probes_sent, cs.probes_refused), (2, 2), "{cs:?}");
+    assert!(
+        stored
+            .refused
+            .iter()
+            .any(|(_, r)| *r == Reason::BadSignature),
+        "{:?}",
+        stored.refused
+    );
+    assert!(
+        stored
+            .refused
+            .contains(&(dc.clone(), Reason::RelayNotAuthorized)),
+        "{:?}",
+        stored.refused
+    );
+    assert_eq!(stored.refused.len(), 2, "{:?}", stored.refused);
+    assert!(!stored.readings.contains_key(&id(6)));
+    // Ground truth of all three.
+    let kinds: Vec<&str> = report.ground_truth.iter().map(GroundTruth::kind).collect();
+    assert_eq!(kinds, ["plc_loss", "altered_relay", "unauthorized_relay"]);
+    assert!(matches!(
+        &report.ground_truth[0],
+        GroundTruth::PlcLoss { meter, found_at: Some(_), .. } if *meter == id(2)
+    ));
+    assert!(matches!(
+        &report.ground_truth[2],
+        GroundTruth::UnauthorizedRelay { meter, concentrator, .. } if *meter == id(6) && *concentrator == dc
+    ));
     endpoint.shutdown();
 }

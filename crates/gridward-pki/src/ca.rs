@@ -326,6 +326,31 @@ impl OpCtx {
         self.current.remove(&(kind, name.to_owned()));
     }
 
+    /// Refuses a meter id that was ever a concentrator's, and a concentrator id that was ever a
+    /// meter's ([`PkiError::DeviceIdTaken`]); other kinds have their own namespaces.
+    pub(crate) fn check_device_id(&self, kind: LeafKind, name: &str) -> Result<(), PkiError> {
+        let other = match kind {
+            LeafKind::Meter => LeafKind::Concentrator,
+            LeafKind::Concentrator => LeafKind::Meter,
+            _ => return Ok(()),
+        };
+        let other_kind = CertKind::from(other);
+        match self
+            .inv
+            .certificates
+            .iter()
+            .find(|c| c.kind == other_kind && c.name == name)
+        {
+            Some(c) => Err(PkiError::DeviceIdTaken {
+                kind,
+                name: name.to_owned(),
+                taken_by: other,
+                serial: c.serial.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn fresh_serial(&self) -> [u8; 16] {
         loop {
             let serial = random_serial();
@@ -714,6 +739,25 @@ impl Pki {
         )
     }
 
+    /// Issues a data concentrator certificate with a new key: CN = id, URI SAN
+    /// `urn:gridward:concentrator:{id}`, EKU clientAuth; key, certificate and chain go to
+    /// `DIR/concentrators/{id}/`. The id must never have been a meter's
+    /// ([`PkiError::DeviceIdTaken`]); renewal ([`Pki::renew`]), revocation ([`Pki::revoke`]) and
+    /// PKCS#12 export work as for meters.
+    pub fn issue_concentrator(
+        &self,
+        id: &gridward_core::MeterId,
+        opts: &IssueOptions,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, PkiError> {
+        self.issue_one(
+            LeafSpec::new(LeafKind::Concentrator, id.as_str(), Vec::new())?
+                .with_role(opts.role.as_deref())?,
+            opts,
+            now,
+        )
+    }
+
     /// Issues a server certificate with a new key: CN = name, the given DNS/IP SANs (at least one;
     /// each parsed as an IP address, else a DNS name), EKU serverAuth.
     pub fn issue_server(
@@ -816,9 +860,36 @@ impl Pki {
         now: OffsetDateTime,
         progress: &mut dyn FnMut(usize),
     ) -> Result<Vec<IssuedCertificate>, PkiError> {
+        self.issue_devices(LeafKind::Meter, prefix, count, opts, now, progress)
+    }
+
+    /// Issues `count` concentrator certificates with ids `{prefix}{n:06}`, as
+    /// [`Pki::issue_meters`] does for meters (numbering on from the highest
+    /// `{prefix}NNNNNN` concentrator; no id may have been a meter's).
+    pub fn issue_concentrators(
+        &self,
+        prefix: &str,
+        count: usize,
+        opts: &IssueOptions,
+        now: OffsetDateTime,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<IssuedCertificate>, PkiError> {
+        self.issue_devices(LeafKind::Concentrator, prefix, count, opts, now, progress)
+    }
+
+    /// Bulk issuance of meters or concentrators (see [`Pki::issue_meters`]).
+    fn issue_devices(
+        &self,
+        kind: LeafKind,
+        prefix: &str,
+        count: usize,
+        opts: &IssueOptions,
+        now: OffsetDateTime,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<IssuedCertificate>, PkiError> {
         let days = check_validity(
             opts.validity_days
-                .unwrap_or_else(|| LeafKind::Meter.default_validity_days()),
+                .unwrap_or_else(|| kind.default_validity_days()),
         )?;
         let _lock = self.lock()?;
         let issuer = self.load_issuer(CrlIssuer::Issuing)?;
@@ -828,7 +899,7 @@ impl Pki {
             .inv
             .certificates
             .iter()
-            .filter(|c| c.kind == CertKind::Meter)
+            .filter(|c| c.kind == CertKind::from(kind))
             .filter_map(|c| c.name.strip_prefix(prefix))
             .filter(|n| n.len() >= 6 && n.chars().all(|c| c.is_ascii_digit()))
             .filter_map(|n| n.parse::<u64>().ok())
@@ -837,13 +908,13 @@ impl Pki {
         let mut specs = Vec::with_capacity(count);
         for n in (0..count as u64).map(|i| start.saturating_add(i)) {
             let name = format!("{prefix}{n:06}");
-            let spec = LeafSpec::new(LeafKind::Meter, &name, Vec::new())?
-                .with_role(opts.role.as_deref())?;
-            if let Some(i) = ctx.current(LeafKind::Meter, &name) {
+            let spec = LeafSpec::new(kind, &name, Vec::new())?.with_role(opts.role.as_deref())?;
+            ctx.check_device_id(kind, &name)?;
+            if let Some(i) = ctx.current(kind, &name) {
                 let e = &ctx.inv.certificates[i];
                 if now < e.not_after && !opts.replace {
                     return Err(PkiError::AlreadyIssued {
-                        kind: LeafKind::Meter,
+                        kind,
                         name,
                         serial: e.serial.clone(),
                         not_after: e.not_after,
@@ -957,6 +1028,7 @@ impl Pki {
         args: &CertifyArgs<'_>,
     ) -> Result<IssuedCertificate, PkiError> {
         let kind = spec.kind;
+        ctx.check_device_id(kind, &spec.name)?;
         let existing = ctx.current(kind, &spec.name);
         if let Some(i) = existing {
             let e = &ctx.inv.certificates[i];

@@ -153,6 +153,21 @@ pub enum PkiError {
         /// When the existing certificate expires.
         not_after: OffsetDateTime,
     },
+    /// Meter ids and concentrator ids are one namespace: the id was already issued to a
+    /// device of the other kind (at any time), so it cannot be this kind's.
+    #[error(
+        "{name:?} cannot be a {kind} id: it is already a {taken_by} id (serial {serial}); a meter id is never also a concentrator's"
+    )]
+    DeviceIdTaken {
+        /// The kind being issued.
+        kind: LeafKind,
+        /// The id.
+        name: String,
+        /// The kind that holds the id.
+        taken_by: LeafKind,
+        /// The serial of a certificate of that kind with that id (hex).
+        serial: String,
+    },
     /// No certificate matches the selector.
     #[error("no certificate found for {what}")]
     NotFound {

@@ -83,13 +83,20 @@ pub enum IdentityError {
     /// The role in the role URI SAN is not 1 to 32 lowercase letters.
     #[error("role in the certificate is invalid: {0:?}")]
     InvalidRole(String),
-    /// The certificate carries identity URIs of more than one kind.
-    #[error("certificate carries both meter and client identity URIs")]
+    /// The certificate carries more than one concentrator URI SAN.
+    #[error("certificate carries {0} urn:gridward:concentrator: URIs; exactly one is required")]
+    MultipleConcentratorUris(usize),
+    /// The certificate carries identity URIs of more than one kind (meter, client,
+    /// concentrator).
+    #[error(
+        "certificate carries identity URIs of more than one kind (meter, client, concentrator)"
+    )]
     MixedIdentityUris,
-    /// A `urn:gridward:` URI SAN is neither a meter nor a client identity.
+    /// A `urn:gridward:` URI SAN is neither a meter, a client nor a concentrator identity (nor
+    /// a role).
     #[error("certificate carries an unknown Gridward identity URI {0:?}")]
     UnknownGridwardUri(String),
-    /// The meter id in the URI SAN is not a valid meter id.
+    /// The meter (or concentrator) id in the URI SAN is not a valid meter id.
     #[error("meter id in the certificate is invalid: {0}")]
     InvalidMeterId(#[from] MeterIdError),
     /// The client name in the URI SAN is empty.
@@ -141,6 +148,9 @@ pub enum IdentityError {
 ///   CN equal to the id, and EKU clientAuth;
 /// - a client certificate carries exactly one `urn:gridward:client:{name}` URI SAN, CN equal to
 ///   the name, and EKU clientAuth;
+/// - a data concentrator certificate carries exactly one `urn:gridward:concentrator:{id}` URI
+///   SAN, a valid meter id, CN equal to the id, and EKU clientAuth; with a meter or client URI
+///   as well it names no one ([`IdentityError::MixedIdentityUris`]);
 /// - a certificate with no Gridward URI and EKU serverAuth is a server named by its CN;
 /// - a certificate carrying the command-signing EKU ([`crate::COMMAND_SIGNING_EKU`]) is never a
 ///   TLS identity, even if it also carries clientAuth or serverAuth
@@ -168,6 +178,7 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, IdentityError> {
     let san = cert.subject_alternative_name().map_err(|e| malformed(&e))?;
     let mut meter_uris = Vec::new();
     let mut client_uris = Vec::new();
+    let mut concentrator_uris = Vec::new();
     let mut role_uris = 0usize;
     if let Some(san) = san {
         for name in &san.value.general_names {
@@ -176,6 +187,8 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, IdentityError> {
                     meter_uris.push((*uri, id));
                 } else if let Some(name) = uri.strip_prefix(CLIENT_URI_PREFIX) {
                     client_uris.push((*uri, name));
+                } else if let Some(id) = uri.strip_prefix(CONCENTRATOR_URI_PREFIX) {
+                    concentrator_uris.push((*uri, id));
                 } else if uri.starts_with(ROLE_URI_PREFIX) {
                     role_uris += 1;
                 } else if uri.starts_with(GRIDWARD_URI_PREFIX) {
@@ -204,8 +217,29 @@ pub fn identity_of(cert_der: &[u8]) -> Result<Identity, IdentityError> {
     if role_uris > 1 {
         return Err(IdentityError::MultipleRoleUris(role_uris));
     }
-    if role_uris == 1 && (client_uris.is_empty() || !meter_uris.is_empty()) {
+    if role_uris == 1
+        && (client_uris.is_empty() || !meter_uris.is_empty() || !concentrator_uris.is_empty())
+    {
         return Err(IdentityError::RoleWithoutClient);
+    }
+    if !concentrator_uris.is_empty() {
+        if !meter_uris.is_empty() || !client_uris.is_empty() {
+            return Err(IdentityError::MixedIdentityUris);
+        }
+        let [(uri, id)] = concentrator_uris.as_slice() else {
+            return Err(IdentityError::MultipleConcentratorUris(
+                concentrator_uris.len(),
+            ));
+        };
+        let id = MeterId::new(id)?;
+        if cn != id.as_str() {
+            return Err(IdentityError::CommonNameMismatch {
+                cn,
+                uri: (*uri).to_owned(),
+            });
+        }
+        require_eku("clientAuth", |e| e.client_auth)?;
+        return Ok(Identity::Concentrator(id));
     }
     match (meter_uris.as_slice(), client_uris.as_slice()) {
         ([], []) => {
@@ -388,6 +422,97 @@ mod tests {
         assert_eq!(
             identity_of(&der),
             Ok(Identity::Meter(MeterId::new("MTR-1").unwrap()))
+        );
+    }
+
+    #[test]
+    fn concentrator_identity() {
+        let der = cert(
+            &["dc-1"],
+            &["urn:gridward:concentrator:dc-1"],
+            &[ClientAuth],
+            false,
+        );
+        assert_eq!(
+            identity_of(&der),
+            Ok(Identity::Concentrator(MeterId::new("dc-1").unwrap()))
+        );
+        assert_eq!(client_role_of(&der), Ok(None));
+        let refused = |cn: &str, uris: &[&str], eku: &[ExtendedKeyUsagePurpose]| {
+            identity_of(&cert(&[cn], uris, eku, false))
+        };
+        assert_eq!(
+            refused(
+                "dc-1",
+                &["urn:gridward:concentrator:dc-1", "urn:gridward:meter:dc-1"],
+                &[ClientAuth]
+            ),
+            Err(IdentityError::MixedIdentityUris)
+        );
+        assert_eq!(
+            refused(
+                "dc-1",
+                &["urn:gridward:meter:dc-1", "urn:gridward:concentrator:dc-1"],
+                &[ClientAuth]
+            ),
+            Err(IdentityError::MixedIdentityUris)
+        );
+        assert_eq!(
+            refused(
+                "dc-1",
+                &["urn:gridward:concentrator:dc-1", "urn:gridward:client:dc-1"],
+                &[ClientAuth]
+            ),
+            Err(IdentityError::MixedIdentityUris)
+        );
+        assert_eq!(
+            refused(
+                "dc-1",
+                &[
+                    "urn:gridward:concentrator:dc-1",
+                    "urn:gridward:concentrator:dc-2"
+                ],
+                &[ClientAuth]
+            ),
+            Err(IdentityError::MultipleConcentratorUris(2))
+        );
+        assert_eq!(
+            refused("dc-2", &["urn:gridward:concentrator:dc-1"], &[ClientAuth]),
+            Err(IdentityError::CommonNameMismatch {
+                cn: "dc-2".into(),
+                uri: "urn:gridward:concentrator:dc-1".into()
+            })
+        );
+        assert_eq!(
+            refused("dc-1", &["urn:gridward:concentrator:dc-1"], &[ServerAuth]),
+            Err(IdentityError::WrongEku("clientAuth"))
+        );
+        assert_eq!(
+            refused("dc-1", &["urn:gridward:concentrator:dc-1"], &[]),
+            Err(IdentityError::MissingEku("clientAuth"))
+        );
+        assert_eq!(
+            refused("a/b", &["urn:gridward:concentrator:a/b"], &[ClientAuth]),
+            Err(IdentityError::InvalidMeterId(MeterIdError::InvalidChar(
+                '/'
+            )))
+        );
+        assert_eq!(
+            refused(
+                "dc-1",
+                &["urn:gridward:concentrator:dc-1", "urn:gridward:role:admin"],
+                &[ClientAuth]
+            ),
+            Err(IdentityError::RoleWithoutClient)
+        );
+        assert_eq!(
+            identity_of(&cert(
+                &["dc-1"],
+                &["urn:gridward:concentrator:dc-1"],
+                &[ClientAuth],
+                true
+            )),
+            Err(IdentityError::IsCa)
         );
     }
 

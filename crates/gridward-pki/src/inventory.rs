@@ -39,6 +39,8 @@ pub enum CertKind {
     Client,
     /// A command-signer leaf (the head-end's command-signing key; not a TLS certificate).
     CommandSigner,
+    /// A data concentrator leaf.
+    Concentrator,
 }
 
 impl CertKind {
@@ -49,6 +51,7 @@ impl CertKind {
             Self::Server => Some(LeafKind::Server),
             Self::Client => Some(LeafKind::Client),
             Self::CommandSigner => Some(LeafKind::CommandSigner),
+            Self::Concentrator => Some(LeafKind::Concentrator),
             Self::RootCa | Self::IssuingCa => None,
         }
     }
@@ -62,6 +65,7 @@ impl CertKind {
             Self::Server => "server",
             Self::Client => "client",
             Self::CommandSigner => "command-signer",
+            Self::Concentrator => "concentrator",
         }
     }
 }
@@ -73,6 +77,7 @@ impl From<LeafKind> for CertKind {
             LeafKind::Server => Self::Server,
             LeafKind::Client => Self::Client,
             LeafKind::CommandSigner => Self::CommandSigner,
+            LeafKind::Concentrator => Self::Concentrator,
         }
     }
 }

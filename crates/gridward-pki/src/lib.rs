@@ -9,6 +9,7 @@
 //!             ├── meter  leaves: CN = id,   URI SAN urn:gridward:meter:{id},   EKU clientAuth
 //!             ├── server leaves: CN = name, DNS/IP SANs,                        EKU serverAuth
 //!             ├── client leaves: CN = name, URI SAN urn:gridward:client:{name}, EKU clientAuth
+//!             ├── concentrator leaves: CN = id, URI SAN urn:gridward:concentrator:{id}, EKU clientAuth
 //!             └── command signers: CN = name, no SAN, EKU COMMAND_SIGNING_EKU only (critical):
 //!                                  signs commands to meters, never authenticates TLS
 //! ```
@@ -18,7 +19,8 @@
 //! ## Modules
 //!
 //! - [`ca`]: [`Pki`], the CA over one directory: [`Pki::init`], [`Pki::open`], issuance
-//!   ([`Pki::issue_meter`], [`Pki::issue_server`], [`Pki::issue_client`], bulk [`Pki::issue_meters`]),
+//!   ([`Pki::issue_meter`], [`Pki::issue_concentrator`], [`Pki::issue_server`],
+//!   [`Pki::issue_client`], bulk [`Pki::issue_meters`] and [`Pki::issue_concentrators`]),
 //!   [`Pki::issue_command_signer`], CSR signing ([`Pki::sign_csr`]), [`Pki::renew`], [`Pki::list`],
 //!   [`Pki::log`].
 //! - [`command_signer`]: the command-signer certificates meters pin ([`Pki::command_signers`]) and
@@ -29,6 +31,8 @@
 //! - [`identity`]: [`identity_of`], the one function that maps a peer certificate to an [`Identity`]
 //!   (it refuses command signers), and [`command_signer_name_of`].
 //! - [`profile`]: leaf kinds ([`LeafKind`]), issuance options, the certificate profiles.
+//! - [`meter_keys`]: [`Pki::meter_keys`], the keys of every meter's valid certificates, to verify
+//!   envelopes a data concentrator relays.
 //! - [`keys`]: key algorithms, key files, passphrase encryption of CA keys.
 //! - [`csr`]: parsing and verifying certificate signing requests (OpenSSL and keytool).
 //! - [`inventory`]: the record of every certificate ever issued, and its status.
@@ -47,6 +51,7 @@
 //!                                               issuing's covers the leaves
 //! DIR/meters/{id}/cert.pem key.pem chain.pem    chain.pem: leaf then issuing CA
 //! DIR/servers/{name}/...   DIR/clients/{name}/...   DIR/command-signers/{name}/...
+//! DIR/concentrators/{id}/...
 //! DIR/archive/{serial-hex}.crt.pem              superseded certificates
 //! DIR/trusted/{alias}.crt.pem                   imported trust anchors (added to TLS roots)
 //! DIR/inventory.json                            every certificate ever issued, with status;
@@ -79,6 +84,7 @@ mod fsutil;
 pub mod identity;
 pub mod inventory;
 pub mod keys;
+pub mod meter_keys;
 pub mod oplog;
 pub mod p12;
 pub mod profile;
@@ -95,6 +101,7 @@ pub use identity::{
 };
 pub use inventory::{CertKind, CertStatus, CertificateRecord, InventoryEntry, Origin};
 pub use keys::{CaKeyAlg, LeafKeyAlg, StandaloneKeyPair};
+pub use meter_keys::{MeterKey, MeterKeys};
 pub use oplog::{ChainStatus, LogAction, LogEntry, LogRecord, LogReport};
 pub use profile::{
     COMMAND_SIGNING_EKU, IssueOptions, LeafKind, MAX_ROLE_LEN, SanValue, command_signing_eku_der,

@@ -23,7 +23,7 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 
 use crate::error::PkiError;
-use crate::identity::{CLIENT_URI_PREFIX, ROLE_URI_PREFIX};
+use crate::identity::{CLIENT_URI_PREFIX, CONCENTRATOR_URI_PREFIX, ROLE_URI_PREFIX};
 use crate::keys::LeafKeyAlg;
 
 /// id-ce-extKeyUsage (RFC 5280, 4.2.1.12).
@@ -98,11 +98,20 @@ pub enum LeafKind {
     /// (critical; no serverAuth, no clientAuth), so it can never authenticate a TLS connection.
     #[serde(rename = "command-signer")]
     CommandSigner,
+    /// A data concentrator: CN = id (a meter id's syntax, never also a meter's), URI SAN
+    /// `urn:gridward:concentrator:{id}`, EKU clientAuth.
+    Concentrator,
 }
 
 impl LeafKind {
     /// Every leaf kind.
-    pub const ALL: [Self; 4] = [Self::Meter, Self::Server, Self::Client, Self::CommandSigner];
+    pub const ALL: [Self; 5] = [
+        Self::Meter,
+        Self::Server,
+        Self::Client,
+        Self::CommandSigner,
+        Self::Concentrator,
+    ];
 
     /// The name used on the command line and in the inventory.
     pub fn as_str(self) -> &'static str {
@@ -111,6 +120,7 @@ impl LeafKind {
             Self::Server => "server",
             Self::Client => "client",
             Self::CommandSigner => "command-signer",
+            Self::Concentrator => "concentrator",
         }
     }
 
@@ -121,13 +131,15 @@ impl LeafKind {
             Self::Server => "servers",
             Self::Client => "clients",
             Self::CommandSigner => "command-signers",
+            Self::Concentrator => "concentrators",
         }
     }
 
-    /// Default validity in days: meters 3650, servers 365, clients 730, command signers 365.
+    /// Default validity in days: meters and concentrators 3650, servers 365, clients 730,
+    /// command signers 365.
     pub fn default_validity_days(self) -> u32 {
         match self {
-            Self::Meter => 3650,
+            Self::Meter | Self::Concentrator => 3650,
             Self::Server => 365,
             Self::Client => 730,
             Self::CommandSigner => 365,
@@ -146,9 +158,12 @@ impl fmt::Display for LeafKind {
     }
 }
 
-/// A leaf kind name that is not `meter`, `server`, `client` or `command-signer`.
+/// A leaf kind name that is not `meter`, `server`, `client`, `command-signer` or
+/// `concentrator`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown certificate kind {0:?}: expected meter, server, client or command-signer")]
+#[error(
+    "unknown certificate kind {0:?}: expected meter, server, client, command-signer or concentrator"
+)]
 pub struct UnknownLeafKind(pub String);
 
 impl FromStr for LeafKind {
@@ -243,11 +258,11 @@ impl fmt::Display for SanValue {
     }
 }
 
-/// Checks a leaf identity name: a meter id for meters; for servers, clients and command signers, 1 to
+/// Checks a leaf identity name: a meter id for meters and concentrators; for servers, clients and command signers, 1 to
 /// [`MAX_NAME_LEN`] characters from `A-Z a-z 0-9 . _ -`, not starting with `.` or `-` (the name is
 /// a directory name and a URI component).
 pub fn validate_name(kind: LeafKind, name: &str) -> Result<(), PkiError> {
-    if kind == LeafKind::Meter {
+    if matches!(kind, LeafKind::Meter | LeafKind::Concentrator) {
         MeterId::new(name)?;
         return Ok(());
     }
@@ -394,6 +409,12 @@ impl LeafSpec {
             LeafKind::Meter => {
                 let id = MeterId::new(&self.name)?;
                 params.subject_alt_names = vec![SanType::URI(id.to_uri().try_into()?)];
+                params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            LeafKind::Concentrator => {
+                let id = MeterId::new(&self.name)?;
+                let uri = format!("{CONCENTRATOR_URI_PREFIX}{id}");
+                params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             }
             LeafKind::Client => {
@@ -579,7 +600,7 @@ mod tests {
         assert_eq!(LeafKind::CommandSigner.dir_name(), "command-signers");
         assert_eq!(LeafKind::CommandSigner.default_validity_days(), 365);
         assert!(!LeafKind::CommandSigner.is_tls());
-        assert!(LeafKind::ALL.iter().filter(|k| k.is_tls()).count() == 3);
+        assert!(LeafKind::ALL.iter().filter(|k| k.is_tls()).count() == 4);
         assert_eq!(
             serde_json::to_string(&LeafKind::CommandSigner).unwrap(),
             "\"command-signer\""

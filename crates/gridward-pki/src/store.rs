@@ -270,8 +270,7 @@ impl Pki {
                 Ok(Identity::Meter(id)) => (LeafKind::Meter, id.as_str().to_owned()),
                 Ok(Identity::Client(name)) => (LeafKind::Client, name),
                 Ok(Identity::Server(name)) => (LeafKind::Server, name),
-                // SKELETON (issue 11, pki helper): LeafKind::Concentrator.
-                Ok(Identity::Concentrator(id)) => (LeafKind::Meter, id.as_str().to_owned()),
+                Ok(Identity::Concentrator(id)) => (LeafKind::Concentrator, id.as_str().to_owned()),
                 Err(IdentityError::CommandSigner) => {
                     (LeafKind::CommandSigner, command_signer_name_of(&leaf)?)
                 }
@@ -305,6 +304,7 @@ impl Pki {
                 }
                 Some(_) => {}
                 None => {
+                    ctx.check_device_id(kind, &name)?;
                     if let Some(i) = ctx.current(kind, &name) {
                         let e = &ctx.inv.certificates[i];
                         if now < e.not_after {

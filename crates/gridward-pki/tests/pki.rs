@@ -2018,3 +2018,310 @@ fn openssl_shows_the_command_signing_eku_and_no_tls_eku() {
         );
     }
 }
+
+// ----- data concentrators (issue 11) ------------------------------------------------------------
+
+#[test]
+fn concentrator_profile() {
+    let (tmp, pki) = new_pki();
+    let issued = pki
+        .issue_concentrator(&meter("dc-1"), &opts(), NOW)
+        .unwrap();
+    let dir = tmp.path().join("pki/concentrators/dc-1");
+    assert_eq!(issued.kind, LeafKind::Concentrator);
+    assert_eq!(issued.cert_path, dir.join("cert.pem"));
+    assert_eq!(mode(&dir.join("key.pem")), 0o600);
+    assert_eq!(read_cert(&dir.join("cert.pem")), issued.certificate);
+    let cert = parse(&issued.certificate);
+    check_common_leaf(&pki, &cert, 3650);
+    assert_eq!(cn(&cert), "dc-1");
+    assert_eq!(
+        uris(&cert),
+        vec!["urn:gridward:concentrator:dc-1".to_owned()]
+    );
+    let eku = cert.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.client_auth && !eku.server_auth && eku.other.is_empty());
+    assert_eq!(
+        identity_of(&issued.certificate),
+        Ok(Identity::Concentrator(meter("dc-1")))
+    );
+    let key = KeyPair::from_pem(&fs::read_to_string(dir.join("key.pem")).unwrap()).unwrap();
+    assert_eq!(key.subject_public_key_info(), cert.public_key().raw);
+
+    // The inventory names the kind "concentrator".
+    let list = pki.list(NOW).unwrap();
+    let rec = list
+        .iter()
+        .find(|r| r.entry.serial == issued.serial)
+        .unwrap();
+    assert_eq!(rec.entry.kind, CertKind::Concentrator);
+    assert_eq!(rec.entry.kind.as_str(), "concentrator");
+    assert_eq!(rec.entry.kind.leaf(), Some(LeafKind::Concentrator));
+    let inventory = fs::read_to_string(tmp.path().join("pki/inventory.json")).unwrap();
+    assert!(
+        inventory.contains("\"kind\": \"concentrator\""),
+        "{inventory}"
+    );
+    assert_eq!(
+        "concentrator".parse::<LeafKind>(),
+        Ok(LeafKind::Concentrator)
+    );
+
+    // Issuing the same id again needs --replace, as for meters.
+    assert!(matches!(
+        pki.issue_concentrator(&meter("dc-1"), &opts(), NOW),
+        Err(PkiError::AlreadyIssued {
+            kind: LeafKind::Concentrator,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn meter_and_concentrator_ids_are_one_namespace() {
+    let (_tmp, pki) = new_pki();
+    let m = pki.issue_meter(&meter("shared-1"), &opts(), NOW).unwrap();
+    let err = pki
+        .issue_concentrator(&meter("shared-1"), &opts(), NOW)
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            PkiError::DeviceIdTaken {
+                kind: LeafKind::Concentrator,
+                name,
+                taken_by: LeafKind::Meter,
+                serial,
+            } if name == "shared-1" && *serial == m.serial
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("never also a concentrator's"),
+        "{err}"
+    );
+    // Not even with --replace, nor once the meter's certificate is revoked.
+    let mut replace = opts();
+    replace.replace = true;
+    assert!(matches!(
+        pki.issue_concentrator(&meter("shared-1"), &replace, NOW),
+        Err(PkiError::DeviceIdTaken { .. })
+    ));
+    pki.revoke(
+        &RevokeTarget::Serial(m.serial.clone()),
+        RevocationReason::CessationOfOperation,
+        ACTOR,
+        NOW,
+    )
+    .unwrap();
+    assert!(matches!(
+        pki.issue_concentrator(&meter("shared-1"), &opts(), NOW),
+        Err(PkiError::DeviceIdTaken { .. })
+    ));
+
+    // And the other way round, by single, bulk and CSR issuance.
+    let c = pki
+        .issue_concentrator(&meter("DC-000001"), &opts(), NOW)
+        .unwrap();
+    let err = pki
+        .issue_meter(&meter("DC-000001"), &opts(), NOW)
+        .unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            PkiError::DeviceIdTaken {
+                kind: LeafKind::Meter,
+                taken_by: LeafKind::Concentrator,
+                serial,
+                ..
+            } if *serial == c.serial
+        ),
+        "{err}"
+    );
+    let before = pki.list(NOW).unwrap().len();
+    // Bulk meters numbered from DC-000001 (there is no meter DC-*): refused before any is issued.
+    assert!(matches!(
+        pki.issue_meters("DC-", 3, &opts(), NOW, &mut |_| {}),
+        Err(PkiError::DeviceIdTaken { .. })
+    ));
+    assert_eq!(pki.list(NOW).unwrap().len(), before);
+    let csr_key = KeyPair::generate().unwrap();
+    let csr = csr_params("DC-000001")
+        .serialize_request(&csr_key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    assert!(matches!(
+        pki.sign_csr(csr.as_bytes(), LeafKind::Meter, None, &[], &opts(), NOW),
+        Err(PkiError::DeviceIdTaken { .. })
+    ));
+    // A concentrator CSR works like a meter's.
+    let csr = csr_params("dc-csr")
+        .serialize_request(&csr_key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    let from_csr = pki
+        .sign_csr(
+            csr.as_bytes(),
+            LeafKind::Concentrator,
+            None,
+            &[],
+            &opts(),
+            NOW,
+        )
+        .unwrap();
+    assert_eq!(
+        identity_of(&from_csr.certificate),
+        Ok(Identity::Concentrator(meter("dc-csr")))
+    );
+    // Bulk concentrators number on from their own kind.
+    let bulk = pki
+        .issue_concentrators("DC-", 2, &opts(), NOW, &mut |_| {})
+        .unwrap();
+    let names: Vec<_> = bulk.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["DC-000002", "DC-000003"]);
+}
+
+#[test]
+fn concentrators_renew_revoke_and_export_like_meters() {
+    let (tmp, pki) = new_pki();
+    let dir = tmp.path().join("pki");
+    let mut short = opts();
+    short.validity_days = Some(20);
+    let old = pki.issue_concentrator(&meter("dc-r"), &short, NOW).unwrap();
+    let at = NOW + Duration::days(15);
+    let renewals = pki.renew(30, false, ACTOR, at).unwrap();
+    assert_eq!(renewals.len(), 1);
+    assert_eq!(renewals[0].kind, LeafKind::Concentrator);
+    assert_eq!(renewals[0].old_serial, old.serial);
+    let new = read_cert(&dir.join("concentrators/dc-r/cert.pem"));
+    assert_eq!(identity_of(&new), Ok(Identity::Concentrator(meter("dc-r"))));
+    assert_eq!(
+        read_cert(&dir.join(format!("archive/{}.crt.pem", old.serial))),
+        old.certificate
+    );
+
+    let bytes = pki
+        .export_p12(LeafKind::Concentrator, "dc-r", PASS, ACTOR, at)
+        .unwrap();
+    let contents = gridward_pki::p12::read(&bytes, PASS).unwrap();
+    assert_eq!(contents.keys.len(), 1);
+    assert_eq!(contents.keys[0].alias, "dc-r");
+    assert_eq!(contents.keys[0].chain[0], new);
+    // Import it back after losing the key: it is recognised as a concentrator.
+    fs::remove_file(dir.join("concentrators/dc-r/key.pem")).unwrap();
+    let report = pki.import_p12(&bytes, PASS, ACTOR, at).unwrap();
+    assert_eq!(report.keys.len(), 1);
+    assert!(dir.join("concentrators/dc-r/key.pem").is_file());
+
+    let revoked = pki
+        .revoke(
+            &RevokeTarget::Identity {
+                kind: Some(LeafKind::Concentrator),
+                name: "dc-r".into(),
+            },
+            RevocationReason::KeyCompromise,
+            ACTOR,
+            at,
+        )
+        .unwrap();
+    assert_eq!(revoked.kind, CertKind::Concentrator);
+    let crl = issuing_crl(&dir);
+    let (_, crl) = CertificateRevocationList::from_der(&crl).unwrap();
+    let serial = parse(&new).raw_serial().to_vec();
+    assert!(
+        crl.iter_revoked_certificates()
+            .any(|r| r.raw_serial() == serial)
+    );
+    // Without a kind, the name alone finds it.
+    pki.issue_concentrator(&meter("dc-s"), &opts(), at).unwrap();
+    pki.revoke(
+        &RevokeTarget::Identity {
+            kind: None,
+            name: "dc-s".into(),
+        },
+        RevocationReason::Superseded,
+        ACTOR,
+        at,
+    )
+    .unwrap();
+}
+
+#[test]
+fn meter_keys_lists_every_valid_certificate_of_each_meter() {
+    let (tmp, pki) = new_pki();
+    let spki = |der: &[u8]| parse(der).public_key().raw.to_vec();
+    let mut short = opts();
+    short.validity_days = Some(20);
+    let a1 = pki.issue_meter(&meter("ka"), &short, NOW).unwrap();
+    let b = pki.issue_meter(&meter("kb"), &opts(), NOW).unwrap();
+    let revoked = pki.issue_meter(&meter("kr"), &opts(), NOW).unwrap();
+    pki.issue_concentrator(&meter("kdc"), &opts(), NOW).unwrap();
+    pki.issue_client("kclient", &opts(), NOW).unwrap();
+    pki.revoke(
+        &RevokeTarget::Serial(revoked.serial.clone()),
+        RevocationReason::KeyCompromise,
+        ACTOR,
+        NOW,
+    )
+    .unwrap();
+
+    let keys = pki.meter_keys(NOW).unwrap();
+    assert_eq!(
+        keys.len(),
+        2,
+        "ka and kb; not the revoked meter, not the concentrator"
+    );
+    let ka = keys.get(&meter("ka"));
+    assert_eq!(ka.len(), 1);
+    assert_eq!(ka[0].serial, a1.serial);
+    assert_eq!(&*ka[0].spki_der, spki(&a1.certificate).as_slice());
+    assert_eq!(ka[0].not_after, a1.not_after);
+    // The SPKI is what the envelope's verifying key is built from.
+    gridward_core::envelope::VerifyingKey::from_spki_der(&ka[0].spki_der).unwrap();
+    assert_eq!(keys.get(&meter("kb"))[0].serial, b.serial);
+    assert!(keys.get(&meter("kr")).is_empty());
+    assert!(keys.get(&meter("kdc")).is_empty());
+    assert!(keys.get(&meter("nobody")).is_empty());
+
+    // Renewal overlap: the current and the superseded certificate are both listed, newest first.
+    let at = NOW + Duration::days(15);
+    let renewed = pki.renew(30, false, ACTOR, at).unwrap();
+    assert_eq!(renewed.len(), 1);
+    let keys = pki.meter_keys(at).unwrap();
+    let ka = keys.get(&meter("ka"));
+    let serials: Vec<_> = ka.iter().map(|k| k.serial.as_str()).collect();
+    assert_eq!(
+        serials,
+        [renewed[0].new_serial.as_str(), a1.serial.as_str()]
+    );
+    assert_ne!(ka[0].spki_der, ka[1].spki_der);
+    // Once the old one expires only the new one is left.
+    let later = NOW + Duration::days(21);
+    let keys = pki.meter_keys(later).unwrap();
+    let serials: Vec<_> = keys
+        .get(&meter("ka"))
+        .iter()
+        .map(|k| k.serial.clone())
+        .collect();
+    assert_eq!(serials, [renewed[0].new_serial.clone()]);
+    // Before a certificate's validity starts, it is not listed.
+    assert!(pki.meter_keys(NOW - Duration::days(1)).unwrap().is_empty());
+    // Revoking the superseded certificate removes it from the overlap.
+    pki.revoke(
+        &RevokeTarget::Serial(a1.serial.clone()),
+        RevocationReason::Superseded,
+        ACTOR,
+        at,
+    )
+    .unwrap();
+    assert_eq!(pki.meter_keys(at).unwrap().get(&meter("ka")).len(), 1);
+
+    // A certificate file that is not the one the inventory records is an error, not a key.
+    let path = tmp.path().join("pki/meters/kb/cert.pem");
+    fs::copy(tmp.path().join("pki/meters/ka/cert.pem"), &path).unwrap();
+    assert!(matches!(pki.meter_keys(at), Err(PkiError::BadFile { .. })));
+    fs::remove_file(&path).unwrap();
+    assert!(pki.meter_keys(at).is_err());
+}

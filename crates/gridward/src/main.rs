@@ -2,8 +2,10 @@
 //!
 //! CLI definition and glue only; all logic lives in the library crates.
 //!
+//! - [`alarms_cmd`]: `gridward alarms ...`, the detectors' alarms: list, show, ack, clear.
 //! - [`attack_cmd`]: `gridward attack`, the attack harness.
 //! - [`command_cmd`]: `gridward command ...`, signed commands to meters: send, list, show, proposals.
+//! - [`concentrator_cmd`]: `gridward concentrator ...`, meters behind data concentrators.
 //! - [`demo_cmd`]: `gridward demo`, the whole ingest path on one machine.
 //! - [`firmware_cmd`]: `gridward firmware ...`, manufacturer keys and signed firmware manifests.
 //! - [`pki_cmd`]: `gridward pki ...`, the certificate authority.
@@ -19,6 +21,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod alarms_cmd;
 mod attack_cmd;
 mod audit_cmd;
 mod bench_api;
@@ -26,6 +29,7 @@ mod bench_cmd;
 mod bench_commands;
 mod bench_forward;
 mod command_cmd;
+mod concentrator_cmd;
 mod demo_api;
 mod demo_cmd;
 mod demo_commands;
@@ -142,6 +146,12 @@ enum Command {
     /// send (queued for the running head-end), list, show, and the four-eyes proposals.
     #[command(name = "command")]
     Commands(command_cmd::CommandArgs),
+    /// The detectors' alarms (tamper, outages, theft suspicion, intrusion): list, show, ack,
+    /// clear (acknowledging and clearing are audited, as cli:$USER).
+    Alarms(alarms_cmd::AlarmsArgs),
+    /// The concentrator topology: list, attach and detach the meters registered behind a data
+    /// concentrator (changes are audited, as cli:$USER).
+    Concentrator(concentrator_cmd::ConcentratorArgs),
     /// Show and retry downstream deliveries: pending, delivered, dead letters, lag per target.
     Outbox(outbox_cmd::OutboxArgs),
     /// Receive forwarded readings like a billing service: HTTPS with mutual TLS, signatures
@@ -180,6 +190,8 @@ fn main() -> ExitCode {
         Command::User(args) => user_cmd::run(args),
         Command::Firmware(cmd) => firmware_cmd::run(cmd),
         Command::Commands(args) => command_cmd::run(args),
+        Command::Alarms(args) => alarms_cmd::run(args),
+        Command::Concentrator(args) => concentrator_cmd::run(args),
         Command::Audit(args) => match audit_cmd::run(args) {
             Ok(code) if code != ExitCode::SUCCESS => return code,
             other => other.map(|_| ()),

@@ -17,8 +17,12 @@ use clap::{Args, Subcommand, ValueEnum};
 use gridward_core::MeterId;
 use gridward_core::document::{EventKind, Format, parse_timestamp};
 use gridward_core::envelope::SigningKey;
+use gridward_meter::concentrator::{
+    ConcentratorIdentity, ConcentratorSpec, DEFAULT_BATCH, ForeignRelay, PlcLoss, RelayConfig,
+};
 use gridward_meter::fleet::{Clock, Fleet, FleetConfig, FleetReport, MeterSpec};
-use gridward_meter::identity::{self, Trust};
+use gridward_meter::identity::{self, MeterIdentity, Trust};
+use gridward_meter::scenario::{Behaviour, DEFAULT_METERED_SHARE, GroundTruth};
 use gridward_meter::sign::{SignOptions, sign_document};
 use gridward_meter::stats::StatsSnapshot;
 use gridward_mqtt::client::Protocol;
@@ -118,7 +122,22 @@ Commands: the meters pin the command signers the PKI lists now (DIR/command-sign
 rotation the superseded certificate too, never a revoked or expired one) and execute only \
 commands signed by one of them, for themselves, with a counter above the last executed one and \
 before expiry; each answers with a signed acknowledgement. Firmware manifests must be signed by \
-a --manufacturer-key; without one every update is refused.")]
+a --manufacturer-key; without one every update is refused.
+
+Behaviours with ground truth (for scoring detection; each is printed as a JSON line when it takes \
+effect, and written to --ground-truth FILE):
+  --thief m000001@60            cover opened at 60 s, then half the load bypasses the meter
+  --outage m0000@30+60          the meters whose id starts with m0000 lose power at 30 s (last \
+gasps within --outage-spread), come back 60 s later; or a list: --outage m000001,m000002@30+60
+  --clone m000003@10            a second device with m000003's certificate and key connects too
+
+Concentrator: --concentrator dc-1 --plc-meters 50 puts the first 50 selected meters behind \
+concentrator dc-1 (DIR/concentrators/dc-1/, issued by `gridward pki issue concentrator --name \
+dc-1`): they do not connect; each signs its own envelopes, which dc-1 relays in batches on \
+concentrators/dc-1/relay over its own connection. The rest of the selected meters connect \
+directly. Example:
+  gridward meter run --dir pki --count 60 --concentrator dc-1 --plc-meters 50 \
+    --plc-loss m000007@20+30 --alter-relay=40 --relay-for m000099@45")]
 struct RunArgs {
     /// The PKI directory holding the meters' keys and certificates.
     #[arg(long, value_name = "DIR")]
@@ -180,6 +199,221 @@ struct RunArgs {
     /// `gridward firmware keygen`). Repeatable.
     #[arg(long = "manufacturer-key", value_name = "FILE")]
     manufacturer_keys: Vec<PathBuf>,
+    /// A thief: METER[:KIND][@SECONDS] (default CoverOpened, 1 s). At that time the meter signs
+    /// the tamper event (KIND one of CoverOpened, TerminalCoverOpened, MagneticField), then only
+    /// half of its load is metered for the rest of the run. Repeatable.
+    #[arg(long = "thief", value_name = "METER[:KIND][@S]", value_parser = parse_thief)]
+    thieves: Vec<ThiefRequest>,
+    /// A feeder outage: PREFIX_OR_LIST@SECONDS[+DURATION]. The meters whose id starts with
+    /// PREFIX (or those of a comma-separated list; a concentrator id included makes the
+    /// concentrator fail too) each sign a PowerFail (last gasp) within --outage-spread of
+    /// SECONDS, take no readings (their registers stand still) and, DURATION seconds later,
+    /// sign a PowerRestore and resume. Without +DURATION the power stays off. Repeatable.
+    #[arg(long = "outage", value_name = "PREFIX|LIST@S[+D]", value_parser = parse_outage)]
+    outages: Vec<OutageRequest>,
+    /// Seconds over which an outage's last gasps (and its restores) are spread.
+    #[arg(long, value_name = "S", default_value_t = 3.0)]
+    outage_spread: f64,
+    /// A cloned meter: METER[@SECONDS] (default 0). A second device with the meter's
+    /// certificate and key connects alongside it, with its own counter: the head-end's takeover
+    /// rule drops the two in turn, and reused counters are refused as replays. Repeatable.
+    #[arg(long = "clone", value_name = "METER[@S]", value_parser = parse_clone)]
+    clones: Vec<CloneRequest>,
+    /// Write the ground truth of the behaviours to FILE at the end, one JSON object a line.
+    #[arg(long, value_name = "FILE")]
+    ground_truth: Option<PathBuf>,
+    /// Simulate data concentrator ID (its certificate and key in DIR/concentrators/ID/) with
+    /// the first --plc-meters selected meters behind it.
+    #[arg(long, value_name = "ID")]
+    concentrator: Option<String>,
+    /// Meters behind the concentrator (the first N selected) [default: all selected].
+    #[arg(long, value_name = "N", requires = "concentrator")]
+    plc_meters: Option<usize>,
+    /// Most envelopes per relay batch (1..=64).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_BATCH, requires = "concentrator")]
+    batch: usize,
+    /// Seconds an envelope waits at most for its relay batch to fill.
+    #[arg(
+        long,
+        value_name = "S",
+        default_value_t = 0.2,
+        requires = "concentrator"
+    )]
+    linger: f64,
+    /// The concentrator loses a PLC meter: METER@SECONDS[+DURATION]. It reports MeterLost (and
+    /// MeterFound after DURATION); meanwhile the meter's messages do not get through (they wait
+    /// in the meter). Repeatable.
+    #[arg(long = "plc-loss", value_name = "METER@S[+D]", value_parser = parse_plc_loss, requires = "concentrator")]
+    plc_losses: Vec<PlcLossRequest>,
+    /// Tamper test: at SECONDS (default 2) the concentrator relays a copy of one relayed
+    /// envelope with one byte flipped (the head-end must refuse it).
+    #[arg(long, value_name = "S", num_args = 0..=1, default_missing_value = "2", requires = "concentrator")]
+    alter_relay: Option<f64>,
+    /// Tamper test: METER[@SECONDS] (default 2): the concentrator relays one envelope of METER,
+    /// a meter of DIR not behind it (signed with its key from DIR), which the head-end must
+    /// refuse. METER must not be in this run otherwise.
+    #[arg(long, value_name = "METER[@S]", value_parser = parse_clone, requires = "concentrator")]
+    relay_for: Option<CloneRequest>,
+}
+
+/// `--thief METER[:KIND][@SECONDS]`
+#[derive(Debug, Clone, PartialEq)]
+struct ThiefRequest {
+    meter: MeterId,
+    kind: EventKind,
+    after: Duration,
+}
+
+/// Which meters an outage takes down.
+#[derive(Debug, Clone, PartialEq)]
+enum OutageTarget {
+    /// Every meter (and concentrator) whose id starts with this.
+    Prefix(String),
+    /// These.
+    List(Vec<MeterId>),
+}
+
+/// `--outage PREFIX_OR_LIST@SECONDS[+DURATION]`
+#[derive(Debug, Clone, PartialEq)]
+struct OutageRequest {
+    spec: String,
+    target: OutageTarget,
+    after: Duration,
+    duration: Option<Duration>,
+}
+
+/// `--clone METER[@SECONDS]`, `--relay-for METER[@SECONDS]`
+#[derive(Debug, Clone, PartialEq)]
+struct CloneRequest {
+    meter: MeterId,
+    after: Option<Duration>,
+}
+
+/// `--plc-loss METER@SECONDS[+DURATION]`
+#[derive(Debug, Clone, PartialEq)]
+struct PlcLossRequest {
+    meter: MeterId,
+    after: Duration,
+    duration: Option<Duration>,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs)
+        .map_err(|_| format!("{secs} is not a non-negative number of seconds"))
+}
+
+/// `SECONDS[+DURATION]`
+fn parse_window(s: &str) -> Result<(Duration, Option<Duration>), String> {
+    match s.split_once('+') {
+        Some((at, d)) => Ok((parse_secs(at)?, Some(parse_secs(d)?))),
+        None => Ok((parse_secs(s)?, None)),
+    }
+}
+
+fn parse_meter(s: &str) -> Result<MeterId, String> {
+    MeterId::new(s).map_err(|e| format!("meter {s:?}: {e}"))
+}
+
+fn parse_thief(s: &str) -> Result<ThiefRequest, String> {
+    let (spec, after) = match s.rsplit_once('@') {
+        Some((spec, secs)) => (spec, parse_secs(secs)?),
+        None => (s, Duration::from_secs(1)),
+    };
+    let (meter, kind) = match spec.split_once(':') {
+        Some((meter, kind)) => {
+            let kind = kind
+                .parse::<EventKind>()
+                .ok()
+                .filter(|k| TAMPER_KINDS.contains(k))
+                .ok_or_else(|| {
+                    format!(
+                        "event {kind:?}: one of {}",
+                        TAMPER_KINDS.map(EventKind::as_str).join(", ")
+                    )
+                })?;
+            (meter, kind)
+        }
+        None => (spec, EventKind::CoverOpened),
+    };
+    Ok(ThiefRequest {
+        meter: parse_meter(meter)?,
+        kind,
+        after,
+    })
+}
+
+/// The events a thief may sign first.
+const TAMPER_KINDS: [EventKind; 3] = [
+    EventKind::CoverOpened,
+    EventKind::TerminalCoverOpened,
+    EventKind::MagneticField,
+];
+
+fn parse_outage(s: &str) -> Result<OutageRequest, String> {
+    let (spec, window) = s
+        .rsplit_once('@')
+        .ok_or_else(|| "expected PREFIX_OR_LIST@SECONDS[+DURATION], e.g. m0000@30+60".to_owned())?;
+    let (after, duration) = parse_window(window)?;
+    let target = if spec.contains(',') {
+        let ids = spec
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(parse_meter)
+            .collect::<Result<Vec<_>, _>>()?;
+        OutageTarget::List(ids)
+    } else if spec.is_empty() {
+        return Err("an empty prefix would take down every meter; name a prefix or a list".into());
+    } else {
+        OutageTarget::Prefix(spec.to_owned())
+    };
+    Ok(OutageRequest {
+        spec: spec.to_owned(),
+        target,
+        after,
+        duration,
+    })
+}
+
+fn parse_clone(s: &str) -> Result<CloneRequest, String> {
+    match s.rsplit_once('@') {
+        Some((meter, secs)) => Ok(CloneRequest {
+            meter: parse_meter(meter)?,
+            after: Some(parse_secs(secs)?),
+        }),
+        None => Ok(CloneRequest {
+            meter: parse_meter(s)?,
+            after: None,
+        }),
+    }
+}
+
+fn parse_plc_loss(s: &str) -> Result<PlcLossRequest, String> {
+    let (meter, window) = s
+        .rsplit_once('@')
+        .ok_or_else(|| "expected METER@SECONDS[+DURATION], e.g. m000007@20+30".to_owned())?;
+    let (after, duration) = parse_window(window)?;
+    Ok(PlcLossRequest {
+        meter: parse_meter(meter)?,
+        after,
+        duration,
+    })
+}
+
+impl OutageRequest {
+    /// The ids of `all` this outage takes down, in order.
+    fn resolve(&self, all: &[MeterId]) -> Vec<MeterId> {
+        match &self.target {
+            OutageTarget::Prefix(p) => all
+                .iter()
+                .filter(|m| m.as_str().starts_with(p.as_str()))
+                .cloned()
+                .collect(),
+            OutageTarget::List(ids) => ids.iter().filter(|m| all.contains(m)).cloned().collect(),
+        }
+    }
 }
 
 /// `--event METER:KIND[@SECONDS]`
@@ -319,8 +553,67 @@ async fn run_fleet(a: RunArgs) -> Result<()> {
     let command_signers = trust.command_signers().to_vec();
     let manufacturer_keys =
         identity::load_manufacturer_keys(&a.manufacturer_keys).context("--manufacturer-key")?;
+    let tls_opts = TlsOptions::default();
+    let concentrator = a
+        .concentrator
+        .as_deref()
+        .map(|c| MeterId::new(c).with_context(|| format!("--concentrator {c:?}")))
+        .transpose()?;
+    let plc_count = match &concentrator {
+        Some(_) => {
+            let n = a.plc_meters.unwrap_or(ids.len());
+            if n > ids.len() {
+                bail!(
+                    "--plc-meters {n}: only {} meters are selected (--count, --prefix)",
+                    ids.len()
+                );
+            }
+            n
+        }
+        None => 0,
+    };
+    let concentrator_identity = concentrator
+        .as_ref()
+        .map(|c| {
+            ConcentratorIdentity::load(&a.dir, c, &trust, &tls_opts).with_context(|| {
+                format!(
+                    "loading concentrator {c} (issue it with `gridward pki issue concentrator --dir {} --name {c}`)",
+                    a.dir.display()
+                )
+            })
+        })
+        .transpose()?;
+    let foreign = match &a.relay_for {
+        Some(r) => {
+            if ids.contains(&r.meter) {
+                bail!(
+                    "--relay-for {}: that meter is in this run; name one that is not",
+                    r.meter
+                );
+            }
+            let identity = MeterIdentity::load(&a.dir, &r.meter, &trust, &tls_opts)
+                .with_context(|| format!("--relay-for {}", r.meter))?;
+            Some(ForeignRelay {
+                identity,
+                after: r.after.unwrap_or(Duration::from_secs(2)),
+            })
+        }
+        None => None,
+    };
+    let mut clone_identities = Vec::with_capacity(a.clones.len());
+    for c in &a.clones {
+        if !ids[plc_count..].contains(&c.meter) {
+            bail!(
+                "--clone {}: not a directly connected meter of this run (PLC meters do not connect)",
+                c.meter
+            );
+        }
+        let identity = MeterIdentity::load(&a.dir, &c.meter, &trust, &tls_opts)
+            .with_context(|| format!("--clone {}", c.meter))?;
+        clone_identities.push((identity, c.after.unwrap_or(Duration::ZERO)));
+    }
     let bar = progress_bar(ids.len() as u64, "loading meters");
-    let loaded = {
+    let mut loaded = {
         let bar = bar.clone();
         let dir = a.dir.clone();
         let ids = ids.clone();
@@ -355,9 +648,88 @@ async fn run_fleet(a: RunArgs) -> Result<()> {
     config.manufacturer_keys = manufacturer_keys;
     let n = loaded.len();
     let signers = config.command_signers.len();
-    let fleet = Fleet::start(loaded.into_iter().map(MeterSpec::from).collect(), config)
-        .await
-        .with_context(|| format!("starting {n} meters (state in {})", state.display()))?;
+
+    // Behaviours with ground truth.
+    let mut all_ids = ids.clone();
+    all_ids.extend(concentrator.iter().cloned());
+    let mut behaviours = Vec::new();
+    for t in &a.thieves {
+        if !ids.contains(&t.meter) {
+            bail!("--thief {}: not a meter of this run", t.meter);
+        }
+        behaviours.push(Behaviour::Theft {
+            meter: t.meter.clone(),
+            after: t.after,
+            event: t.kind,
+            metered_share: DEFAULT_METERED_SHARE,
+        });
+    }
+    let spread = seconds("--outage-spread", a.outage_spread)?;
+    for o in &a.outages {
+        let meters = o.resolve(&all_ids);
+        if meters.is_empty() {
+            bail!("--outage {}: matches no meter of this run", o.spec);
+        }
+        behaviours.push(Behaviour::Outage {
+            name: o.spec.clone(),
+            meters,
+            after: o.after,
+            duration: o.duration,
+            spread,
+        });
+    }
+    for (identity, after) in clone_identities {
+        behaviours.push(Behaviour::Clone { identity, after });
+    }
+    let plc: Vec<MeterIdentity> = loaded.drain(..plc_count).collect();
+    let concentrators = match concentrator_identity {
+        Some(identity) => {
+            let plc_ids: Vec<MeterId> = plc.iter().map(|m| m.id().clone()).collect();
+            let mut spec =
+                ConcentratorSpec::new(identity, plc.into_iter().map(MeterSpec::from).collect());
+            spec.relay = RelayConfig {
+                max_items: a.batch.clamp(1, gridward_core::relay::MAX_RELAY_ITEMS),
+                linger: time::Duration::try_from(seconds("--linger", a.linger)?)
+                    .context("--linger")?,
+                ..RelayConfig::default()
+            };
+            for l in &a.plc_losses {
+                if !plc_ids.contains(&l.meter) {
+                    bail!(
+                        "--plc-loss {}: not a PLC meter of the concentrator",
+                        l.meter
+                    );
+                }
+                spec.plc_losses.push(PlcLoss {
+                    meter: l.meter.clone(),
+                    after: l.after,
+                    duration: l.duration,
+                });
+            }
+            spec.alter_relay_after = a
+                .alter_relay
+                .map(|s| seconds("--alter-relay", s))
+                .transpose()?;
+            spec.relay_for = foreign;
+            vec![spec]
+        }
+        None => Vec::new(),
+    };
+    let direct = loaded.len();
+    let fleet = Fleet::start_with(
+        loaded.into_iter().map(MeterSpec::from).collect(),
+        concentrators,
+        behaviours,
+        config,
+    )
+    .await
+    .with_context(|| format!("starting {n} meters (state in {})", state.display()))?;
+    if let Some(c) = &concentrator {
+        eprintln!(
+            "concentrator {c}: {plc_count} PLC meters behind it, relay batches of up to {} envelopes on concentrators/{c}/relay; {direct} meters connect directly",
+            a.batch
+        );
+    }
     eprintln!(
         "{n} meters ({}…{}) → {}:{}, a reading every {} s each, state in {}; {} command signer(s) pinned, {} manufacturer key(s)",
         ids.first().map(MeterId::as_str).unwrap_or_default(),
@@ -389,6 +761,7 @@ async fn run_fleet(a: RunArgs) -> Result<()> {
         }
     }
     let mut events = a.events.clone();
+    let mut truth_seen = 0usize;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last = (started, 0u64);
     let ctrl_c = tokio::signal::ctrl_c();
@@ -408,6 +781,11 @@ async fn run_fleet(a: RunArgs) -> Result<()> {
             }
             false
         });
+        let truth = fleet.ground_truth();
+        for g in truth.iter().skip(truth_seen) {
+            bar.println(format!("ground truth: {}", g.to_json()));
+        }
+        truth_seen = truth_seen.max(truth.len());
         let s = fleet.stats().snapshot();
         let rate = (s.acked - last.1) as f64 / (now - last.0).as_secs_f64().max(1e-3);
         if now - last.0 >= Duration::from_secs(1) {
@@ -438,7 +816,24 @@ async fn run_fleet(a: RunArgs) -> Result<()> {
     let report = fleet.stop(drain).await;
     bar.finish_and_clear();
     print_report(&report, n, rss_running);
+    if let Some(path) = &a.ground_truth {
+        write_ground_truth(path, &report.ground_truth)?;
+        eprintln!(
+            "ground truth: {} entries written to {}",
+            report.ground_truth.len(),
+            path.display()
+        );
+    }
     Ok(())
+}
+
+fn write_ground_truth(path: &Path, truth: &[GroundTruth]) -> Result<()> {
+    let mut out = String::new();
+    for g in truth {
+        out.push_str(&g.to_json());
+        out.push('\n');
+    }
+    fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
 fn progress_bar(len: u64, what: &str) -> ProgressBar {
@@ -525,6 +920,44 @@ fn print_report(r: &FleetReport, meters: usize, rss_running: Option<(u64, u64)>)
         "counter writes    {} (fsync'd), {} state errors",
         s.counter_writes, s.state_errors
     );
+    for c in &r.concentrators {
+        let cs = &c.stats;
+        println!(
+            "concentrator      {}: {} PLC meters, {} connects, {} lost; {} envelopes relayed in {} batches ({} resent); {} batches acked ({} envelopes), {} refused ({} envelopes); own events {} signed, {} acked, {} refused; tamper tests {} sent, {} refused; {} unacknowledged at the end",
+            c.id,
+            c.meters.len(),
+            cs.connects,
+            cs.disconnects,
+            cs.envelopes_relayed,
+            cs.batches_sent,
+            cs.batches_resent,
+            cs.batches_acked,
+            cs.envelopes_acked,
+            cs.batches_refused,
+            cs.envelopes_refused,
+            cs.own_events,
+            cs.own_acked,
+            cs.own_refused,
+            cs.probes_sent,
+            cs.probes_refused,
+            c.held
+        );
+    }
+    if !r.clones.is_empty() {
+        let c = &r.clone_stats;
+        println!(
+            "clones            {}: {} connects, {} lost, {} sent, {} accepted, {} refused",
+            r.clones.len(),
+            c.connects,
+            c.disconnects,
+            c.sent,
+            c.acked,
+            c.rejected
+        );
+    }
+    for g in &r.ground_truth {
+        println!("ground truth      {}", g.to_json());
+    }
     if let Some((rss, peak)) = rss_running {
         println!(
             "memory            RSS {:.1} MiB before stopping ({:.1} KiB per meter), peak {:.1} MiB",
@@ -532,5 +965,197 @@ fn print_report(r: &FleetReport, meters: usize, rss_running: Option<(u64, u64)>)
             rss as f64 / meters.max(1) as f64,
             peak as f64 / 1024.0
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut all = vec!["meter-run", "--dir", "pki"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).map(|c| c.run)
+    }
+
+    fn id(s: &str) -> MeterId {
+        MeterId::new(s).unwrap()
+    }
+
+    #[test]
+    fn behaviours_parse_with_their_defaults() {
+        let a = parse(&[
+            "--thief",
+            "m000001@60",
+            "--thief",
+            "m000002:TerminalCoverOpened",
+            "--outage",
+            "m0000@30+60",
+            "--outage",
+            "m000001,m000003@5.5",
+            "--clone",
+            "m000004",
+            "--clone",
+            "m000005@10",
+            "--ground-truth",
+            "truth.jsonl",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.thieves,
+            [
+                ThiefRequest {
+                    meter: id("m000001"),
+                    kind: EventKind::CoverOpened,
+                    after: Duration::from_secs(60)
+                },
+                ThiefRequest {
+                    meter: id("m000002"),
+                    kind: EventKind::TerminalCoverOpened,
+                    after: Duration::from_secs(1)
+                },
+            ]
+        );
+        assert_eq!(a.outages[0].target, OutageTarget::Prefix("m0000".into()));
+        assert_eq!(a.outages[0].after, Duration::from_secs(30));
+        assert_eq!(a.outages[0].duration, Some(Duration::from_secs(60)));
+        assert_eq!(
+            a.outages[1].target,
+            OutageTarget::List(vec![id("m000001"), id("m000003")])
+        );
+        assert_eq!(a.outages[1].duration, None);
+        assert_eq!(a.outages[1].after, Duration::from_millis(5500));
+        assert_eq!(a.outage_spread, 3.0);
+        assert_eq!(a.clones[0].after, None);
+        assert_eq!(a.clones[1].after, Some(Duration::from_secs(10)));
+        assert_eq!(a.ground_truth, Some(PathBuf::from("truth.jsonl")));
+        // Without behaviours, nothing is scheduled.
+        let a = parse(&[]).unwrap();
+        assert!(a.thieves.is_empty() && a.outages.is_empty() && a.clones.is_empty());
+        assert_eq!(a.concentrator, None);
+    }
+
+    #[test]
+    fn bad_behaviours_are_refused() {
+        for bad in [
+            ["--thief", "m1:PowerFail@3"].as_slice(),
+            &["--thief", "m1@-1"],
+            &["--outage", "m0000"],
+            &["--outage", "@30"],
+            &["--outage", "m1,bad id@30"],
+            &["--outage", "m1@30+x"],
+            &["--concentrator", "dc-1", "--plc-loss", "m1"],
+            &["--clone", "bad id"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn concentrator_options_parse_and_need_a_concentrator() {
+        let a = parse(&[
+            "--concentrator",
+            "dc-1",
+            "--plc-meters",
+            "50",
+            "--batch",
+            "32",
+            "--linger",
+            "0.5",
+            "--plc-loss",
+            "m000007@20+30",
+            "--plc-loss",
+            "m000008@25",
+            "--alter-relay",
+            "--relay-for",
+            "m000099@45",
+        ])
+        .unwrap();
+        assert_eq!(a.concentrator.as_deref(), Some("dc-1"));
+        assert_eq!((a.plc_meters, a.batch, a.linger), (Some(50), 32, 0.5));
+        assert_eq!(
+            a.plc_losses,
+            [
+                PlcLossRequest {
+                    meter: id("m000007"),
+                    after: Duration::from_secs(20),
+                    duration: Some(Duration::from_secs(30))
+                },
+                PlcLossRequest {
+                    meter: id("m000008"),
+                    after: Duration::from_secs(25),
+                    duration: None
+                },
+            ]
+        );
+        assert_eq!(a.alter_relay, Some(2.0));
+        assert_eq!(
+            a.relay_for,
+            Some(CloneRequest {
+                meter: id("m000099"),
+                after: Some(Duration::from_secs(45))
+            })
+        );
+        let a = parse(&["--concentrator", "dc-1", "--alter-relay=7"]).unwrap();
+        assert_eq!(a.alter_relay, Some(7.0));
+        assert_eq!(
+            (a.plc_meters, a.batch, a.linger),
+            (None, DEFAULT_BATCH, 0.2)
+        );
+        // The concentrator's options mean nothing without one.
+        for alone in [
+            ["--plc-meters", "5"].as_slice(),
+            &["--batch", "4"],
+            &["--plc-loss", "m1@3"],
+            &["--alter-relay"],
+            &["--relay-for", "m1"],
+        ] {
+            assert!(parse(alone).is_err(), "{alone:?}");
+        }
+    }
+
+    #[test]
+    fn outages_resolve_by_prefix_or_list() {
+        let all: Vec<MeterId> = ["m000001", "m000002", "m000101", "dc-1"]
+            .into_iter()
+            .map(id)
+            .collect();
+        let o = parse_outage("m0000@1").unwrap();
+        assert_eq!(o.resolve(&all), [id("m000001"), id("m000002")]);
+        let o = parse_outage("m000101,dc-1,m999999@1+2").unwrap();
+        assert_eq!(o.resolve(&all), [id("m000101"), id("dc-1")]);
+        assert!(parse_outage("zzz@1").unwrap().resolve(&all).is_empty());
+    }
+
+    #[test]
+    fn help_documents_every_new_option() {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        let help = cmd.render_long_help().to_string();
+        for opt in [
+            "--thief",
+            "--outage",
+            "--outage-spread",
+            "--clone",
+            "--ground-truth",
+            "--concentrator",
+            "--plc-meters",
+            "--batch",
+            "--linger",
+            "--plc-loss",
+            "--alter-relay",
+            "--relay-for",
+        ] {
+            assert!(help.contains(opt), "{opt} missing from --help");
+        }
     }
 }

@@ -172,6 +172,8 @@ enum KindArg {
     Client,
     /// Command signer: CN = name, no SAN, EKU Gridward command signing only (never TLS).
     CommandSigner,
+    /// Data concentrator: CN = id, URI SAN urn:gridward:concentrator:{id}, EKU clientAuth.
+    Concentrator,
 }
 
 impl From<KindArg> for LeafKind {
@@ -181,6 +183,7 @@ impl From<KindArg> for LeafKind {
             KindArg::Server => Self::Server,
             KindArg::Client => Self::Client,
             KindArg::CommandSigner => Self::CommandSigner,
+            KindArg::Concentrator => Self::Concentrator,
         }
     }
 }
@@ -188,7 +191,7 @@ impl From<KindArg> for LeafKind {
 /// Options shared by every issuance.
 #[derive(Debug, Args)]
 struct LeafOpts {
-    /// Validity in days [default: meter 3650, server 365, client 730, command-signer 365; capped at the issuing CA's end].
+    /// Validity in days [default: meter and concentrator 3650, server 365, client 730, command-signer 365; capped at the issuing CA's end].
     #[arg(long, value_name = "N")]
     days: Option<u32>,
     /// Supersede the identity's current valid certificate instead of refusing.
@@ -224,6 +227,39 @@ enum IssueCommand {
         after_help = "Rotate with --replace (or `gridward pki renew`): the superseded certificate stays pinned by meters until it expires or is revoked. Profile and OID: docs/pki.md."
     )]
     CommandSigner(IssueCommandSignerArgs),
+    /// A data concentrator certificate (or --count of them); key and certificate go to
+    /// DIR/concentrators/{id}/.
+    #[command(
+        after_help = "A concentrator relays its meters' own signed envelopes on concentrators/{id}/relay and signs its own events (docs/wire-format.md §11). Its id has a meter id's syntax and is never also a meter's: an id ever issued to a meter is refused, and `issue meter` refuses a concentrator's id. Profile: docs/pki.md."
+    )]
+    Concentrator(IssueConcentratorArgs),
+}
+
+#[derive(Debug, Args)]
+struct IssueConcentratorArgs {
+    #[command(flatten)]
+    dir: DirArg,
+    /// The concentrator id (its CN, URI SAN urn:gridward:concentrator:{id}, MQTT ClientID and
+    /// directory name): A-Z a-z 0-9 . _ -, at most 64 characters, e.g. dc-1.
+    #[arg(
+        long,
+        visible_alias = "id",
+        value_name = "ID",
+        required_unless_present = "count",
+        conflicts_with = "count"
+    )]
+    name: Option<String>,
+    /// Issue this many concentrators at once, with ids {prefix}{n:06} numbered on from the highest existing one.
+    #[arg(long, value_name = "N", requires = "prefix")]
+    count: Option<usize>,
+    /// Id prefix for --count (e.g. DC-).
+    #[arg(long, value_name = "P", requires = "count")]
+    prefix: Option<String>,
+    /// Key algorithm.
+    #[arg(long, value_enum, default_value = "p256")]
+    alg: AlgArg,
+    #[command(flatten)]
+    opts: LeafOpts,
 }
 
 #[derive(Debug, Args)]
@@ -635,30 +671,7 @@ fn issue(c: IssueCommand, now: OffsetDateTime) -> Result<()> {
             let pki = a.opts.signer.open(&a.dir.dir)?;
             let opts = a.opts.issue_options(Some(a.alg));
             if let (Some(count), Some(prefix)) = (a.count, a.prefix.as_deref()) {
-                if count == 0 {
-                    bail!("--count must be at least 1");
-                }
-                let bar = indicatif::ProgressBar::new(count as u64);
-                bar.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{bar:40} {pos}/{len} meters ({per_sec}, eta {eta})",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-                );
-                let issued = pki.issue_meters(prefix, count, &opts, now, &mut |n| {
-                    bar.set_position(n as u64)
-                });
-                bar.finish_and_clear();
-                let issued = issued?;
-                if let (Some(first), Some(last)) = (issued.first(), issued.last()) {
-                    say!(
-                        "issued {} meter certificates: {} .. {}",
-                        issued.len(),
-                        first.name,
-                        last.name
-                    );
-                }
-                return Ok(());
+                return issue_bulk(&pki, LeafKind::Meter, prefix, count, &opts, now);
             }
             let Some(id) = a.id.as_deref() else {
                 bail!("give --id ID (or --count N --prefix P)")
@@ -687,6 +700,22 @@ fn issue(c: IssueCommand, now: OffsetDateTime) -> Result<()> {
             }
             Ok(())
         }
+        IssueCommand::Concentrator(a) => {
+            let pki = a.opts.signer.open(&a.dir.dir)?;
+            let opts = a.opts.issue_options(Some(a.alg));
+            if let (Some(count), Some(prefix)) = (a.count, a.prefix.as_deref()) {
+                return issue_bulk(&pki, LeafKind::Concentrator, prefix, count, &opts, now);
+            }
+            let Some(id) = a.name.as_deref() else {
+                bail!("give --name ID (or --count N --prefix P)")
+            };
+            let id = MeterId::new(id).with_context(|| format!("--name {id:?}"))?;
+            print_issued(&pki.issue_concentrator(&id, &opts, now)?);
+            say!(
+                "  mqtt:        ClientID {id}, publishes to concentrators/{id}/relay and concentrators/{id}/events"
+            );
+            Ok(())
+        }
         IssueCommand::CommandSigner(a) => {
             let Some(name) = a.name.as_deref().or(a.name_flag.as_deref()) else {
                 bail!("give the command signer's NAME")
@@ -704,6 +733,44 @@ fn issue(c: IssueCommand, now: OffsetDateTime) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// `issue meter|concentrator --count N --prefix P`, with a progress bar.
+fn issue_bulk(
+    pki: &Pki,
+    kind: LeafKind,
+    prefix: &str,
+    count: usize,
+    opts: &IssueOptions,
+    now: OffsetDateTime,
+) -> Result<()> {
+    if count == 0 {
+        bail!("--count must be at least 1");
+    }
+    let bar = indicatif::ProgressBar::new(count as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{{bar:40}} {{pos}}/{{len}} {} ({{per_sec}}, eta {{eta}})",
+            kind.dir_name()
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut progress = |n: usize| bar.set_position(n as u64);
+    let issued = match kind {
+        LeafKind::Concentrator => pki.issue_concentrators(prefix, count, opts, now, &mut progress),
+        _ => pki.issue_meters(prefix, count, opts, now, &mut progress),
+    };
+    bar.finish_and_clear();
+    let issued = issued?;
+    if let (Some(first), Some(last)) = (issued.first(), issued.last()) {
+        say!(
+            "issued {} {kind} certificates: {} .. {}",
+            issued.len(),
+            first.name,
+            last.name
+        );
+    }
+    Ok(())
 }
 
 fn print_issued(c: &IssuedCertificate) {

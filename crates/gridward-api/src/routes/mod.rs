@@ -2,12 +2,14 @@
 //! cannot drift apart: every route the router serves is in the document, and the access table
 //! test walks the document.
 
+pub mod alarms;
 pub mod audit;
 pub mod commands;
 pub mod firmware;
 pub mod meters;
 pub mod ops;
 pub mod session;
+pub mod topology;
 pub mod users;
 
 use std::sync::Arc;
@@ -41,7 +43,7 @@ pub const MAX_BULK_BODY: usize = 2 * 1024 * 1024;
     info(
         title = "Gridward head-end API",
         description = "Meters, readings, security events, commands, four-eyes proposals, firmware, \
-                       campaigns, users and the audit log of a Gridward head-end. Authenticate with a session (POST /api/v1/session, then \
+                       campaigns, alarms, the concentrator topology, users and the audit log of a Gridward head-end. Authenticate with a session (POST /api/v1/session, then \
                        `Authorization: Bearer`) or an API client certificate; see docs/access-table.md.",
         license(name = "Apache-2.0", identifier = "Apache-2.0"),
     ),
@@ -53,6 +55,8 @@ pub const MAX_BULK_BODY: usize = 2 * 1024 * 1024;
         (name = "security", description = "Security events and the outbox"),
         (name = "commands", description = "Signed commands to meters and four-eyes proposals (operators send and decide, auditors read)"),
         (name = "firmware", description = "Manufacturer-signed firmware and staged campaigns (operators manage, auditors read)"),
+        (name = "alarms", description = "Alarms of the detectors: tamper, outages, theft suspicion, intrusion (operators acknowledge and clear, auditors read)"),
+        (name = "topology", description = "Which meters are registered behind which data concentrator (operators change, auditors read)"),
         (name = "users", description = "Users (administrators)"),
         (name = "audit", description = "The tamper-evident audit log (auditors)"),
     )
@@ -122,6 +126,15 @@ fn api_router() -> OpenApiRouter<Ctx> {
         .routes(routes!(firmware::pause_campaign))
         .routes(routes!(firmware::resume_campaign))
         .routes(routes!(firmware::cancel_campaign))
+        .routes(routes!(alarms::list_alarms))
+        .routes(routes!(alarms::get_alarm))
+        .routes(routes!(alarms::acknowledge))
+        .routes(routes!(alarms::clear))
+        .routes(routes!(topology::list_concentrators))
+        .routes(
+            routes!(topology::concentrator_meters, topology::change_meters)
+                .layer(DefaultBodyLimit::max(MAX_BULK_BODY)),
+        )
         .routes(routes!(ops::security_events))
         .routes(routes!(ops::outbox))
         .routes(routes!(users::list, users::create))

@@ -202,6 +202,25 @@ impl Fixture {
             .unwrap()
     }
 
+    /// Raises an alarm of `alarm_type` for `originator` in the store (as the detectors do).
+    pub fn raise(&self, alarm_type: &str, severity: &str, originator: &str) -> i64 {
+        use gridward_store::AlarmStore;
+        self.store
+            .raise_alarm(&gridward_store::RaiseAlarm {
+                alarm_type: alarm_type.to_owned(),
+                severity: severity.to_owned(),
+                originator: originator.to_owned(),
+                at: self.now(),
+                summary: format!("{alarm_type} at {originator}"),
+                evidence_json: format!(
+                    r#"[{{"event":"CoverOpened","meter":"{originator}","counter":7}}]"#
+                ),
+            })
+            .unwrap()
+            .alarm()
+            .id
+    }
+
     /// Audit entries whose action starts with `action`.
     pub fn audit_entries(&self, action: &str) -> Vec<gridward_audit::Entry> {
         self.audit
@@ -306,17 +325,22 @@ pub fn new_key() -> SigningKey {
 }
 
 /// Starts the fixture: meters m-1 (12 readings, bound to the consumer) and m-2 (3 readings),
-/// commands on.
+/// commands and alarms on.
 pub async fn start() -> Fixture {
-    start_with(true).await
+    start_with(true, true).await
 }
 
 /// The fixture without a command service: the downward path answers 503.
 pub async fn start_without_commands() -> Fixture {
-    start_with(false).await
+    start_with(false, true).await
 }
 
-async fn start_with(with_commands: bool) -> Fixture {
+/// The fixture without an alarm store: alarms and the topology answer 503.
+pub async fn start_without_alarms() -> Fixture {
+    start_with(true, false).await
+}
+
+async fn start_with(with_commands: bool, with_alarms: bool) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let pki_dir = dir.path().join("pki");
     let real_now = OffsetDateTime::now_utc();
@@ -456,6 +480,9 @@ async fn start_with(with_commands: bool) -> Fixture {
             Arc::new(vec![manufacturer.verifying_key().unwrap()]),
         );
         commands = Some(service);
+    }
+    if with_alarms {
+        ctx = ctx.with_alarms(store.clone());
     }
     ctx.pki_dir = Some(pki_dir.clone());
     let observer = Arc::new(Counts::default());

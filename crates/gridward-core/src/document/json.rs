@@ -10,7 +10,8 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::{
-    AckFields, Document, DocumentError, Energy, build_ack, build_event, build_reading, snippet,
+    AckFields, Document, DocumentError, Energy, build_ack, build_event, build_reading,
+    concentrator, snippet,
 };
 
 /// The keys a JSON document may contain.
@@ -29,6 +30,10 @@ const OUTCOME: &str = "Outcome";
 const DETAIL: &str = "Detail";
 /// See [`METER_ID`]: an acknowledgement's refusal code (with `refused`).
 const REASON: &str = "Reason";
+/// See [`METER_ID`]: a concentrator event's concentrator.
+const CONCENTRATOR_ID: &str = "ConcentratorID";
+/// See [`METER_ID`]: a concentrator event's meters.
+const METERS: &str = "Meters";
 /// Reported when a document has neither `EnergyConsumed` nor `EventType` nor the fields of an
 /// acknowledgement.
 const KIND_FIELD: &str = "EnergyConsumed, EventType or CommandID";
@@ -43,6 +48,9 @@ enum Value {
     Number(f64),
     /// An object with every entry in input order, duplicates kept.
     Object(Vec<(String, Value)>),
+    /// An array: each element a string, or the JSON type name of what it is instead (nested
+    /// values are skipped, not collected).
+    Array(Vec<Result<String, &'static str>>),
     /// Anything else (`null`, a boolean, an array), by its JSON type name.
     Other(&'static str),
 }
@@ -54,6 +62,7 @@ impl Value {
             Value::String(_) => "string",
             Value::Number(_) => "number",
             Value::Object(_) => "object",
+            Value::Array(_) => "array",
             Value::Other(name) => name,
         }
     }
@@ -104,9 +113,13 @@ impl<'de> Visitor<'de> for ValueVisitor {
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        // Read (and check the syntax of) the elements without keeping them.
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Value::Other("array"))
+        // Keep the strings (a concentrator event's `Meters`); of anything else only its type,
+        // skipping its content without recursion. Bounded by the document size limit.
+        let mut elements = Vec::new();
+        while let Some(Element(e)) = seq.next_element::<Element>()? {
+            elements.push(e);
+        }
+        Ok(Value::Array(elements))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
@@ -116,6 +129,64 @@ impl<'de> Visitor<'de> for ValueVisitor {
             entries.push(entry);
         }
         Ok(Value::Object(entries))
+    }
+}
+
+/// An array element: a string, or the JSON type name of what it is instead.
+struct Element(Result<String, &'static str>);
+
+impl<'de> Deserialize<'de> for Element {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(ElementVisitor)
+    }
+}
+
+/// Builds an [`Element`], skipping the content of nested arrays and objects.
+struct ElementVisitor;
+
+impl<'de> Visitor<'de> for ElementVisitor {
+    type Value = Element;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Element, E> {
+        Ok(Element(Err("boolean")))
+    }
+
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Element, E> {
+        Ok(Element(Err("number")))
+    }
+
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Element, E> {
+        Ok(Element(Err("number")))
+    }
+
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Element, E> {
+        Ok(Element(Err("number")))
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Element, E> {
+        Ok(Element(Ok(v.to_owned())))
+    }
+
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Element, E> {
+        Ok(Element(Ok(v)))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Element, E> {
+        Ok(Element(Err("null")))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Element, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Element(Err("array")))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Element, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Element(Err("object")))
     }
 }
 
@@ -141,6 +212,7 @@ pub(super) fn parse(text: &str) -> Result<Document, DocumentError> {
 
     let (mut meter_id, mut timestamp, mut energy, mut event_type) = (None, None, None, None);
     let (mut command_id, mut outcome, mut detail, mut reason) = (None, None, None, None);
+    let (mut concentrator_id, mut meters) = (None, None);
     for (key, value) in entries {
         let (name, slot) = match key.as_str() {
             METER_ID => (METER_ID, &mut meter_id),
@@ -151,6 +223,8 @@ pub(super) fn parse(text: &str) -> Result<Document, DocumentError> {
             OUTCOME => (OUTCOME, &mut outcome),
             DETAIL => (DETAIL, &mut detail),
             REASON => (REASON, &mut reason),
+            CONCENTRATOR_ID => (CONCENTRATOR_ID, &mut concentrator_id),
+            METERS => (METERS, &mut meters),
             _ => return Err(DocumentError::UnknownField(snippet(&key))),
         };
         if slot.is_some() {
@@ -160,6 +234,30 @@ pub(super) fn parse(text: &str) -> Result<Document, DocumentError> {
     }
 
     let is_ack = command_id.is_some() || outcome.is_some() || detail.is_some() || reason.is_some();
+    if concentrator_id.is_some() || meters.is_some() {
+        // A concentrator event: nothing of a meter's documents may come with it.
+        if meter_id.is_some() || energy.is_some() || is_ack {
+            return Err(DocumentError::AmbiguousKind);
+        }
+        let concentrator_id = string(
+            CONCENTRATOR_ID,
+            concentrator_id.ok_or(DocumentError::MissingField(CONCENTRATOR_ID))?,
+        )?;
+        let timestamp = string(
+            TIMESTAMP,
+            timestamp.ok_or(DocumentError::MissingField(TIMESTAMP))?,
+        )?;
+        let event_type = string(
+            EVENT_TYPE,
+            event_type.ok_or(DocumentError::MissingField(EVENT_TYPE))?,
+        )?;
+        let meters = match meters {
+            None => Vec::new(),
+            Some(Value::Array(elements)) => elements,
+            Some(other) => return Err(wrong_type(METERS, "array", &other)),
+        };
+        return concentrator::build(&concentrator_id, &timestamp, &event_type, meters);
+    }
     let kinds = [energy.is_some(), event_type.is_some(), is_ack];
     if kinds.iter().filter(|k| **k).count() > 1 {
         return Err(DocumentError::AmbiguousKind);

@@ -12,7 +12,12 @@
 //! {"MeterID":"123456789","Timestamp":"2024-02-06T12:00:00Z","EventType":"CoverOpened"}
 //!
 //! {"MeterID":"123456789","Timestamp":"2024-02-06T12:00:00Z","CommandID":"000102030405060708090a0b0c0d0e0f","Outcome":"done","Detail":"relay open"}
+//!
+//! {"ConcentratorID":"dc-1","Timestamp":"2026-12-03T10:00:00Z","EventType":"MeterLost","Meters":["m1","m2"]}
 //! ```
+//!
+//! The last is a data concentrator's own event ([`ConcentratorEvent`], `docs/wire-format.md`
+//! §11.4), JSON only like the acknowledgement.
 //!
 //! [`parse`] turns bytes into a [`Document`]; [`Document::encode`] (and the `to_json` / `to_xml`
 //! methods) turn it back into the canonical form. Every refusal is a [`DocumentError`] variant of
@@ -44,9 +49,14 @@
 //! (`done` or `refused`), and either an optional `Detail` (with `done`, 1 to
 //! [`MAX_ACK_DETAIL_CHARS`] characters, no control characters) or a `Reason` (with `refused`, a
 //! [`Refusal`] code); an object mixing its fields with a reading's or an event's is refused.
-//! XML has no acknowledgement: [`Document::encode`] writes an acknowledgement as JSON whatever
-//! the format asked for ([`Document::encoding_format`] says which), and the XML parser never
-//! produces one.
+//! A concentrator event has `ConcentratorID` (a valid [`MeterId`]), `Timestamp`, `EventType` (a
+//! [`ConcentratorEventKind`] name) and `Meters`, an array of distinct meter ids: 1 to
+//! [`MAX_CONCENTRATOR_EVENT_METERS`] of them for `MeterLost` and `MeterFound`, absent or empty
+//! for `PowerFail` and `PowerRestore`; an object mixing its fields with a meter document's
+//! (`MeterID` included) is refused.
+//! XML has neither an acknowledgement nor a concentrator event: [`Document::encode`] writes
+//! them as JSON whatever the format asked for ([`Document::encoding_format`] says which), and
+//! the XML parser never produces one.
 //!
 //! Values:
 //! - `MeterID` must be a valid [`MeterId`];
@@ -62,8 +72,11 @@
 //! timestamps as `2024-02-06T12:00:00Z`, energy in the shortest form that reads back to the same
 //! `f64` (`350.5` stays `350.5`). Hence `parse(doc.encode(f), f) == doc` for every valid document.
 
+mod concentrator;
 mod json;
 mod xml;
+
+pub use concentrator::{ConcentratorEvent, ConcentratorEventKind, MAX_CONCENTRATOR_EVENT_METERS};
 
 use std::fmt;
 use std::str::FromStr;
@@ -228,6 +241,8 @@ pub enum Document {
     Event(Event),
     /// A meter's acknowledgement of a command (JSON only).
     CommandAck(CommandAck),
+    /// A data concentrator's own event (JSON only), told apart by its `ConcentratorID` key.
+    ConcentratorEvent(ConcentratorEvent),
 }
 
 /// Why a document was refused. Every variant is a distinct reason for the security log.
@@ -333,9 +348,10 @@ pub enum DocumentError {
         found: &'static str,
     },
     /// A JSON object mixes the fields of several document kinds (`EnergyConsumed`,
-    /// `EventType`, the acknowledgement's `CommandID`/`Outcome`/`Detail`/`Reason`).
+    /// `EventType`, the acknowledgement's `CommandID`/`Outcome`/`Detail`/`Reason`, the
+    /// concentrator event's `ConcentratorID`/`Meters`, which excludes `MeterID`).
     #[error(
-        "document mixes the fields of a reading (EnergyConsumed), an event (EventType) and a command acknowledgement (CommandID, Outcome, Detail, Reason)"
+        "document mixes the fields of a reading (EnergyConsumed), an event (EventType), a command acknowledgement (CommandID, Outcome, Detail, Reason) and a concentrator event (ConcentratorID, Meters; no MeterID)"
     )]
     AmbiguousKind,
 
@@ -399,6 +415,27 @@ pub enum DocumentError {
         /// The outcome.
         outcome: &'static str,
     },
+    /// A concentrator event's `EventType` is not one of the [`ConcentratorEventKind`] names.
+    #[error("unknown concentrator EventType {0:?}")]
+    UnknownConcentratorEventType(String),
+    /// A `MeterLost` or `MeterFound` concentrator event without meters (`Meters` absent or
+    /// empty).
+    #[error("concentrator event {0} must list at least one meter in Meters")]
+    MetersRequired(&'static str),
+    /// A power concentrator event (`PowerFail`, `PowerRestore`) listing meters.
+    #[error("concentrator event {0} must not list meters")]
+    MetersNotAllowed(&'static str),
+    /// A concentrator event listing more than [`MAX_CONCENTRATOR_EVENT_METERS`] meters.
+    #[error("concentrator event lists {count} meters; at most {max} are accepted")]
+    TooManyMeters {
+        /// Meters listed.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A concentrator event listing a meter twice.
+    #[error("concentrator event lists meter {0:?} twice")]
+    DuplicateMeter(String),
     /// The document is valid but of the other kind than required (an event where a reading
     /// was expected).
     #[error("expected a {expected} document, found a {found}")]
@@ -544,12 +581,14 @@ impl Event {
 }
 
 impl Document {
-    /// The meter the document is about.
+    /// The meter the document is about: for a concentrator event, the concentrator (whose
+    /// envelope header carries the concentrator id as its meter id).
     pub fn meter_id(&self) -> &MeterId {
         match self {
             Document::Reading(r) => &r.meter_id,
             Document::Event(e) => &e.meter_id,
             Document::CommandAck(a) => &a.meter_id,
+            Document::ConcentratorEvent(c) => &c.concentrator_id,
         }
     }
 
@@ -559,15 +598,17 @@ impl Document {
             Document::Reading(r) => r.timestamp,
             Document::Event(e) => e.timestamp,
             Document::CommandAck(a) => a.timestamp,
+            Document::ConcentratorEvent(c) => c.timestamp,
         }
     }
 
-    /// `"reading"`, `"event"` or `"command_ack"`.
+    /// `"reading"`, `"event"`, `"command_ack"` or `"concentrator_event"`.
     pub fn kind_name(&self) -> &'static str {
         match self {
             Document::Reading(_) => "reading",
             Document::Event(_) => "event",
             Document::CommandAck(_) => "command_ack",
+            Document::ConcentratorEvent(_) => "concentrator_event",
         }
     }
 
@@ -577,35 +618,47 @@ impl Document {
             Document::Reading(r) => r.to_json(),
             Document::Event(e) => e.to_json(),
             Document::CommandAck(a) => a.to_json(),
+            Document::ConcentratorEvent(c) => c.to_json(),
         }
     }
 
     /// The canonical XML form of a reading or an event.
     ///
-    /// A command acknowledgement has no XML form (it is JSON only): for one, this returns its
-    /// JSON form, as [`Document::encode`] does. Label what you send with
+    /// A command acknowledgement and a concentrator event have no XML form (they are JSON
+    /// only): for them, this returns the JSON form, as [`Document::encode`] does. Label what you send with
     /// [`Document::encoding_format`].
     pub fn to_xml(&self) -> String {
         match self {
             Document::Reading(r) => r.to_xml(),
             Document::Event(e) => e.to_xml(),
             Document::CommandAck(a) => a.to_json(),
+            Document::ConcentratorEvent(c) => c.to_json(),
         }
     }
 
-    /// Whether the document has an XML form (readings and events do, acknowledgements do not).
+    /// Whether the document has an XML form (readings and events do, acknowledgements and
+    /// concentrator events do not).
     pub fn has_xml_form(&self) -> bool {
-        !matches!(self, Document::CommandAck(_))
+        !matches!(
+            self,
+            Document::CommandAck(_) | Document::ConcentratorEvent(_)
+        )
+    }
+
+    /// Whether the document is a data concentrator's own event (sent on
+    /// `concentrators/{id}/events`, never on a meter's topic).
+    pub fn is_concentrator_event(&self) -> bool {
+        matches!(self, Document::ConcentratorEvent(_))
     }
 
     /// The format [`Document::encode`] writes when asked for `f`: `f`, except JSON for a
-    /// command acknowledgement, which has no XML form. Use it as the envelope's content type.
+    /// command acknowledgement or a concentrator event, which have no XML form. Use it as the envelope's content type.
     pub fn encoding_format(&self, f: Format) -> Format {
         if self.has_xml_form() { f } else { Format::Json }
     }
 
     /// The canonical form in [`Document::encoding_format`]`(f)`: in `f` for a reading or an
-    /// event, always JSON for a command acknowledgement.
+    /// event, always JSON for a command acknowledgement or a concentrator event.
     pub fn encode(&self, f: Format) -> String {
         match self.encoding_format(f) {
             Format::Xml => self.to_xml(),
@@ -629,6 +682,12 @@ impl From<Event> for Document {
 impl From<CommandAck> for Document {
     fn from(a: CommandAck) -> Self {
         Document::CommandAck(a)
+    }
+}
+
+impl From<ConcentratorEvent> for Document {
+    fn from(c: ConcentratorEvent) -> Self {
+        Document::ConcentratorEvent(c)
     }
 }
 

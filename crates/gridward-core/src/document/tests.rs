@@ -265,7 +265,8 @@ fn event_kinds() {
             "MagneticField",
             "PowerFail",
             "PowerRestore",
-            "ReverseEnergy"
+            "ReverseEnergy",
+            "TerminalCoverOpened"
         ]
     );
     assert_eq!(
