@@ -52,7 +52,11 @@ impl DetectionHandle {
         match self.tx.try_send(signal) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
-                if self.dropped.fetch_add(1, Ordering::Relaxed) % 10_000 == 0 {
+                if self
+                    .dropped
+                    .fetch_add(1, Ordering::Relaxed)
+                    .is_multiple_of(10_000)
+                {
                     tracing::warn!("detection queue full: signals dropped");
                 }
             }

@@ -277,6 +277,7 @@ mod tests {
             Reason::FromTheFuture,
             Reason::InvalidDocument,
             Reason::RegisterWentBackwards,
+            Reason::RelayNotAuthorized,
         ];
         assert_eq!(
             documented, message_refusals,

@@ -103,7 +103,7 @@ impl Pki {
             });
         }
         for list in keys.values_mut() {
-            list.sort_by(|a, b| b.not_after.cmp(&a.not_after));
+            list.sort_by_key(|b| std::cmp::Reverse(b.not_after));
         }
         Ok(MeterKeys { keys })
     }

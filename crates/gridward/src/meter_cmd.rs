@@ -42,7 +42,7 @@ enum MeterCommand {
     /// Sign a reading or event document read from stdin; write the envelope (COSE_Sign1) to stdout.
     Sign(SignArgs),
     /// Run the meters issued in a PKI directory against a head-end (MQTT over mutual TLS).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 /// Document format of a meter's messages (`gridward meter`, `gridward bench`).
@@ -458,7 +458,7 @@ pub fn run(args: MeterArgs) -> Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?;
-            runtime.block_on(run_fleet(a))
+            runtime.block_on(run_fleet(*a))
         }
     }
 }
