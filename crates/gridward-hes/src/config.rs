@@ -280,6 +280,8 @@ pub struct RawForward {
     pub retry_initial_ms: Option<u64>,
     /// Longest retry delay, seconds.
     pub retry_max_secs: Option<u64>,
+    /// Whether each reading carries the meter's envelope (`Envelope`, wire-format §7.1).
+    pub envelope: Option<bool>,
 }
 
 /// `[pki]`
@@ -564,6 +566,9 @@ silence_secs = 3600
 # # Retries: exponential backoff with full jitter, from retry_initial_ms up to retry_max_secs.
 # retry_initial_ms = 500
 # retry_max_secs = 30
+# # Send each reading with the meter's own signed envelope (member "Envelope", base64), so the
+# # target can verify the meter's signature itself.
+# envelope = false
 "#;
 
 impl Config {
@@ -1029,6 +1034,7 @@ fn forward_target(
         1,
         86_400,
     )?);
+    t.envelope = f.envelope.unwrap_or(false);
     t.http = match f.http.as_deref() {
         None | Some("auto") => HttpVersion::Auto,
         Some("http1") => HttpVersion::Http1,

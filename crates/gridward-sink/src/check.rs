@@ -20,6 +20,7 @@
 use gridward_core::MeterId;
 use gridward_core::document::{self, DocumentError, MAX_ENERGY_KWH};
 use gridward_core::downstream::{self, ForwardedReading};
+use gridward_core::envelope::Envelope;
 use gridward_core::httpsig::{self, HttpSigError, KeyLookup, Request, VerifyPolicy};
 use gridward_core::meter_id::MeterIdError;
 use time::OffsetDateTime;
@@ -377,6 +378,20 @@ pub fn parse_reading(body: &[u8]) -> Result<(Reading, String), Refusal> {
             found: wire.reading_id,
             expected,
         });
+    }
+    if let Some(bytes) = wire.envelope_bytes() {
+        // The sink holds no meter keys: it checks that the envelope is the reading's, and keeps
+        // it in the body for whoever verifies the meter's signature.
+        let bytes = bytes.map_err(Refusal::BodyMalformed)?;
+        let envelope = Envelope::decode(&bytes)
+            .map_err(|e| Refusal::BodyMalformed(format!("Envelope: {e}")))?;
+        let header = envelope.unverified_header();
+        if header.meter_id != meter_id || header.counter != wire.counter {
+            return Err(Refusal::BodyMalformed(format!(
+                "Envelope is meter {} counter {}, not the reading's",
+                header.meter_id, header.counter
+            )));
+        }
     }
     Ok((
         Reading {
@@ -936,6 +951,40 @@ Jy0Gl+wXLtgbodK5LGXvCnRW1CpbqHnpACLsqfACZjGIK5vBiiRHZIOx
                 expected: "m1-1".into()
             }
         );
+    }
+
+    #[test]
+    fn an_envelope_must_be_the_readings_own() {
+        let key = gridward_core::envelope::SigningKey::from_pkcs8_pem(ED25519_PKCS8).unwrap();
+        let meter = MeterId::new("m1").unwrap();
+        let cose = |counter| {
+            gridward_core::envelope::sign(
+                &key,
+                &gridward_core::envelope::EnvelopeParams {
+                    meter_id: &meter,
+                    counter,
+                    timestamp: 1_764_670_500,
+                    content_type: document::Format::Json,
+                    topic: "meters/m1/readings",
+                },
+                b"{}",
+            )
+            .unwrap()
+        };
+        let body = |counter, envelope: &[u8]| {
+            ForwardedReading::new(&meter, counter, datetime!(2026-12-02 10:15:00 UTC), 1.0)
+                .with_envelope(envelope)
+                .to_json()
+        };
+        let (r, text) = parse_reading(body(1, &cose(1)).as_bytes()).unwrap();
+        assert_eq!(r.counter, 1);
+        assert!(text.contains("\"Envelope\":\""), "{text}");
+        for bad in [body(2, &cose(1)), body(1, b"not cose")] {
+            let r = body_refusal(&bad);
+            assert_eq!(r.code(), "body_malformed", "{bad}: {r}");
+        }
+        let r = body_refusal(&body(1, &cose(1)).replace("\"Envelope\":\"", "\"Envelope\":\"!"));
+        assert!(r.to_string().contains("base64"), "{r}");
     }
 
     #[test]

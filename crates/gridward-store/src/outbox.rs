@@ -42,6 +42,8 @@ pub struct OutboxItem {
     pub queued_at: OffsetDateTime,
     /// Failed delivery attempts so far.
     pub attempts: u32,
+    /// The reading's envelope (COSE_Sign1) as the meter signed it, for targets that forward it.
+    pub envelope: Vec<u8>,
 }
 
 impl OutboxItem {

@@ -423,6 +423,7 @@ fn sign_verify_cost(key: &HttpSigningKey, budget: Duration) -> Result<(f64, f64)
         energy_kwh: 350.5,
         queued_at: OffsetDateTime::now_utc(),
         attempts: 0,
+        envelope: Vec::new(),
     };
     let mut n = 0u64;
     let started = Instant::now();
@@ -433,6 +434,7 @@ fn sign_verify_cost(key: &HttpSigningKey, budget: Duration) -> Result<(f64, f64)
             url,
             key,
             &item,
+            false,
             now,
             Duration::from_secs(60),
             format!("{n:032x}"),

@@ -200,6 +200,7 @@ async fn sink_case(ctx: &Ctx) -> Result<Check, AttackError> {
         energy_kwh: 1.5,
         queued_at: OffsetDateTime::now_utc(),
         attempts: 0,
+        envelope: Vec::new(),
     };
     let mut nonce = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
@@ -207,6 +208,7 @@ async fn sink_case(ctx: &Ctx) -> Result<Check, AttackError> {
         &url,
         &key,
         &item,
+        false,
         OffsetDateTime::now_utc(),
         Duration::from_secs(60),
         hex::encode(nonce),

@@ -25,11 +25,17 @@ pub const SIGNATURE_LABEL: &str = "gridward";
 /// The body's media type.
 pub const CONTENT_TYPE: &str = "application/json";
 
-/// The JSON body for `item` (see the module documentation).
-pub fn reading_json(item: &OutboxItem) -> Vec<u8> {
-    ForwardedReading::new(&item.meter_id, item.counter, item.taken_at, item.energy_kwh)
-        .to_json()
-        .into_bytes()
+/// The JSON body for `item` (see the module documentation), with the meter's envelope if
+/// `envelope`.
+pub fn reading_json(item: &OutboxItem, envelope: bool) -> Vec<u8> {
+    let reading =
+        ForwardedReading::new(&item.meter_id, item.counter, item.taken_at, item.energy_kwh);
+    let reading = if envelope {
+        reading.with_envelope(&item.envelope)
+    } else {
+        reading
+    };
+    reading.to_json().into_bytes()
 }
 
 /// A request ready to send: the body and the header fields to add.
@@ -41,17 +47,18 @@ pub struct SignedRequest {
     pub headers: Vec<(&'static str, String)>,
 }
 
-/// Builds and signs the `POST` of `item` to `url`: signed at `created`, valid for `validity`,
-/// with `nonce` (fresh and unpredictable for every attempt).
+/// Builds and signs the `POST` of `item` (with its envelope if `envelope`) to `url`: signed at
+/// `created`, valid for `validity`, with `nonce` (fresh and unpredictable for every attempt).
 pub fn signed_request(
     url: &str,
     key: &HttpSigningKey,
     item: &OutboxItem,
+    envelope: bool,
     created: OffsetDateTime,
     validity: std::time::Duration,
     nonce: String,
 ) -> Result<SignedRequest, HttpSigError> {
-    let body = reading_json(item);
+    let body = reading_json(item, envelope);
     let digest = httpsig::content_digest(&body);
     let fields = [("content-type", CONTENT_TYPE), ("content-digest", &digest)];
     let validity = time::Duration::try_from(validity).unwrap_or(time::Duration::MINUTE);
@@ -144,12 +151,13 @@ MC4CAQAwBQYDK2VwBCIEIJ+DYvh6SEqVTm50DFtMDoQikTmiCqirVv9mWG9qfSnF
             energy_kwh: 350.5,
             queued_at: datetime!(2026-12-02 10:15:01 UTC),
             attempts: 0,
+            envelope: Vec::new(),
         }
     }
 
     #[test]
     fn body_is_the_reading_with_its_ids() {
-        let v: serde_json::Value = serde_json::from_slice(&reading_json(&item())).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&reading_json(&item(), false)).unwrap();
         assert_eq!(
             v,
             serde_json::json!({
@@ -163,6 +171,21 @@ MC4CAQAwBQYDK2VwBCIEIJ+DYvh6SEqVTm50DFtMDoQikTmiCqirVv9mWG9qfSnF
     }
 
     #[test]
+    fn a_target_with_envelope_gets_the_meters_bytes_back() {
+        let mut it = item();
+        it.envelope = vec![0xd2, 0x84, 0x43, 0x00, 0xff];
+        let body = reading_json(&it, true);
+        let r: ForwardedReading = serde_json::from_slice(&body).unwrap();
+        assert_eq!(r.envelope.as_deref(), Some("0oRDAP8="));
+        assert_eq!(r.envelope_bytes(), Some(Ok(it.envelope.clone())));
+        assert!(
+            !String::from_utf8(reading_json(&it, false))
+                .unwrap()
+                .contains("Envelope")
+        );
+    }
+
+    #[test]
     fn signed_request_verifies_and_binds_the_body() {
         let key = HttpSigningKey::from_pkcs8_pem(ED25519_PKCS8, "hes").unwrap();
         let url = "https://127.0.0.1:8443/readings";
@@ -171,6 +194,7 @@ MC4CAQAwBQYDK2VwBCIEIJ+DYvh6SEqVTm50DFtMDoQikTmiCqirVv9mWG9qfSnF
             url,
             &key,
             &item(),
+            false,
             now,
             std::time::Duration::from_secs(60),
             "n1".into(),

@@ -133,6 +133,8 @@ pub struct TargetSettings {
     pub retry_initial: Duration,
     /// Longest retry delay.
     pub retry_max: Duration,
+    /// Whether each reading carries the meter's envelope (`Envelope`, wire-format §7.1).
+    pub envelope: bool,
 }
 
 impl TargetSettings {
@@ -158,6 +160,7 @@ impl TargetSettings {
             http: HttpVersion::Auto,
             retry_initial: Duration::from_millis(500),
             retry_max: Duration::from_secs(30),
+            envelope: false,
         }
     }
 
@@ -302,6 +305,7 @@ impl HttpsClient {
             &settings.url,
             &self.key,
             item,
+            settings.envelope,
             clock(),
             settings.signature_validity,
             hex::encode(nonce),

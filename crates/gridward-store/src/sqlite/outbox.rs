@@ -43,7 +43,7 @@ pub(super) fn pending(
 ) -> Result<Vec<OutboxItem>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT o.id, o.message, o.attempts, mt.meter_id, m.counter, m.taken_at, m.energy_kwh,
-                m.received_at
+                m.received_at, m.envelope
          FROM outbox AS o INDEXED BY outbox_pending
               JOIN messages AS m ON m.id = o.message
               JOIN meters AS mt ON mt.id = m.meter
@@ -61,12 +61,13 @@ pub(super) fn pending(
                 r.get::<_, i64>(5)?,
                 r.get::<_, Option<f64>>(6)?,
                 r.get::<_, i64>(7)?,
+                r.get::<_, Vec<u8>>(8)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     raw.into_iter()
         .map(
-            |(id, message, attempts, meter, counter, taken_at, kwh, received_at)| {
+            |(id, message, attempts, meter, counter, taken_at, kwh, received_at, envelope)| {
                 Ok(OutboxItem {
                     id,
                     target,
@@ -82,6 +83,7 @@ pub(super) fn pending(
                     })?,
                     queued_at: time_from_micros("messages", received_at)?,
                     attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                    envelope,
                 })
             },
         )

@@ -497,6 +497,7 @@ fn item(meter: &str, counter: u64, kwh: f64) -> OutboxItem {
         energy_kwh: kwh,
         queued_at: t,
         attempts: 0,
+        envelope: Vec::new(),
     }
 }
 
@@ -516,8 +517,16 @@ fn sign(
     validity: Duration,
     nonce: &str,
 ) -> SignedRequest {
-    signed_request(url, key, item, now() - age, validity, nonce.to_owned())
-        .expect("the forwarder's signing code signs")
+    signed_request(
+        url,
+        key,
+        item,
+        false,
+        now() - age,
+        validity,
+        nonce.to_owned(),
+    )
+    .expect("the forwarder's signing code signs")
 }
 
 /// The headers of a signed request, with `content-digest` replaced if `digest` is given.
@@ -1487,4 +1496,153 @@ fn dead_letters_are_listed_and_delivered_after_outbox_retry() {
     // Nothing left to retry.
     let out = gridward_ok(&["outbox", "retry", "--db", s(&db)]);
     assert!(out.starts_with("0 dead letter(s)"), "{out}");
+}
+
+/// Issue 11: a concentrator relays its PLC meters' own envelopes; the head-end verifies each
+/// with the meter's key, stores it and forwards it to a target configured with
+/// `envelope = true`; the sink receives the meter's envelope byte for byte, and pycose (an
+/// independent COSE implementation) verifies the meter's signature over the meter's topic with
+/// the public key OpenSSL takes from the meter's certificate: the concentrator could neither
+/// forge nor alter it.
+#[test]
+fn a_plc_meters_reading_reaches_the_sink_with_the_meters_own_signature() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let work = tmp.path();
+    let pki = work.join("pki");
+    new_pki(&pki, "Gridward");
+    issue_sink_server(&pki);
+    issue_client(&pki, "hes", "p256");
+    gridward_ok(&[
+        "pki",
+        "issue",
+        "meter",
+        "--dir",
+        s(&pki),
+        "--count",
+        "3",
+        "--prefix",
+        "p",
+    ]);
+    gridward_ok(&[
+        "pki",
+        "issue",
+        "concentrator",
+        "--dir",
+        s(&pki),
+        "--name",
+        "dc-1",
+    ]);
+    let meters = ["p000001", "p000002", "p000003"];
+
+    let sink = SinkProcess::start(
+        work,
+        &pki,
+        &work.join("sink.db"),
+        &[("hes", &client_file(&pki, "hes", "cert.pem"))],
+    );
+    let forward = forward_edit(
+        "billing",
+        &sink.url(),
+        "client = \"hes\"\nretry_initial_ms = 100\nretry_max_secs = 2\nenvelope = true",
+    );
+    let h = Headend::start(work, &pki, &[(LAST_DEFAULT_LINE, &forward)]);
+    let config = s(&h.config).to_owned();
+    let mut attach = vec!["concentrator", "--config", &config, "attach", "dc-1"];
+    attach.extend(meters);
+    gridward_ok(&attach);
+
+    let fleet = FleetProcess::start(
+        work,
+        &[
+            "--dir",
+            s(&pki),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &h.port.to_string(),
+            "--prefix",
+            "p",
+            "--count",
+            "3",
+            "--interval",
+            "1",
+            "--concentrator",
+            "dc-1",
+            "--plc-meters",
+            "3",
+            "--state",
+            s(&work.join("meter-state")),
+        ],
+    );
+    wait_for(
+        Duration::from_secs(60),
+        "two relayed readings of each PLC meter at the sink",
+        || {
+            let bodies = sink.show_json();
+            meters
+                .iter()
+                .all(|m| bodies.iter().filter(|b| b["MeterID"] == *m).count() >= 2)
+                .then_some(())
+        },
+        || context(work, &sink),
+    );
+    let summary = fleet.interrupt(Duration::from_secs(60));
+
+    let checker =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../gridward-core/tests/interop/cose_check.py");
+    let mut verified = 0;
+    for body in sink.show_json() {
+        let reading: gridward_core::downstream::ForwardedReading =
+            serde_json::from_value(body.clone())
+                .unwrap_or_else(|e| panic!("not a forwarded reading ({e}): {body}"));
+        let cose = reading
+            .envelope_bytes()
+            .unwrap_or_else(|| panic!("no Envelope although the target asks for it: {body}"))
+            .unwrap_or_else(|e| panic!("{e}: {body}"));
+        let meter = reading.meter_id.as_str();
+        let pubkey = work.join(format!("{meter}.pub.pem"));
+        if !pubkey.exists() {
+            let out = run_with_timeout(
+                Command::new("openssl")
+                    .args(["x509", "-pubkey", "-noout", "-in"])
+                    .arg(pki.join("meters").join(meter).join("chain.pem"))
+                    .arg("-out")
+                    .arg(&pubkey),
+                Duration::from_secs(30),
+                "install openssl",
+            );
+            assert!(
+                out.status.success(),
+                "openssl x509 -pubkey:\n{}",
+                show(&out)
+            );
+        }
+        let file = work.join(format!("{}.cose", reading.reading_id));
+        fs::write(&file, &cose).expect("write the envelope");
+        let out = run_with_timeout(
+            Command::new("python3")
+                .arg(&checker)
+                .arg("verify")
+                .arg(&file)
+                .arg(format!("meters/{meter}/readings"))
+                .arg(&pubkey),
+            Duration::from_secs(60),
+            PYTHON_HINT,
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success()
+                && stdout.contains(&format!("meter={meter} "))
+                && stdout.contains(&format!("counter={} ", reading.counter)),
+            "pycose does not verify {}'s relayed envelope with the meter's key:\n{}",
+            reading.reading_id,
+            show(&out)
+        );
+        verified += 1;
+    }
+    eprintln!(
+        "{verified} relayed readings verified by pycose at the sink\nfleet summary:\n{}",
+        summary.text
+    );
+    assert!(verified >= 6, "only {verified} readings at the sink");
 }
