@@ -3,6 +3,7 @@
 //!
 //! One test binary (`it`), one module per peer.
 
+mod alarms_cli;
 mod bench;
 mod cli;
 mod command_cli;
