@@ -4,7 +4,9 @@
 //! in for billing) and the head-end on free loopback ports, runs a fleet of simulated meters
 //! (plus a few misbehaving devices, and tamper and power events) for a bounded time with live
 //! progress, lets the forwarder catch up, and ends with a report and the commands to look at
-//! the data.
+//! the data. The detectors watch it all: a terminal cover opened, a feeder outage, a thief and
+//! a data concentrator with PLC meters ([`crate::demo_detection`]) end up as alarms in the
+//! report.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -23,7 +25,7 @@ use gridward_meter::identity::{MeterIdentity, Trust, load_many};
 use gridward_meter::meter::Misbehaviour;
 use gridward_pki::tls::TlsOptions;
 use gridward_pki::{InitOptions, IssueOptions, LeafKind, Pki, RevocationReason, RevokeTarget};
-use gridward_store::{OutboxStats, Store};
+use gridward_store::{AlarmStore, OutboxStats, Store};
 use time::OffsetDateTime;
 
 /// Marks a directory as made by `gridward demo`, so a later run may clear it.
@@ -69,7 +71,7 @@ const BAD_DEVICES: [(&str, Misbehaviour, bool); 4] = [
 
 /// Meter events the demo asks for, a third of the way into the run: (meter, event).
 const DEMO_EVENTS: [(&str, EventKind); 3] = [
-    ("m000002", EventKind::CoverOpened),
+    ("m000002", EventKind::TerminalCoverOpened),
     ("m000003", EventKind::PowerFail),
     ("m000003", EventKind::PowerRestore),
 ];
@@ -132,7 +134,8 @@ async fn demo(args: DemoArgs) -> Result<()> {
     //    certificate for delivering downstream, the meters.
     println!(
         "1. PKI: root and issuing CA, server certificates for the head-end and the sink, a client \
-         certificate for deliveries, {} meters and {} misbehaving devices",
+         certificate for deliveries, {} meters and {} misbehaving devices, a feeder's meters, a \
+         data concentrator and its PLC meters",
         args.meters,
         BAD_DEVICES.len()
     );
@@ -178,6 +181,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
             )?;
         }
     }
+    let devices = crate::demo_detection::Devices::issue(&pki, &opts, now)?;
 
     // 2. The downstream receiver (billing), then the head-end, on free loopback ports.
     let mut keys = gridward_sink::Keys::new();
@@ -204,6 +208,8 @@ async fn demo(args: DemoArgs) -> Result<()> {
     )];
     raw.api.listen = Some("127.0.0.1:0".to_owned());
     raw.firmware.manufacturers = Some(vec![manufacturer.public_pem.clone()]);
+    raw.detection = serde_json::from_value(crate::demo_detection::config_json())
+        .context("the demo's [detection]")?;
     let config = Config::from_raw(raw, Path::new("(demo)"), &dir)?;
     // The same files as a configuration, for `gridward audit` and `gridward user` afterwards.
     std::fs::write(
@@ -212,17 +218,19 @@ async fn demo(args: DemoArgs) -> Result<()> {
             "# Written by gridward demo: the files of this demo (its ports were chosen at random).\n\
              [pki]\ndir = {:?}\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[store]\npath = {:?}\n\
              [api]\nlisten = \"127.0.0.1:0\"\nusers = {:?}\n[audit]\npath = {:?}\nkey = {:?}\n\
-             [firmware]\nmanufacturers = [{:?}]\n",
+             [firmware]\nmanufacturers = [{:?}]\n{}",
             pki_dir.display().to_string(),
             config.store_path.display().to_string(),
             config.api.as_ref().map(|a| a.users_path.display().to_string()).unwrap_or_default(),
             config.audit.path.display().to_string(),
             config.audit.key.display().to_string(),
             manufacturer.public_pem.display().to_string(),
+            crate::demo_detection::toml(),
         ),
     )
     .with_context(|| format!("writing {}", dir.join("gridward.toml").display()))?;
     let running = gridward_hes::service::start(&config, system_clock()).await?;
+    devices.attach(&running.store, now)?;
     println!(
         "2. head-end listening on {} (MQTT over mutual TLS), store {}",
         running.local_addr,
@@ -256,6 +264,8 @@ async fn demo(args: DemoArgs) -> Result<()> {
             misbehaviour: Some(misbehaviour),
         });
     }
+    specs.extend(devices.feeder_specs(&pki_dir, &trust, &tls)?);
+    let concentrator = devices.concentrator_spec(&pki_dir, &trust, &tls)?;
     let clock = system_clock();
     let mut fleet_config = FleetConfig::new(
         "127.0.0.1",
@@ -273,6 +283,7 @@ async fn demo(args: DemoArgs) -> Result<()> {
     fleet_config.command_signers = trust.command_signers().to_vec();
     fleet_config.manufacturer_keys = vec![manufacturer.verifying_key()?];
     fleet_config.backoff_cap = Duration::from_secs(5);
+    fleet_config.utc_offset_seconds = crate::demo_detection::evening_offset(now);
     println!(
         "3. running {} meters for {} s, one reading every {} s each ({})",
         specs.len(),
@@ -283,14 +294,17 @@ async fn demo(args: DemoArgs) -> Result<()> {
             DocFormat::Json => "JSON",
         }
     );
-    let fleet = Fleet::start(specs, fleet_config).await?;
-    let started = Instant::now();
     let run_for = Duration::from_secs(args.duration);
+    let thief = crate::demo_detection::thief(&ids);
+    crate::demo_detection::describe(&devices, thief.as_ref(), DEMO_EVENTS[0].0, run_for);
+    let fleet = Fleet::start_with(specs, vec![concentrator], Vec::new(), fleet_config).await?;
+    let started = Instant::now();
     let bar = indicatif::ProgressBar::new(args.duration)
         .with_style(style("   {bar:30} {pos:>3}/{len} s  {msg}"));
     let mut last = (Instant::now(), 0u64);
     let mut peak_connected = 0;
     let mut events_requested = false;
+    let mut power_restored = false;
     while started.elapsed() < run_for {
         tokio::time::sleep(Duration::from_millis(500)).await;
         if !events_requested && started.elapsed() >= run_for / 3 {
@@ -300,6 +314,15 @@ async fn demo(args: DemoArgs) -> Result<()> {
                     fleet.request_event(&id, kind);
                 }
             }
+            // A thief on a meter with enough readings before it to judge it against.
+            let thief = thief
+                .as_ref()
+                .filter(|_| run_for.as_secs() >= crate::demo_detection::MIN_RUN_FOR_THEFT);
+            crate::demo_detection::start(&fleet, &devices, thief);
+        }
+        if !power_restored && started.elapsed() >= run_for * 2 / 3 {
+            power_restored = true;
+            crate::demo_detection::restore(&fleet, &devices);
         }
         let m = running.metrics.snapshot();
         let forwarded: u64 = running.forward_snapshot().iter().map(|t| t.delivered).sum();
@@ -308,15 +331,20 @@ async fn demo(args: DemoArgs) -> Result<()> {
         let rate = (m.accepted - last.1) as f64 / last.0.elapsed().as_secs_f64().max(0.001);
         last = (Instant::now(), m.accepted);
         bar.set_position(started.elapsed().as_secs().min(args.duration));
+        let alarms: u64 = running
+            .store
+            .active_alarm_counts()
+            .map_or(0, |c| c.iter().map(|(_, n)| n).sum());
         bar.set_message(format!(
-            "{} connected · {} sent · {} stored ({:.0}/s) · {} refused · p99 {:.1} ms · {} forwarded",
+            "{} connected · {} sent · {} stored ({:.0}/s) · {} refused · p99 {:.1} ms · {} forwarded · {} active alarms",
             f.connected,
             f.sent,
             m.accepted,
             rate,
             m.rejected_total(),
             m.p99.as_secs_f64() * 1000.0,
-            forwarded
+            forwarded,
+            alarms
         ));
     }
     bar.finish_and_clear();
@@ -339,7 +367,11 @@ async fn demo(args: DemoArgs) -> Result<()> {
     let counts = running.store.counts()?;
     let forward = running.forward_snapshot();
     let store_path = config.store_path.clone();
+    let store = std::sync::Arc::clone(&running.store);
+    // The detectors write their last alarms as the head-end stops.
     running.shutdown().await;
+    let alarms = crate::demo_detection::alarms(&store)?;
+    let plc_readings = crate::demo_detection::plc_readings(&store, &devices)?;
     let sink_stats = sink.shutdown().await;
     print_report(
         &report,
@@ -349,6 +381,12 @@ async fn demo(args: DemoArgs) -> Result<()> {
         counts.command_acks,
         peak_connected,
         elapsed,
+    );
+    crate::demo_detection::print_report(
+        &alarms,
+        report.concentrators.first(),
+        &devices,
+        plc_readings,
     );
     print_forward_report(&forward, &outbox, &sink_stats);
     print_commands(&store_path, &sink_db);
@@ -409,8 +447,14 @@ fn print_commands(store: &Path, sink_db: &Path) {
     println!("  gridward events --db {db}");
     println!("  gridward events --db {db} --meter-events");
     println!("  gridward meters --db {db}");
-    println!("  gridward outbox --db {db}");
     let toml = store.with_file_name("gridward.toml");
+    println!("  gridward alarms --config {}", toml.display());
+    println!(
+        "  gridward alarms --config {} --type theft_suspected --json",
+        toml.display()
+    );
+    println!("  gridward concentrator list --config {}", toml.display());
+    println!("  gridward outbox --db {db}");
     println!("  gridward audit verify --config {}", toml.display());
     println!(
         "  gridward audit show --config {} --action login.",
@@ -434,12 +478,19 @@ fn print_report(
     elapsed: Duration,
 ) {
     let f = &report.stats;
+    // The PLC meters' envelopes reach the head-end in the concentrator's relay batches.
+    let relayed: u64 = report
+        .concentrators
+        .iter()
+        .map(|c| c.stats.envelopes_relayed + c.stats.own_events)
+        .sum();
     let secs = elapsed.as_secs_f64().max(0.001);
     println!("\n== Gridward demo report ==");
     println!("meters connected (peak)        {peak_connected}");
     println!(
-        "readings and events sent       {} ({} resends)",
-        f.sent, f.resent
+        "readings and events sent       {} ({} resends; {relayed} relayed by the concentrator)",
+        f.sent + relayed,
+        f.resent
     );
     println!(
         "accepted and stored            {} ({} readings in the store)",

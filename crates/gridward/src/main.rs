@@ -33,6 +33,7 @@ mod concentrator_cmd;
 mod demo_api;
 mod demo_cmd;
 mod demo_commands;
+mod demo_detection;
 mod firmware_cmd;
 mod firmware_ops;
 mod meter_cmd;

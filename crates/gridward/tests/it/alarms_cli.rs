@@ -92,7 +92,7 @@ fn a_tamper_alarm_is_listed_acknowledged_and_cleared_from_the_cli_and_audited() 
     let by = shown["acknowledged"]["by"].as_str().unwrap_or_default();
     assert!(by.starts_with("user:cli:"), "{shown}");
     assert!(
-        !shown["evidence"].as_array().map_or(true, Vec::is_empty),
+        !shown["evidence"].as_array().is_none_or(Vec::is_empty),
         "the alarm carries no evidence: {shown}"
     );
 
