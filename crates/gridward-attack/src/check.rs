@@ -23,6 +23,8 @@ pub struct Check {
     pub pass: bool,
     /// The security event the refusal produced (head-end store id), if any.
     pub event_id: Option<i64>,
+    /// The alarm the case raised (head-end store id), if it is an alarm condition.
+    pub alarm_id: Option<i64>,
 }
 
 impl Check {
@@ -39,6 +41,7 @@ impl Check {
             observed: String::new(),
             pass: false,
             event_id: None,
+            alarm_id: None,
         }
     }
 
@@ -57,6 +60,12 @@ impl Check {
     /// Records the security event.
     pub fn event(mut self, id: Option<i64>) -> Self {
         self.event_id = id;
+        self
+    }
+
+    /// Records the alarm.
+    pub fn alarm(mut self, id: Option<i64>) -> Self {
+        self.alarm_id = id;
         self
     }
 
@@ -113,12 +122,13 @@ impl Report {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 
-    /// The table shown on the terminal: scenario · case · expected · observed · verdict · event.
+    /// The table shown on the terminal: scenario · case · expected · observed · verdict · event
+    /// · alarm.
     pub fn table(&self) -> String {
         let header = [
-            "SCENARIO", "CASE", "EXPECTED", "OBSERVED", "RESULT", "EVENT",
+            "SCENARIO", "CASE", "EXPECTED", "OBSERVED", "RESULT", "EVENT", "ALARM",
         ];
-        let rows: Vec<[String; 6]> = self
+        let rows: Vec<[String; 7]> = self
             .checks
             .iter()
             .map(|c| {
@@ -130,11 +140,13 @@ impl Report {
                     if c.pass { "PASS" } else { "FAIL" }.to_owned(),
                     c.event_id
                         .map_or_else(|| "-".to_owned(), |id| format!("#{id}")),
+                    c.alarm_id
+                        .map_or_else(|| "-".to_owned(), |id| format!("#{id}")),
                 ]
             })
             .collect();
         // Long texts are cut so a row fits a wide terminal; the JSON report has them whole.
-        let limits = [12, 44, 34, 60, 6, 8];
+        let limits = [12, 44, 34, 60, 6, 8, 6];
         let cell = |s: &str, max: usize| -> String {
             if s.chars().count() <= max {
                 s.to_owned()
@@ -151,7 +163,7 @@ impl Report {
             }
         }
         let mut out = String::new();
-        let line = |out: &mut String, cells: [&str; 6]| {
+        let line = |out: &mut String, cells: [&str; 7]| {
             for (i, c) in cells.iter().enumerate() {
                 let c = cell(c, limits[i]);
                 let pad = widths[i].saturating_sub(c.chars().count());
@@ -161,7 +173,7 @@ impl Report {
         };
         line(&mut out, header);
         for r in &rows {
-            line(&mut out, [&r[0], &r[1], &r[2], &r[3], &r[4], &r[5]]);
+            line(&mut out, [&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]);
         }
         let passed = self.checks.iter().filter(|c| c.pass).count();
         let _ = writeln!(

@@ -16,6 +16,7 @@
 //!      ├─ scenarios::access         │  (the HTTPS API: people and programs)
 //!      ├─ scenarios::commands       │  (victim meters get forged commands; four eyes)
 //!      ├─ scenarios::firmware       │  (victim meters get bad images)
+//!      ├─ scenarios::detection      │  (refused and alarmed: tamper, relays, clones)
 //!      ├─ scenarios::dos            │
 //!      └─ scenarios::malformed      ┘
 //!      ▼

@@ -31,6 +31,9 @@ async fn every_attack_is_stopped_and_leaves_its_trace() {
     target.shutdown().await;
     let table = report.table();
     eprintln!("{table}");
+    for c in report.failures() {
+        eprintln!("FAILED {} / {}: {}", c.scenario, c.case, c.observed);
+    }
     assert!(report.passed(), "failures:\n{table}");
     // Every scenario ran and produced cases.
     for s in scenarios::ALL {

@@ -386,6 +386,8 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
                 hook(event);
             }));
             ctx.observer = Some(Arc::new(ApiMetrics(Arc::clone(&metrics))));
+            let alarm_store: Arc<dyn gridward_store::AlarmStore> = store.clone();
+            ctx = ctx.with_alarms(alarm_store);
             if let Some(service) = &command_service {
                 let command_store: Arc<dyn gridward_store::CommandStore> = store.clone();
                 ctx = ctx.with_commands(

@@ -24,10 +24,13 @@ and adds its users to the API's users database ([api] users), as `gridward user 
 The commands and firmware scenarios deliver forged commands and bad images to victim meters of \
 their own, as a compromised broker would, signing with the head-end's command key from the PKI \
 (`gridward pki issue command-signer`); the firmware cases need the private key of a \
-manufacturer in the head-end's [firmware] manufacturers (--manufacturer-key).
+manufacturer in the head-end's [firmware] manufacturers (--manufacturer-key). The detection \
+scenario demands each alarm in the head-end's store; it registers a PLC meter behind a \
+concentrator of its own through the API as an operator, and expects the default [detection] \
+thresholds (three takeovers make a clone, ten refusals from one source a burst).
 
 Scenarios: eavesdropping, mitm, spoofing, replay, tampering, revocation, access, commands, \
-firmware, malformed, dos.
+firmware, detection, malformed, dos.
 
 Examples:
   gridward attack                           # everything, against a head-end of its own

@@ -112,7 +112,8 @@ pub async fn run(ctx: &Ctx) -> Vec<Check> {
 }
 
 /// Why a case that needs the API did not run.
-const NO_API: &str = "the target runs no HTTPS API (its [api] listen is \"off\"): not run";
+pub(crate) const NO_API: &str =
+    "the target runs no HTTPS API (its [api] listen is \"off\"): not run";
 
 /// An operator of the target's API (added to its users database as `gridward user add` would),
 /// logged in.
@@ -146,13 +147,25 @@ impl Operator {
         path: &str,
         body: &serde_json::Value,
     ) -> (IpAddr, Result<(u16, String), String>) {
+        self.send(ctx, "POST", path, body).await
+    }
+
+    /// Sends `body` to `path` with `method` and the session from a fresh source: the source
+    /// and the answer.
+    pub(crate) async fn send(
+        &self,
+        ctx: &Ctx,
+        method: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> (IpAddr, Result<(u16, String), String>) {
         let source = ctx.fresh_source();
         let answer = api_request(
             ctx,
             &self.api,
             source,
             &self.config,
-            "POST",
+            method,
             path,
             &[self.session.bearer()],
             Some(body.to_string()),

@@ -19,6 +19,7 @@ use crate::ctx::Ctx;
 
 pub mod access;
 pub mod commands;
+pub mod detection;
 pub mod dos;
 pub mod eavesdropping;
 pub mod firmware;
@@ -92,6 +93,12 @@ pub const ALL: &[Scenario] = &[
         threat: "malware / bad firmware: a modified, foreign-signed, older, foreign-class or \
                  truncated image",
         run: |c| Box::pin(firmware::run(c)),
+    },
+    Scenario {
+        name: detection::NAME,
+        threat: "alarm conditions: tamper, a concentrator relaying for others or altering, \
+                 a cloned meter, a brute-forcing source (refused and alarmed)",
+        run: |c| Box::pin(detection::run(c)),
     },
     Scenario {
         name: malformed::NAME,
