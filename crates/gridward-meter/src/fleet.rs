@@ -31,7 +31,7 @@ use gridward_core::document::{EventKind, Format};
 use gridward_core::envelope::VerifyingKey;
 use gridward_core::firmware::Installed;
 use gridward_mqtt::client::{
-    self, ClientError, ClientOptions, ClientReader, ClientWriter, Packet, Protocol, QoS,
+    self, Client, ClientError, ClientOptions, ClientReader, ClientWriter, Packet, Protocol, QoS,
 };
 use rustls::ClientConfig;
 use time::OffsetDateTime;
@@ -294,8 +294,21 @@ pub struct FleetReport {
     pub clones: Vec<MeterOutcome>,
     /// The clones' counters (kept apart from the genuine fleet's).
     pub clone_stats: StatsSnapshot,
+    /// Per brute-forcing source ([`Behaviour::BruteForce`]).
+    pub brute_force: Vec<BruteForceOutcome>,
     /// What the behaviours did, in the order they took effect.
     pub ground_truth: Vec<GroundTruth>,
+}
+
+/// What a brute-forcing source ([`Behaviour::BruteForce`]) achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BruteForceOutcome {
+    /// Its address.
+    pub source: std::net::IpAddr,
+    /// Connections it tried.
+    pub attempts: u32,
+    /// Connections the head-end accepted (a CONNACK success): 0 if the defence held.
+    pub accepted: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -479,6 +492,7 @@ pub struct Fleet {
     tasks: Vec<JoinHandle<MeterOutcome>>,
     concentrator_tasks: Vec<JoinHandle<ConcentratorOutcome>>,
     clones: Vec<JoinHandle<MeterOutcome>>,
+    brute_forcers: Vec<JoinHandle<BruteForceOutcome>>,
     scenario: JoinHandle<()>,
     truth: Arc<Mutex<Truth>>,
     counter_service: JoinHandle<()>,
@@ -786,6 +800,7 @@ impl Fleet {
             ..*shared.as_ref()
         });
         let mut clones = Vec::new();
+        let mut brute_forcers = Vec::new();
         for b in behaviours {
             match b {
                 Behaviour::Theft {
@@ -828,6 +843,30 @@ impl Fleet {
                             });
                         }
                     }
+                }
+                Behaviour::BruteForce {
+                    source,
+                    after,
+                    attempts,
+                    interval,
+                    client_id,
+                    tls,
+                } => {
+                    brute_forcers.push(tokio::spawn(brute_force(
+                        BruteForcer {
+                            addr,
+                            server_name: config.server_name.clone(),
+                            source,
+                            attempts,
+                            interval,
+                            client_id,
+                            tls,
+                        },
+                        started + after,
+                        Arc::clone(&truth),
+                        Arc::clone(&config.clock),
+                        phase_tx.subscribe(),
+                    )));
                 }
                 Behaviour::Clone { identity, after } => {
                     let (id, tls, key) = identity.into_parts();
@@ -873,6 +912,7 @@ impl Fleet {
             tasks,
             concentrator_tasks,
             clones,
+            brute_forcers,
             scenario,
             truth,
             counter_service,
@@ -1022,6 +1062,12 @@ impl Fleet {
                 clones.push(outcome);
             }
         }
+        let mut brute_force = Vec::with_capacity(self.brute_forcers.len());
+        for t in self.brute_forcers {
+            if let Ok(outcome) = t.await {
+                brute_force.push(outcome);
+            }
+        }
         // Every task has ended, so the reservation channel is closed: the service finishes and
         // releases the state directory.
         let _ = self.counter_service.await;
@@ -1039,6 +1085,7 @@ impl Fleet {
             concentrators,
             clones,
             clone_stats: self.clone_stats.snapshot(),
+            brute_force,
             ground_truth,
         }
     }
@@ -1053,6 +1100,72 @@ async fn volatile_service(mut rx: mpsc::UnboundedReceiver<Reservation>) {
 }
 
 /// Runs the behaviours' schedule, recording the ground truth as each takes effect.
+/// Where and how a brute-forcing source connects.
+struct BruteForcer {
+    addr: SocketAddr,
+    server_name: String,
+    source: std::net::IpAddr,
+    attempts: u32,
+    interval: Duration,
+    client_id: String,
+    tls: Arc<ClientConfig>,
+}
+
+/// Runs a [`Behaviour::BruteForce`] from `start` until its attempts are made or the fleet
+/// stops; records its ground truth when it starts.
+async fn brute_force(
+    b: BruteForcer,
+    start: Instant,
+    truth: Arc<Mutex<Truth>>,
+    clock: Clock,
+    mut phase: watch::Receiver<Phase>,
+) -> BruteForceOutcome {
+    let mut out = BruteForceOutcome {
+        source: b.source,
+        attempts: 0,
+        accepted: 0,
+    };
+    tokio::select! {
+        () = tokio::time::sleep_until(start) => {}
+        _ = phase.wait_for(|p| *p != Phase::Running) => return out,
+    }
+    if let Ok(mut t) = truth.lock() {
+        t.push(GroundTruth::BruteForce {
+            source: b.source.to_string(),
+            at: clock(),
+            attempts: b.attempts,
+        });
+    }
+    let mut opts = ClientOptions::new(b.client_id.clone());
+    opts.connect_timeout = Duration::from_secs(5);
+    for _ in 0..b.attempts {
+        if *phase.borrow() != Phase::Running {
+            break;
+        }
+        out.attempts += 1;
+        let connected = tokio::time::timeout(opts.connect_timeout, async {
+            let stream = gridward_mqtt::client::tls_connect_from(
+                b.source,
+                b.addr,
+                &b.server_name,
+                Arc::clone(&b.tls),
+            )
+            .await?;
+            Client::handshake(stream, &opts).await
+        })
+        .await;
+        if let Ok(Ok((mut client, _))) = connected {
+            out.accepted += 1;
+            let _ = client.disconnect().await;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(b.interval) => {}
+            _ = phase.wait_for(|p| *p != Phase::Running) => break,
+        }
+    }
+    out
+}
+
 async fn run_schedule(
     mut schedule: Vec<Scheduled>,
     routes: HashMap<MeterId, Route>,

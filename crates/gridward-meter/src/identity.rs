@@ -183,6 +183,25 @@ impl Trust {
         })
     }
 
+    /// A client configuration of the Gridward TLS profile that trusts these roots and presents
+    /// no certificate: an outsider (a brute-forcing source, [`crate::scenario::Behaviour`]).
+    ///
+    /// # Errors
+    ///
+    /// A root the verifier does not accept, or no usable protocol version.
+    pub fn outsider_config(&self) -> Result<Arc<ClientConfig>, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for r in &self.roots {
+            roots.add(r.clone()).map_err(|e| e.to_string())?;
+        }
+        let config = ClientConfig::builder_with_provider(gridward_pki::tls::provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Arc::new(config))
+    }
+
     /// Trust from certificates and CRLs already in memory (no command signer).
     pub fn new(
         roots: Vec<CertificateDer<'static>>,

@@ -63,6 +63,24 @@ pub enum Behaviour {
         /// When it starts connecting.
         after: Duration,
     },
+    /// `after` the start, a device from the local address `source` that holds no certificate
+    /// of the PKI tries `attempts` connections, one every `interval`, each a TLS handshake with
+    /// `tls` and a CONNECT as `client_id`: a head-end refuses each, bans the source and raises
+    /// a refusal burst on it.
+    BruteForce {
+        /// The local address it connects from (e.g. `127.0.0.9`).
+        source: std::net::IpAddr,
+        /// When it starts.
+        after: Duration,
+        /// How many connections it tries.
+        attempts: u32,
+        /// The pause between two.
+        interval: Duration,
+        /// The ClientID it claims.
+        client_id: String,
+        /// Its TLS configuration (it trusts the server; what it presents is refused).
+        tls: std::sync::Arc<rustls::ClientConfig>,
+    },
 }
 
 impl Behaviour {
@@ -110,6 +128,15 @@ pub enum GroundTruth {
         /// When.
         at: OffsetDateTime,
     },
+    /// A brute-forcing source started connecting at `at`.
+    BruteForce {
+        /// Its address.
+        source: String,
+        /// When.
+        at: OffsetDateTime,
+        /// How many connections it was to try.
+        attempts: u32,
+    },
     /// A concentrator lost contact with a PLC meter (and reported MeterLost).
     PlcLoss {
         /// The concentrator.
@@ -142,13 +169,14 @@ pub enum GroundTruth {
 }
 
 impl GroundTruth {
-    /// A short code: `theft`, `outage`, `clone`, `plc_loss`, `altered_relay`,
+    /// A short code: `theft`, `outage`, `clone`, `brute_force`, `plc_loss`, `altered_relay`,
     /// `unauthorized_relay`.
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Theft { .. } => "theft",
             Self::Outage { .. } => "outage",
             Self::Clone { .. } => "clone",
+            Self::BruteForce { .. } => "brute_force",
             Self::PlcLoss { .. } => "plc_loss",
             Self::AlteredRelay { .. } => "altered_relay",
             Self::UnauthorizedRelay { .. } => "unauthorized_relay",
@@ -160,6 +188,7 @@ impl GroundTruth {
         match self {
             Self::Theft { at, .. }
             | Self::Clone { at, .. }
+            | Self::BruteForce { at, .. }
             | Self::AlteredRelay { at, .. }
             | Self::UnauthorizedRelay { at, .. } => *at,
             Self::Outage { failed_at, .. } => *failed_at,
@@ -194,6 +223,13 @@ impl GroundTruth {
             }),
             Self::Clone { meter, at } => serde_json::json!({
                 "kind": self.kind(), "meter": meter.as_str(), "at": ts(at),
+            }),
+            Self::BruteForce {
+                source,
+                at,
+                attempts,
+            } => serde_json::json!({
+                "kind": self.kind(), "source": source, "at": ts(at), "attempts": attempts,
             }),
             Self::PlcLoss {
                 concentrator,

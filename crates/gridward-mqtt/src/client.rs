@@ -179,6 +179,37 @@ pub async fn tls_connect(
         .map_err(ClientError::Handshake)
 }
 
+/// Like [`tls_connect`], from the local address `source` (port chosen by the system): a
+/// simulated device on an address of its own, e.g. another loopback address.
+///
+/// # Errors
+///
+/// As [`tls_connect`]; binding `source` fails as [`ClientError::Connect`].
+pub async fn tls_connect_from(
+    source: std::net::IpAddr,
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    config: Arc<ClientConfig>,
+) -> Result<TlsStream<TcpStream>, ClientError> {
+    let name = ServerName::try_from(server_name.to_owned())
+        .map_err(|_| ClientError::InvalidServerName(server_name.to_owned()))?;
+    let socket = if source.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(ClientError::Connect)?;
+    socket
+        .bind(std::net::SocketAddr::new(source, 0))
+        .map_err(ClientError::Connect)?;
+    let tcp = socket.connect(addr).await.map_err(ClientError::Connect)?;
+    tcp.set_nodelay(true).map_err(ClientError::Connect)?;
+    TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .map_err(ClientError::Handshake)
+}
+
 /// Connects over TLS and sends CONNECT; returns once a successful CONNACK arrived.
 ///
 /// Note for TLS 1.3: the server checks our certificate after the client considers the

@@ -130,6 +130,8 @@ effect, and written to --ground-truth FILE):
   --outage m0000@30+60          the meters whose id starts with m0000 lose power at 30 s (last \
 gasps within --outage-spread), come back 60 s later; or a list: --outage m000001,m000002@30+60
   --clone m000003@10            a second device with m000003's certificate and key connects too
+  --brute-force 127.0.0.9@20    a device without a certificate tries 20 connections from \
+127.0.0.9 at 20 s
 
 Concentrator: --concentrator dc-1 --plc-meters 50 puts the first 50 selected meters behind \
 concentrator dc-1 (DIR/concentrators/dc-1/, issued by `gridward pki issue concentrator --name \
@@ -219,6 +221,19 @@ struct RunArgs {
     /// rule drops the two in turn, and reused counters are refused as replays. Repeatable.
     #[arg(long = "clone", value_name = "METER[@S]", value_parser = parse_clone)]
     clones: Vec<CloneRequest>,
+    /// A brute-forcing source: IP[@SECONDS] (default 0). From that local address (e.g.
+    /// 127.0.0.9: all of 127.0.0.0/8 is loopback) a device with no certificate of the PKI tries
+    /// --brute-force-attempts connections as the first selected meter, one every
+    /// --brute-force-interval: each is refused, and a head-end bans the source and raises a
+    /// refusal burst on it. Repeatable.
+    #[arg(long = "brute-force", value_name = "IP[@S]", value_parser = parse_brute_force)]
+    brute_forces: Vec<BruteForceRequest>,
+    /// Connections each brute-forcing source tries.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    brute_force_attempts: u32,
+    /// Seconds between two connections of a brute-forcing source.
+    #[arg(long, value_name = "S", default_value_t = 0.5)]
+    brute_force_interval: f64,
     /// Write the ground truth of the behaviours to FILE at the end, one JSON object a line.
     #[arg(long, value_name = "FILE")]
     ground_truth: Option<PathBuf>,
@@ -280,6 +295,24 @@ struct OutageRequest {
     target: OutageTarget,
     after: Duration,
     duration: Option<Duration>,
+}
+
+/// `--brute-force IP[@SECONDS]`
+#[derive(Debug, Clone, PartialEq)]
+struct BruteForceRequest {
+    source: std::net::IpAddr,
+    after: Duration,
+}
+
+fn parse_brute_force(s: &str) -> Result<BruteForceRequest, String> {
+    let (ip, after) = match s.rsplit_once('@') {
+        Some((ip, secs)) => (ip, parse_secs(secs)?),
+        None => (s, Duration::ZERO),
+    };
+    let source = ip.parse().map_err(|_| {
+        format!("{ip:?} is not an IP address; expected IP[@SECONDS], e.g. 127.0.0.9@30")
+    })?;
+    Ok(BruteForceRequest { source, after })
 }
 
 /// `--clone METER[@SECONDS]`, `--relay-for METER[@SECONDS]`
@@ -612,6 +645,16 @@ async fn run_fleet(a: RunArgs) -> Result<()> {
             .with_context(|| format!("--clone {}", c.meter))?;
         clone_identities.push((identity, c.after.unwrap_or(Duration::ZERO)));
     }
+    let outsider = if a.brute_forces.is_empty() {
+        None
+    } else {
+        Some(trust.outsider_config().map_err(|e| {
+            anyhow::anyhow!(
+                "--brute-force: a TLS configuration trusting {}: {e}",
+                a.dir.display()
+            )
+        })?)
+    };
     let bar = progress_bar(ids.len() as u64, "loading meters");
     let mut loaded = {
         let bar = bar.clone();
@@ -680,6 +723,23 @@ async fn run_fleet(a: RunArgs) -> Result<()> {
     }
     for (identity, after) in clone_identities {
         behaviours.push(Behaviour::Clone { identity, after });
+    }
+    if let Some(tls) = outsider {
+        if a.brute_force_attempts == 0 {
+            bail!("--brute-force-attempts must be at least 1");
+        }
+        let interval = seconds("--brute-force-interval", a.brute_force_interval)?;
+        let client_id = ids.first().map(MeterId::to_string).unwrap_or_default();
+        for b in &a.brute_forces {
+            behaviours.push(Behaviour::BruteForce {
+                source: b.source,
+                after: b.after,
+                attempts: a.brute_force_attempts,
+                interval,
+                client_id: client_id.clone(),
+                tls: Arc::clone(&tls),
+            });
+        }
     }
     let plc: Vec<MeterIdentity> = loaded.drain(..plc_count).collect();
     let concentrators = match concentrator_identity {
@@ -955,6 +1015,12 @@ fn print_report(r: &FleetReport, meters: usize, rss_running: Option<(u64, u64)>)
             c.rejected
         );
     }
+    for b in &r.brute_force {
+        println!(
+            "brute force       {}: {} connections tried, {} accepted",
+            b.source, b.attempts, b.accepted
+        );
+    }
     for g in &r.ground_truth {
         println!("ground truth      {}", g.to_json());
     }
@@ -1007,10 +1073,32 @@ mod tests {
             "m000004",
             "--clone",
             "m000005@10",
+            "--brute-force",
+            "127.0.0.9@20",
+            "--brute-force",
+            "::1",
             "--ground-truth",
             "truth.jsonl",
         ])
         .unwrap();
+        assert_eq!(
+            a.brute_forces,
+            [
+                BruteForceRequest {
+                    source: "127.0.0.9".parse().unwrap(),
+                    after: Duration::from_secs(20)
+                },
+                BruteForceRequest {
+                    source: "::1".parse().unwrap(),
+                    after: Duration::ZERO
+                },
+            ]
+        );
+        assert_eq!((a.brute_force_attempts, a.brute_force_interval), (20, 0.5));
+        let err = parse(&["--brute-force", "host.example@5"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is not an IP address"), "{err}");
         assert_eq!(
             a.thieves,
             [

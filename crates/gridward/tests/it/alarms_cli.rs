@@ -205,3 +205,103 @@ fn the_concentrator_topology_is_changed_from_the_cli_and_audited() {
     ]);
     assert!(audit.contains("dc-1") && audit.contains("dc-2"), "{audit}");
 }
+
+/// `gridward meter run --brute-force 127.0.0.9`: a device without a certificate tries twelve
+/// connections from 127.0.0.9 while two genuine meters send from 127.0.0.1. Every attempt is
+/// refused, the head-end bans the source (`source_banned`) and raises a `refusal_burst` alarm on
+/// `source:127.0.0.9`; the genuine meters' readings all get through, and the fleet's ground
+/// truth and summary name the source.
+#[test]
+fn a_brute_forcing_source_of_the_simulator_is_refused_banned_and_alarmed() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let pki = tmp.path().join("pki");
+    new_pki(&pki, "Gridward");
+    issue_meter(&pki, "bf000001");
+    issue_meter(&pki, "bf000002");
+    let h = Headend::start(tmp.path(), &pki, &[]);
+    let config = h.config.to_str().expect("utf-8").to_owned();
+    let truth = tmp.path().join("truth.jsonl");
+    let port = h.port.to_string();
+    let fleet = crate::headend::FleetProcess::start(
+        tmp.path(),
+        &[
+            "--dir",
+            pki.to_str().expect("utf-8"),
+            "--port",
+            &port,
+            "--prefix",
+            "bf",
+            "--interval",
+            "1",
+            "--duration",
+            "12",
+            "--brute-force",
+            "127.0.0.9@1",
+            "--brute-force-attempts",
+            "12",
+            "--brute-force-interval",
+            "0.2",
+            "--ground-truth",
+            truth.to_str().expect("utf-8"),
+        ],
+    );
+    let summary = fleet.wait(Duration::from_secs(60));
+    assert!(
+        summary.acked > 0 && summary.refused == 0 && summary.unacked == 0,
+        "the genuine meters did not all get through:\n{}",
+        summary.text
+    );
+    assert!(
+        summary
+            .text
+            .contains("brute force       127.0.0.9: 12 connections tried, 0 accepted"),
+        "{}",
+        summary.text
+    );
+    let truth = std::fs::read_to_string(&truth).expect("the ground truth");
+    let line: Value = truth
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).expect("JSON"))
+        .find(|v| v["kind"] == "brute_force")
+        .unwrap_or_else(|| panic!("no brute_force ground truth:\n{truth}"));
+    assert_eq!(line["source"], "127.0.0.9", "{line}");
+    assert_eq!(line["attempts"], 12, "{line}");
+
+    let alarm = wait_for(
+        Duration::from_secs(30),
+        "a refusal_burst alarm on source:127.0.0.9",
+        || {
+            alarms_json(&config, &["--active", "--type", "refusal_burst"])
+                .into_iter()
+                .find(|a| a["originator"] == "source:127.0.0.9")
+        },
+        || gridward_ok(&["alarms", "--config", &config]),
+    );
+    assert!(
+        alarm["summary"].as_str().is_some_and(|s| !s.is_empty()),
+        "{alarm}"
+    );
+    let events = h.events();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason == "source_banned" && e.source.starts_with("127.0.0.9")),
+        "no source_banned event for 127.0.0.9: {:?}",
+        crate::headend::reasons(&events)
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason == "certificate_missing" && e.source.starts_with("127.0.0.9")),
+        "{:?}",
+        crate::headend::reasons(&events)
+    );
+    // Nothing about the genuine meters' source.
+    assert!(
+        alarms_json(&config, &["--active"])
+            .iter()
+            .all(|a| a["originator"] != "source:127.0.0.1"),
+        "{:?}",
+        alarms_json(&config, &["--active"])
+    );
+}
