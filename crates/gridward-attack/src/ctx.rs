@@ -116,7 +116,7 @@ impl Ctx {
     /// already running.
     pub fn new(target: Target, fleet: GenuineFleet, work: &Path) -> Result<Self, AttackError> {
         let pki = Pki::open(&target.pki_dir, None)?;
-        let store = SqliteStore::open_existing(&target.store)
+        let store = SqliteStore::open_existing(&target.store, target.store_keys.clone())
             .map_err(|e| AttackError::Setup(format!("{}: {e}", target.store.display())))?;
         Ok(Self {
             target,

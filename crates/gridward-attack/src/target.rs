@@ -32,6 +32,8 @@ pub struct Target {
     pub pki_dir: PathBuf,
     /// Its SQLite store, read for security events and stored readings.
     pub store: PathBuf,
+    /// The store's key-encryption key (by default the key file beside it, `.key`).
+    pub store_keys: gridward_store::KeySource,
     /// The downstream sink it forwards to, if the replay of downstream requests is to be tried.
     pub sink: Option<SinkTarget>,
     /// The HTTPS API for people it runs, if any (the `access` scenario attacks it).
@@ -116,11 +118,13 @@ impl Target {
                 }
             }) as Arc<dyn Fn() -> Result<(), String> + Send + Sync>
         });
+        let store: PathBuf = store.into();
         Self {
             mqtt,
             server_name: server_name.into(),
             pki_dir: pki_dir.into(),
-            store: store.into(),
+            store_keys: gridward_store::KeySource::existing_file(store.with_extension("key")),
+            store,
             sink: None,
             api: None,
             pid,
@@ -272,6 +276,10 @@ impl InProcess {
             server_name: "localhost".to_owned(),
             pki_dir,
             store: config.store_path.clone(),
+            store_keys: config
+                .store_keys
+                .source(false)
+                .map_err(AttackError::Setup)?,
             sink: Some(SinkTarget {
                 addr: sink.local_addr(),
                 client: "hes".to_owned(),

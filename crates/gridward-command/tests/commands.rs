@@ -91,7 +91,13 @@ impl Harness {
     fn build(policy: Policy, tokio_clock: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gridward.db");
-        let store = Arc::new(SqliteStore::open(&path).unwrap());
+        let store = Arc::new(
+            SqliteStore::open(
+                &path,
+                gridward_store::KeySource::file(path.with_extension("key")),
+            )
+            .unwrap(),
+        );
         let key = Arc::new(new_key());
         let clock = Arc::new(TestClock {
             offset: Mutex::new(Duration::ZERO),
@@ -357,7 +363,11 @@ fn counters_are_durable_before_sending_and_strictly_increase() {
 
     // Nothing was sent (no dispatcher), yet every counter is in the file: a second process
     // opening it sees the commands, and the next counter continues after them.
-    let reopened = SqliteStore::open(&h.path).unwrap();
+    let reopened = SqliteStore::open(
+        &h.path,
+        gridward_store::KeySource::file(h.path.with_extension("key")),
+    )
+    .unwrap();
     let stored = reopened.command(&again[0]).unwrap().unwrap();
     assert_eq!(stored.status, CommandStatus::Queued);
     assert_eq!(

@@ -265,9 +265,7 @@ impl LocalCommands {
         }
         let manufacturers = load_manufacturers(settings)?;
         let signer = load_signer(&config.pki_dir, settings, OffsetDateTime::now_utc())?;
-        let store = Arc::new(gridward_store::SqliteStore::open_existing(
-            &config.store_path,
-        )?);
+        let store = Arc::new(config.open_existing_store()?);
         let audit = gridward_audit::AuditLog::open(&config.audit.path)?;
         let recorder = move |entry: gridward_audit::NewEntry| {
             if let Err(e) = audit.append(&entry) {

@@ -332,6 +332,13 @@ pub struct RawMqtt {
 pub struct RawStore {
     /// SQLite database file.
     pub path: Option<PathBuf>,
+    /// The key-encryption key file (default: the database's path with extension `.key`).
+    pub key_file: Option<PathBuf>,
+    /// Take the key-encryption key from a passphrase in this environment variable (Argon2id)
+    /// instead of a key file.
+    pub passphrase_env: Option<String>,
+    /// Days a data key stays active before a new one is started.
+    pub key_period_days: Option<u64>,
 }
 
 /// `[ingest]`
@@ -348,6 +355,48 @@ pub struct RawIngest {
     pub queue_depth: Option<usize>,
 }
 
+/// Where the store's key-encryption key comes from (`[store] key_file`, `passphrase_env`).
+#[derive(Debug, Clone)]
+pub struct StoreKeys {
+    /// The key file (used unless `passphrase_env` is set).
+    pub key_file: PathBuf,
+    /// The environment variable holding the passphrase.
+    pub passphrase_env: Option<String>,
+    /// How long a data key stays active.
+    pub period: Duration,
+}
+
+impl StoreKeys {
+    /// The key source for the store: the passphrase from the environment if configured, else
+    /// the key file (created with a new database only when `create`).
+    ///
+    /// # Errors
+    ///
+    /// The passphrase variable is not set or empty.
+    pub fn source(&self, create: bool) -> Result<gridward_store::KeySource, String> {
+        match &self.passphrase_env {
+            Some(var) => {
+                let pass = std::env::var(var).map_err(|_| {
+                    format!(
+                        "store.passphrase_env names {var}, which is not set: export the store's passphrase in {var}"
+                    )
+                })?;
+                if pass.is_empty() {
+                    return Err(format!("the passphrase in {var} is empty"));
+                }
+                Ok(gridward_store::KeySource::Passphrase {
+                    passphrase: std::sync::Arc::new(zeroize::Zeroizing::new(pass.into_bytes())),
+                    params: gridward_vault::KdfParams::DEFAULT,
+                })
+            }
+            None => Ok(gridward_store::KeySource::File {
+                path: self.key_file.clone(),
+                create,
+            }),
+        }
+    }
+}
+
 /// A checked configuration, ready to run.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -361,6 +410,8 @@ pub struct Config {
     pub endpoint: EndpointConfig,
     /// SQLite database file.
     pub store_path: PathBuf,
+    /// Encryption at rest of the store.
+    pub store_keys: StoreKeys,
     /// Pipeline checks.
     pub pipeline: PipelineConfig,
     /// Writer queue and batch sizes.
@@ -419,6 +470,16 @@ max_connection_lifetime_hours = 48
 [store]
 # SQLite database (WAL; every acknowledged reading is durable before its PUBACK).
 path = "gridward.db"
+# Readings, events and envelopes are encrypted in the database (AES-256-GCM) under data keys
+# wrapped by a key-encryption key. The key file is created (mode 0600) with a new database;
+# keep a copy apart from the data and its backups: without it nothing can be read.
+# Default: the database's path with the extension .key (gridward.key here).
+# key_file = "/etc/gridward/keys/gridward.key"
+# Or derive the key-encryption key from a passphrase held in this environment variable
+# (Argon2id, 64 MiB, 3 passes; the salt is kept in the database) instead of a key file.
+# passphrase_env = "GRIDWARD_PASSPHRASE"
+# A new data key is started after this many days (`gridward keys rotate` starts one at once).
+key_period_days = 30
 
 [ingest]
 # A message's signing time may differ from the head-end's clock by this many seconds either way.
@@ -582,6 +643,42 @@ impl Config {
         let config = Self::parse(&text, path, base)?;
         config.check_store_path(path)?;
         Ok(config)
+    }
+
+    /// Opens (creating it, and its key file, if new) the store, encrypted at rest as
+    /// `[store]` says (`gridward serve`).
+    ///
+    /// # Errors
+    ///
+    /// The store's errors; a missing passphrase variable as [`StoreError::InvalidRequest`].
+    ///
+    /// [`StoreError::InvalidRequest`]: gridward_store::StoreError::InvalidRequest
+    pub fn open_store(&self) -> Result<gridward_store::SqliteStore, gridward_store::StoreError> {
+        let source = self
+            .store_keys
+            .source(true)
+            .map_err(gridward_store::StoreError::InvalidRequest)?;
+        let store = gridward_store::SqliteStore::open(&self.store_path, source)?;
+        store.set_key_period(self.store_keys.period);
+        Ok(store)
+    }
+
+    /// Opens the existing store (commands that look or change a running head-end's store):
+    /// neither the database nor a key file is created.
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::open_store`].
+    pub fn open_existing_store(
+        &self,
+    ) -> Result<gridward_store::SqliteStore, gridward_store::StoreError> {
+        let source = self
+            .store_keys
+            .source(false)
+            .map_err(gridward_store::StoreError::InvalidRequest)?;
+        let store = gridward_store::SqliteStore::open_existing(&self.store_path, source)?;
+        store.set_key_period(self.store_keys.period);
+        Ok(store)
     }
 
     /// Checks on disk that the store can be created or opened at `store_path`: its directory
@@ -881,6 +978,43 @@ impl Config {
             server_name,
             listen,
             endpoint,
+            store_keys: StoreKeys {
+                key_file: match raw.store.key_file {
+                    Some(p) => resolve(p),
+                    None => resolve(
+                        raw.store
+                            .path
+                            .clone()
+                            .unwrap_or_else(|| PathBuf::from("gridward.db")),
+                    )
+                    .with_extension("key"),
+                },
+                passphrase_env: match raw.store.passphrase_env {
+                    Some(v) if v.is_empty() => {
+                        return Err(invalid(
+                            "store.passphrase_env",
+                            "name an environment variable, or remove the key".into(),
+                        ));
+                    }
+                    other => other,
+                },
+                period: match raw.store.key_period_days {
+                    Some(0) => {
+                        return Err(invalid(
+                            "store.key_period_days",
+                            "must be at least 1 (`gridward keys rotate` rotates at once)".into(),
+                        ));
+                    }
+                    Some(d) if d > 3650 => {
+                        return Err(invalid(
+                            "store.key_period_days",
+                            "at most 3650 (ten years)".into(),
+                        ));
+                    }
+                    Some(d) => Duration::from_secs(d * 24 * 3600),
+                    None => gridward_store::DEFAULT_KEY_PERIOD,
+                },
+            },
             store_path: resolve(
                 raw.store
                     .path

@@ -214,7 +214,7 @@ pub async fn start(config: &Config, clock: Clock) -> Result<Running, ServiceErro
     for target in &config.forward {
         loaded.push(target.clone().load()?);
     }
-    let store = Arc::new(SqliteStore::open(&config.store_path)?);
+    let store = Arc::new(config.open_store()?);
     store.disconnect_all(clock())?;
     let (audit, audit_thread) = AuditSink::start(&config.audit, Arc::clone(&clock))?;
     if let Err(e) = audit.import_pki_log(&config.pki_dir) {

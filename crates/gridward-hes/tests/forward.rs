@@ -242,7 +242,13 @@ fn fixture(script: Box<Script>) -> Fixture {
         "hes".to_owned(),
         HttpVerifyingKey::from_pem(&cert, "hes").unwrap(),
     )]);
-    let store = Arc::new(SqliteStore::open(&tmp.path().join("gridward.db")).unwrap());
+    let store = Arc::new(
+        SqliteStore::open(
+            &tmp.path().join("gridward.db"),
+            gridward_store::KeySource::file(tmp.path().join("gridward.db").with_extension("key")),
+        )
+        .unwrap(),
+    );
     let target = store.register_outbox_target("billing").unwrap();
     let dyn_store: Arc<dyn Store> = store.clone();
     let writer = Writer::start(

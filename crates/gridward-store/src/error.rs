@@ -72,6 +72,51 @@ pub enum StoreError {
     /// The record the operation refers to does not exist. Nothing was changed.
     #[error("not found: {0}")]
     NotFound(String),
+    /// A key could not be loaded, made or unwrapped (key file unreadable or open to others,
+    /// a weak passphrase setting, a wrapped key that does not unwrap).
+    #[error("{0}")]
+    Key(#[from] gridward_vault::VaultError),
+    /// The database's data keys are wrapped by a key file that is not there.
+    #[error(
+        "the key file {} is missing, and this database's readings are encrypted under it: restore the key file from where you keep it (without it they cannot be read), or point `[store] key_file` at it", path.display()
+    )]
+    KeyFileMissing {
+        /// Where the key file was looked for.
+        path: PathBuf,
+    },
+    /// The key given is not the one the database's data keys are wrapped with.
+    #[error(
+        "this key-encryption key (fingerprint {given}) is not the one this database's data keys are wrapped with ({expected}): use the key file or passphrase the database was created with (or last re-wrapped with)"
+    )]
+    KeyMismatch {
+        /// The database's.
+        expected: gridward_vault::Fingerprint,
+        /// The one given.
+        given: gridward_vault::Fingerprint,
+    },
+    /// The kind of key given does not match the database's (a passphrase for a database whose
+    /// keys are wrapped by a key file, or the other way round).
+    #[error("{0}")]
+    KeyKindMismatch(&'static str),
+    /// A sealed value failed to open: the database was altered outside Gridward, or a value
+    /// was moved to another row. The value is not served.
+    #[error(
+        "row {row} of table {table} fails authentication ({reason}): the database was altered outside Gridward; the value is not served (restore the row from a backup)"
+    )]
+    Tampered {
+        /// The table.
+        table: &'static str,
+        /// The row.
+        row: i64,
+        /// Why it did not open.
+        reason: gridward_vault::OpenError,
+    },
+    /// The data key of a value was destroyed (crypto-shredding): the value cannot be read.
+    #[error("data key {key_id} was destroyed: the values sealed under it cannot be read")]
+    KeyDestroyed {
+        /// The key.
+        key_id: u32,
+    },
     /// The request cannot be carried out as given (a value out of range). Nothing was changed.
     #[error("invalid request: {0}")]
     InvalidRequest(String),

@@ -27,6 +27,9 @@
 //! - [`outbox`]: the downstream outbox: one row per stored reading and target, written in the
 //!   reading's transaction, settled by the forwarder.
 //! - [`sqlite`]: [`SqliteStore`]: WAL, `synchronous = FULL`, batched transactions, migrations.
+//! - [`keys`]: encryption at rest: [`KeySource`] (key file, passphrase), data keys per period,
+//!   rotation, re-wrapping and crypto-shredding. Reading registers, envelopes and each meter's
+//!   last register are sealed (AES-256-GCM, meter id and counter bound) before they are written.
 //! - [`error`]: [`StoreError`], why an operation failed.
 //!
 //! This crate knows nothing of the network: it stores what the head-end has already verified.
@@ -36,6 +39,7 @@
 pub mod alarms;
 pub mod commands;
 pub mod error;
+pub mod keys;
 pub mod model;
 pub mod outbox;
 pub mod sqlite;
@@ -50,6 +54,7 @@ pub use commands::{
     StoredCommand, StoredFirmware, StoredProposal, UnknownStatus,
 };
 pub use error::StoreError;
+pub use keys::{DEFAULT_KEY_PERIOD, DataKeyInfo, KeySource, KeyStatus};
 pub use model::{
     Accepted, AcceptedBody, Counts, DEFAULT_QUERY_LIMIT, MeterEventQuery, MeterRow, Outcome,
     ReadingQuery, SecurityEvent, SecurityEventQuery, StoredMeterEvent, StoredReading,

@@ -305,6 +305,16 @@ impl Kek {
     ///
     /// [`VaultError::Unwrap`]: wrong key-encryption key, or the wrapped key was altered.
     pub fn unwrap_key(&self, id: u32, wrapped: &[u8]) -> Result<DataKey, VaultError> {
+        let raw = self.unwrap_raw(id, wrapped)?;
+        DataKey::from_bytes(id, &raw)
+    }
+
+    /// Unwraps data key `id` to its bytes (to wrap them under another key-encryption key).
+    ///
+    /// # Errors
+    ///
+    /// [`VaultError::Unwrap`]: wrong key-encryption key, or the wrapped key was altered.
+    pub fn unwrap_raw(&self, id: u32, wrapped: &[u8]) -> Result<Zeroizing<[u8; 32]>, VaultError> {
         if wrapped.len() != WRAPPED_LEN || wrapped[0] != WRAP_VERSION {
             return Err(VaultError::Unwrap { id });
         }
@@ -319,10 +329,12 @@ impl Kek {
                 &mut body,
             )
             .map_err(|_| VaultError::Unwrap { id })?;
-        let bytes: &[u8; 32] = (&*plain)
-            .try_into()
-            .map_err(|_| VaultError::Unwrap { id })?;
-        DataKey::from_bytes(id, bytes)
+        let mut out = Zeroizing::new([0u8; 32]);
+        if plain.len() != 32 {
+            return Err(VaultError::Unwrap { id });
+        }
+        out.copy_from_slice(plain);
+        Ok(out)
     }
 }
 

@@ -176,7 +176,8 @@ pub(crate) fn open_store(config: &Config) -> Result<SqliteStore> {
             path.display()
         );
     }
-    SqliteStore::open_existing(path)
+    config
+        .open_existing_store()
         .with_context(|| format!("opening the database {}", path.display()))
 }
 
@@ -427,7 +428,11 @@ mod tests {
     #[test]
     fn ack_and_clear_are_audited_as_the_cli_user() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("g.db")).unwrap();
+        let store = SqliteStore::open(
+            &dir.path().join("g.db"),
+            gridward_store::KeySource::ephemeral().unwrap(),
+        )
+        .unwrap();
         let audit = AuditLog::open(&dir.path().join("audit.db")).unwrap();
         let now = OffsetDateTime::now_utc();
         let id = store

@@ -144,6 +144,7 @@ async fn attack(args: &AttackArgs, work: &Path) -> Result<Report> {
                 c.store_path.clone(),
                 args.pid,
             );
+            target.store_keys = c.store_keys.source(false).map_err(anyhow::Error::msg)?;
             if let Some(api) = &c.api {
                 target = target.with_api(ApiTarget {
                     addr: api.listen,

@@ -149,7 +149,10 @@ pub async fn run(args: ApiArgs) -> Result<()> {
     eprintln!("1. PKI in {}", pki_dir.display());
 
     let db = work.path.join("api.db");
-    let store = Arc::new(fresh(&db, SqliteStore::open)?);
+    let _ = std::fs::remove_file(db.with_extension("key"));
+    let store = Arc::new(fresh(&db, |p| {
+        SqliteStore::open(p, gridward_store::KeySource::file(p.with_extension("key")))
+    })?);
     let meters = (1..=args.meters)
         .map(|i| MeterId::new(&format!("a{i:06}")))
         .collect::<Result<Vec<_>, _>>()?;

@@ -189,7 +189,11 @@ pub async fn run(args: ForwardArgs) -> Result<()> {
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
     }
-    let store = Arc::new(SqliteStore::open(&db)?);
+    let _ = std::fs::remove_file(db.with_extension("key"));
+    let store = Arc::new(SqliteStore::open(
+        &db,
+        gridward_store::KeySource::file(db.with_extension("key")),
+    )?);
     let target = store.register_outbox_target("sink")?;
     let fill_started = Instant::now();
     fill(&store, target, args.readings, args.meters)?;

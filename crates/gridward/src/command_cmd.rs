@@ -193,18 +193,9 @@ pub fn run(args: CommandArgs) -> Result<()> {
     }
 }
 
-/// The configuration's database; it must exist (a mistyped path must not get a new, empty one
-/// that no head-end reads).
+/// The configuration's database; it must exist.
 fn open_store(config: &Config) -> Result<SqliteStore> {
-    let path = &config.store_path;
-    if !path.exists() {
-        bail!(
-            "no database at {} (has `gridward serve` run with this configuration?)",
-            path.display()
-        );
-    }
-    SqliteStore::open_existing(path)
-        .with_context(|| format!("opening the database {}", path.display()))
+    crate::alarms_cmd::open_store(config)
 }
 
 /// The `[commands]` settings, or why commands are off.

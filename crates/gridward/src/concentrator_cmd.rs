@@ -246,7 +246,11 @@ mod tests {
     #[test]
     fn attach_move_and_detach_are_audited() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("g.db")).unwrap();
+        let store = SqliteStore::open(
+            &dir.path().join("g.db"),
+            gridward_store::KeySource::ephemeral().unwrap(),
+        )
+        .unwrap();
         let audit = AuditLog::open(&dir.path().join("audit.db")).unwrap();
         let now = OffsetDateTime::now_utc();
         let args = |id: &str, ms: &[&str]| ChangeArgs {

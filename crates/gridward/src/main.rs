@@ -36,6 +36,7 @@ mod demo_commands;
 mod demo_detection;
 mod firmware_cmd;
 mod firmware_ops;
+mod keys_cmd;
 mod meter_cmd;
 mod outbox_cmd;
 mod pki_cmd;
@@ -153,6 +154,9 @@ enum Command {
     /// The concentrator topology: list, attach and detach the meters registered behind a data
     /// concentrator (changes are audited, as cli:$USER).
     Concentrator(concentrator_cmd::ConcentratorArgs),
+    /// Encryption at rest of the store: list the data keys, rotate, re-wrap under a new
+    /// key-encryption key, destroy one (crypto-shredding); audited, as cli:$USER.
+    Keys(keys_cmd::KeysArgs),
     /// Show and retry downstream deliveries: pending, delivered, dead letters, lag per target.
     Outbox(outbox_cmd::OutboxArgs),
     /// Receive forwarded readings like a billing service: HTTPS with mutual TLS, signatures
@@ -185,6 +189,7 @@ fn main() -> ExitCode {
         Command::Events(args) => serve_cmd::events(args),
         Command::Meters(args) => serve_cmd::meters(args),
         Command::Outbox(args) => outbox_cmd::run(args),
+        Command::Keys(args) => keys_cmd::run(args),
         Command::Sink(args) => sink_cmd::run(args),
         Command::Attack(args) => attack_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),

@@ -54,14 +54,21 @@ pub struct StoreArg {
     /// The SQLite database itself (instead of --config).
     #[arg(long, value_name = "FILE")]
     db: Option<PathBuf>,
+    /// With --db: the key file of its encryption at rest (default: the database's path with
+    /// extension .key, as `gridward serve` makes it).
+    #[arg(long, value_name = "FILE", requires = "db")]
+    key_file: Option<PathBuf>,
 }
 
 impl StoreArg {
     /// Opens the store the arguments name; fails with a hint if there is none yet.
     pub(crate) fn open(&self) -> Result<SqliteStore> {
-        let path = match &self.db {
-            Some(p) => p.clone(),
-            None => load_config(&self.config)?.store_path,
+        let (path, config) = match &self.db {
+            Some(p) => (p.clone(), None),
+            None => {
+                let config = load_config(&self.config)?;
+                (config.store_path.clone(), Some(config))
+            }
         };
         if !path.exists() {
             bail!(
@@ -69,7 +76,18 @@ impl StoreArg {
                 path.display()
             );
         }
-        SqliteStore::open(&path).with_context(|| format!("opening {}", path.display()))
+        let opened = match config {
+            Some(config) => config.open_existing_store(),
+            None => SqliteStore::open_existing(
+                &path,
+                gridward_store::KeySource::existing_file(
+                    self.key_file
+                        .clone()
+                        .unwrap_or_else(|| path.with_extension("key")),
+                ),
+            ),
+        };
+        opened.with_context(|| format!("opening {}", path.display()))
     }
 }
 

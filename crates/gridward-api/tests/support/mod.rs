@@ -369,7 +369,13 @@ async fn start_with(with_commands: bool, with_alarms: bool) -> Fixture {
     )
     .unwrap();
 
-    let store = Arc::new(SqliteStore::open(&dir.path().join("gridward.db")).unwrap());
+    let store = Arc::new(
+        SqliteStore::open(
+            &dir.path().join("gridward.db"),
+            gridward_store::KeySource::file(dir.path().join("gridward.db").with_extension("key")),
+        )
+        .unwrap(),
+    );
     let mut batch: Vec<Accepted> = (1..=12).map(|c| reading("m-1", c)).collect();
     batch.extend((1..=3).map(|c| reading("m-2", c)));
     store.commit(&batch).unwrap();

@@ -59,7 +59,11 @@ fn updated_alarm(store: &dyn AlarmStore, r: &RaiseAlarm) -> StoredAlarm {
 /// Both kinds of store: in memory, and on a fresh file (kept alive by the returned directory).
 fn stores() -> Vec<(Box<dyn AlarmStore>, Option<tempfile::TempDir>)> {
     let dir = tempfile::tempdir().unwrap();
-    let file = SqliteStore::open(&dir.path().join("gridward.db")).unwrap();
+    let file = SqliteStore::open(
+        &dir.path().join("gridward.db"),
+        super::tests::key_for(&dir.path().join("gridward.db")),
+    )
+    .unwrap();
     vec![
         (Box::new(SqliteStore::open_in_memory().unwrap()), None),
         (Box::new(file), Some(dir)),
@@ -575,7 +579,7 @@ fn alarms_and_topology_survive_reopening_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gridward.db");
     let (acked, cleared, active) = {
-        let store = SqliteStore::open(&path).unwrap();
+        let store = SqliteStore::open(&path, super::tests::key_for(&path)).unwrap();
         let acked = new_alarm(&store, &raise("tamper", "major", "meter:m-1", T0));
         updated_alarm(
             &store,
@@ -592,7 +596,7 @@ fn alarms_and_topology_survive_reopening_the_file() {
             .unwrap();
         (acked, cleared, active)
     };
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqliteStore::open(&path, super::tests::key_for(&path)).unwrap();
     assert_eq!(
         store.alarms(&AlarmQuery::default()).unwrap(),
         vec![active.clone(), cleared, acked.clone()]
@@ -634,13 +638,13 @@ fn a_version_3_database_is_migrated_in_place() {
             .unwrap();
         assert_eq!(tables, 0);
     }
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqliteStore::open(&path, super::tests::key_for(&path)).unwrap();
     let version: i64 = store
         .writer()
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 4);
-    assert_eq!(SCHEMA_VERSION, 4);
+    assert_eq!(version, SCHEMA_VERSION);
+    assert_eq!(SCHEMA_VERSION, 5);
     let events = store
         .security_events(&SecurityEventQuery::default())
         .unwrap();
@@ -661,7 +665,7 @@ fn a_version_3_database_is_migrated_in_place() {
         .attach_meters(&mid("dc-1"), &mids(&["m-1"]), T0)
         .unwrap();
     drop(store);
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqliteStore::open(&path, super::tests::key_for(&path)).unwrap();
     assert_eq!(store.alarm(a.id).unwrap(), Some(a));
     assert_eq!(
         store.concentrator_of(&mid("m-1")).unwrap(),
@@ -689,13 +693,13 @@ fn one_active_alarm_per_key_is_a_constraint() {
 fn concurrent_raises_of_one_key_leave_exactly_one_active_alarm() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gridward.db");
-    let shared = Arc::new(SqliteStore::open(&path).unwrap());
+    let shared = Arc::new(SqliteStore::open(&path, super::tests::key_for(&path)).unwrap());
     // Two threads on one store, and a third on its own connection to the same file (as another
     // process would be).
     let stores: Vec<Arc<SqliteStore>> = vec![
         Arc::clone(&shared),
         Arc::clone(&shared),
-        Arc::new(SqliteStore::open(&path).unwrap()),
+        Arc::new(SqliteStore::open(&path, super::tests::key_for(&path)).unwrap()),
     ];
     const RAISES: u64 = 25;
     let barrier = Arc::new(Barrier::new(stores.len()));

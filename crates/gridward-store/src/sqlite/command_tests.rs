@@ -140,7 +140,7 @@ fn command_counters_strictly_increase_per_meter_across_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gridward.db");
     {
-        let store = SqliteStore::open(&path).unwrap();
+        let store = SqliteStore::open(&path, super::tests::key_for(&path)).unwrap();
         assert_eq!(
             store
                 .reserve_command_counters(&[mid("m-1"), mid("m-2"), mid("m-1")])
@@ -156,7 +156,7 @@ fn command_counters_strictly_increase_per_meter_across_reopen() {
             vec![3]
         );
     }
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqliteStore::open(&path, super::tests::key_for(&path)).unwrap();
     assert_eq!(
         store
             .reserve_command_counters(&[mid("m-2"), mid("m-1"), mid("m-3")])
@@ -508,7 +508,7 @@ fn an_acknowledgement_settles_its_command_in_the_commit_and_survives_reopen() {
     let path = dir.path().join("gridward.db");
     let (done_id, refused_id, received_at);
     {
-        let store = SqliteStore::open(&path).unwrap();
+        let store = SqliteStore::open(&path, super::tests::key_for(&path)).unwrap();
         reserve_and_insert(&store, &[cmd(1, "m-1", 1), cmd(2, "m-1", 2)]);
         store.mark_sent(&cid(1), T0).unwrap();
         store.commit(&[event("m-1", 1)]).unwrap();
@@ -528,7 +528,7 @@ fn an_acknowledgement_settles_its_command_in_the_commit_and_survives_reopen() {
         assert_eq!(out, [Outcome::Duplicate, Outcome::Replay { last: 3 }]);
     }
     // Reopened: what the commit promised is on disk.
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqliteStore::open(&path, super::tests::key_for(&path)).unwrap();
     let c1 = store.command(&cid(1)).unwrap().unwrap();
     assert_eq!(c1.status, CommandStatus::Acknowledged);
     assert_eq!(c1.settled_at, Some(received_at), "to the microsecond");
@@ -776,7 +776,13 @@ fn invalid_proposals_are_refused() {
 #[test]
 fn two_approvers_racing_exactly_one_wins() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SqliteStore::open(&dir.path().join("gridward.db")).unwrap());
+    let store = Arc::new(
+        SqliteStore::open(
+            &dir.path().join("gridward.db"),
+            super::tests::key_for(&dir.path().join("gridward.db")),
+        )
+        .unwrap(),
+    );
     for round in 0..20 {
         let id = store.insert_proposal(&proposal(&["m-1"])).unwrap();
         let barrier = Arc::new(Barrier::new(2));
@@ -986,7 +992,7 @@ fn a_version_2_database_is_migrated_with_its_messages() {
         )
         .unwrap();
     }
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqliteStore::open(&path, super::tests::key_for(&path)).unwrap();
     let version: i64 = store
         .writer()
         .query_row("PRAGMA user_version", [], |r| r.get(0))

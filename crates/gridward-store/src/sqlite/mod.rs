@@ -40,6 +40,9 @@ mod alarms;
 #[cfg(test)]
 mod command_tests;
 mod commands;
+#[cfg(test)]
+mod key_tests;
+mod keys;
 mod outbox;
 mod schema;
 #[cfg(test)]
@@ -52,12 +55,14 @@ use std::time::Duration;
 use gridward_core::MeterId;
 use gridward_core::command::{CommandId, Refusal};
 use gridward_core::document::{ConcentratorEventKind, EventKind, Format};
+use gridward_vault::{Field, Fingerprint, Keyring};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, params};
 use time::OffsetDateTime;
 
 pub use schema::{APPLICATION_ID, SCHEMA_VERSION};
 
 use crate::error::StoreError;
+use crate::keys::{KeySource, KeyStatus};
 use crate::model::{
     Accepted, AcceptedBody, Counts, MeterEventQuery, MeterRow, Outcome, ReadingQuery,
     SecurityEvent, SecurityEventQuery, StoredMeterEvent, StoredReading, StoredSecurityEvent,
@@ -97,6 +102,8 @@ pub struct SqliteStore {
     /// A query-only connection for reads; `None` for in-memory databases, which read through
     /// the writer (a second connection would see a different, empty database).
     reader: Option<Mutex<Connection>>,
+    /// The data keys and the key-encryption key (see [`crate::keys`]).
+    vault: keys::Vault,
 }
 
 impl SqliteStore {
@@ -110,18 +117,27 @@ impl SqliteStore {
     ///
     /// A new file is created readable and writable by its owner only (mode 0600 on Unix; SQLite
     /// gives the `-wal` and `-shm` files the same mode): it holds consumption data.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    ///
+    /// `keys` names the key-encryption key (see [`crate::keys`]); a new database gets its
+    /// first data key wrapped by it, an existing one must have been wrapped by the same key
+    /// ([`StoreError::KeyMismatch`], [`StoreError::KeyFileMissing`] otherwise). Rows written
+    /// before encryption at rest (schema version 4) are sealed here.
+    pub fn open(path: &Path, keys: KeySource) -> Result<Self, StoreError> {
         create_private(path)?;
-        Self::open_with_flags(path, OpenFlags::default())
+        Self::open_with_flags(path, OpenFlags::default(), keys)
     }
 
     /// Like [`SqliteStore::open`] but fails if the file does not exist (for commands that only
     /// look, which should not create an empty database at a mistyped path).
-    pub fn open_existing(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with_flags(path, OpenFlags::default() - OpenFlags::SQLITE_OPEN_CREATE)
+    pub fn open_existing(path: &Path, keys: KeySource) -> Result<Self, StoreError> {
+        Self::open_with_flags(
+            path,
+            OpenFlags::default() - OpenFlags::SQLITE_OPEN_CREATE,
+            keys,
+        )
     }
 
-    fn open_with_flags(path: &Path, flags: OpenFlags) -> Result<Self, StoreError> {
+    fn open_with_flags(path: &Path, flags: OpenFlags, keys: KeySource) -> Result<Self, StoreError> {
         let mut writer = Connection::open_with_flags(path, flags)?;
         writer.busy_timeout(BUSY_TIMEOUT)?;
         let mode: String = writer.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
@@ -130,24 +146,83 @@ impl SqliteStore {
         }
         configure_writer(&writer)?;
         schema::migrate(&mut writer, schema::MIGRATIONS)?;
+        let vault = keys::Vault::open(&mut writer, keys)?;
         let reader = Connection::open_with_flags(path, flags - OpenFlags::SQLITE_OPEN_CREATE)?;
         reader.busy_timeout(BUSY_TIMEOUT)?;
         reader.pragma_update(None, "query_only", true)?;
         Ok(Self {
             writer: Mutex::new(writer),
             reader: Some(Mutex::new(reader)),
+            vault,
         })
     }
 
-    /// A fresh in-memory database (for tests and demos; gone when dropped).
+    /// A fresh in-memory database (for tests and demos; gone when dropped), sealed under a
+    /// key held in memory.
     pub fn open_in_memory() -> Result<Self, StoreError> {
         let mut writer = Connection::open_in_memory()?;
         configure_writer(&writer)?;
         schema::migrate(&mut writer, schema::MIGRATIONS)?;
+        let vault = keys::Vault::open(&mut writer, KeySource::ephemeral()?)?;
         Ok(Self {
             writer: Mutex::new(writer),
             reader: None,
+            vault,
         })
+    }
+
+    /// How long a data key stays active before the store starts a new one
+    /// ([`DEFAULT_KEY_PERIOD`](crate::DEFAULT_KEY_PERIOD) unless set).
+    pub fn set_key_period(&self, period: Duration) {
+        self.vault.set_period(period);
+    }
+
+    /// Starts a new data key for new rows (`gridward keys rotate`); returns its id. A running
+    /// head-end on the same file switches to it at its next batch.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`], [`StoreError::Key`].
+    pub fn rotate_key(&self) -> Result<u32, StoreError> {
+        let mut conn = self.writer();
+        self.vault
+            .rotate(&mut conn, micros(OffsetDateTime::now_utc())?)
+    }
+
+    /// Wraps every data key under the key-encryption key `new` names (a key file is created
+    /// there, so it must not exist; a passphrase gets a new salt), in one transaction
+    /// (`gridward keys rewrap`). The data is not touched; the old key no longer opens it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Key`] (e.g. the new key file exists), [`StoreError::InvalidRequest`]
+    /// (the new key is the current one), [`StoreError::Sqlite`].
+    pub fn rewrap(&self, new: &KeySource) -> Result<Fingerprint, StoreError> {
+        let mut conn = self.writer();
+        self.vault.rewrap(&mut conn, new)
+    }
+
+    /// Destroys data key `id` (`gridward keys destroy`): the rows sealed under it can no
+    /// longer be read by anyone (crypto-shredding); returns how many messages that is. The
+    /// active key and a key with deliveries still pending are refused.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::NotFound`], [`StoreError::KeyDestroyed`], [`StoreError::InvalidRequest`].
+    pub fn destroy_key(&self, id: u32) -> Result<u64, StoreError> {
+        let mut conn = self.writer();
+        self.vault
+            .destroy(&mut conn, id, micros(OffsetDateTime::now_utc())?)
+    }
+
+    /// The database's keys (`gridward keys list`).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Sqlite`], [`StoreError::Key`].
+    pub fn key_status(&self) -> Result<KeyStatus, StoreError> {
+        let conn = self.reader();
+        self.vault.status(&conn)
     }
 
     /// The writer connection. A poisoned lock is taken over: a panic inside a transaction
@@ -211,16 +286,20 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        // Everything that could make an item unstorable is checked before the transaction.
+        let mut conn = self.writer();
+        self.vault
+            .rotate_if_due(&mut conn, micros(OffsetDateTime::now_utc())?)?;
+        let keys = self.vault.keys(&conn)?;
+        // Everything that could make an item unstorable is checked (and its columns sealed)
+        // before the transaction.
         let mut rows = Vec::with_capacity(batch.len());
         for (index, item) in batch.iter().enumerate() {
-            rows.push(ItemRow::new(index, item)?);
+            rows.push(ItemRow::new(index, item, &keys.ring)?);
         }
-        let mut conn = self.writer();
         let tx = Self::durable_tx(&mut conn)?;
         let mut outcomes = Vec::with_capacity(batch.len());
         for (item, row) in batch.iter().zip(&rows) {
-            let outcome = commit_one(&tx, item, row)?;
+            let outcome = commit_one(&tx, item, row, &keys.ring)?;
             if let Outcome::Stored { id } = outcome
                 && row.kind == KIND_READING
             {
@@ -245,7 +324,9 @@ impl Store for SqliteStore {
         target: TargetId,
         limit: usize,
     ) -> Result<Vec<OutboxItem>, StoreError> {
-        outbox::pending(&self.reader(), target, limit)
+        let conn = self.reader();
+        let keys = self.vault.keys(&conn)?;
+        outbox::pending(&conn, target, limit, &keys.ring)
     }
 
     fn outbox_settle(&self, settlement: &Settlement, at: OffsetDateTime) -> Result<(), StoreError> {
@@ -333,6 +414,7 @@ impl Store for SqliteStore {
         let mut conn = self.reader();
         // One read transaction: the chain is walked in a consistent snapshot.
         let tx = conn.transaction()?;
+        let keys = self.vault.keys(&tx)?;
         let mut next = match query.before {
             // The cursor must be one of this meter's messages; the walk goes on from the one
             // before it.
@@ -354,7 +436,7 @@ impl Store for SqliteStore {
         };
         let mut stmt = tx.prepare_cached(
             "SELECT prev, kind, counter, energy_kwh, taken_at, received_at, content_type, source,
-                    envelope_sha256
+                    envelope_sha256, key_id, sealed_value
              FROM messages WHERE id = ?1",
         )?;
         let mut out = Vec::new();
@@ -371,6 +453,8 @@ impl Store for SqliteStore {
                         content_type: r.get(6)?,
                         source: r.get(7)?,
                         sha: r.get(8)?,
+                        key_id: r.get(9)?,
+                        sealed_value: r.get(10)?,
                     })
                 })
                 .optional()?
@@ -387,9 +471,30 @@ impl Store for SqliteStore {
             if row.kind != KIND_READING || until.is_some_and(|u| row.taken_at > u) {
                 continue;
             }
-            let energy_kwh = row
-                .energy_kwh
-                .ok_or_else(|| corrupt("messages", format!("reading {id} has no energy")))?;
+            let energy_kwh = match (row.key_id, &row.sealed_value) {
+                (Some(_), Some(sealed)) => match keys::open_f64(
+                    &keys.ring,
+                    "messages",
+                    id,
+                    Field::ReadingValue,
+                    query.meter.as_str(),
+                    counter_from_sql(row.counter),
+                    sealed,
+                )? {
+                    keys::Opened::Value(v) => v,
+                    // Crypto-shredded: its period's key was destroyed.
+                    keys::Opened::Shredded => continue,
+                },
+                (Some(_), None) => {
+                    return Err(corrupt(
+                        "messages",
+                        format!("sealed reading {id} has no value"),
+                    ));
+                }
+                (None, _) => row
+                    .energy_kwh
+                    .ok_or_else(|| corrupt("messages", format!("reading {id} has no energy")))?,
+            };
             out.push(StoredReading {
                 id,
                 meter_id: query.meter.clone(),
@@ -536,18 +641,44 @@ impl Store for SqliteStore {
 
     fn envelope(&self, id: i64) -> Result<Option<Vec<u8>>, StoreError> {
         let conn = self.reader();
-        Ok(conn
-            .prepare_cached("SELECT envelope FROM messages WHERE id = ?1")?
-            .query_row([id], |r| r.get(0))
-            .optional()?)
+        let keys = self.vault.keys(&conn)?;
+        let found: Option<(Vec<u8>, Option<i64>, String, i64)> = conn
+            .prepare_cached(
+                "SELECT m.envelope, m.key_id, mt.meter_id, m.counter
+                 FROM messages AS m JOIN meters AS mt ON mt.id = m.meter WHERE m.id = ?1",
+            )?
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .optional()?;
+        let Some((envelope, key_id, meter, counter)) = found else {
+            return Ok(None);
+        };
+        if key_id.is_none() {
+            return Ok(Some(envelope));
+        }
+        match keys::open(
+            &keys.ring,
+            "messages",
+            id,
+            Field::Envelope,
+            &meter,
+            counter_from_sql(counter),
+            &envelope,
+        )? {
+            keys::Opened::Value(v) => Ok(Some(v.to_vec())),
+            keys::Opened::Shredded => Err(StoreError::KeyDestroyed {
+                key_id: Keyring::key_id_of(&envelope).unwrap_or(0),
+            }),
+        }
     }
 
     fn meters(&self) -> Result<Vec<MeterRow>, StoreError> {
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(
-            "SELECT meter_id, last_counter, last_kwh, last_seen, connected, connection_changed_at
+            "SELECT meter_id, last_counter, last_kwh, last_seen, connected, connection_changed_at,
+                    last_kwh_sealed, id
              FROM meters ORDER BY meter_id",
         )?;
+        let keys = self.vault.keys(&conn)?;
         let raw = stmt
             .query_map([], |r| {
                 Ok((
@@ -557,22 +688,31 @@ impl Store for SqliteStore {
                     r.get::<_, Option<i64>>(3)?,
                     r.get::<_, bool>(4)?,
                     r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<Vec<u8>>>(6)?,
+                    r.get::<_, i64>(7)?,
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         raw.into_iter()
-            .map(|(id, counter, kwh, seen, connected, changed)| {
-                Ok(MeterRow {
-                    meter_id: meter_id("meters", &id)?,
-                    last_counter: counter.map(counter_from_sql),
-                    last_kwh: kwh,
-                    last_seen: seen.map(|t| time_from_micros("meters", t)).transpose()?,
-                    connected,
-                    connection_changed_at: changed
-                        .map(|t| time_from_micros("meters", t))
-                        .transpose()?,
-                })
-            })
+            .map(
+                |(id, counter, kwh, seen, connected, changed, sealed, row)| {
+                    let meter = meter_id("meters", &id)?;
+                    let kwh = match sealed {
+                        Some(sealed) => last_register(&keys.ring, row, &id, &sealed)?,
+                        None => kwh,
+                    };
+                    Ok(MeterRow {
+                        meter_id: meter,
+                        last_counter: counter.map(counter_from_sql),
+                        last_kwh: kwh,
+                        last_seen: seen.map(|t| time_from_micros("meters", t)).transpose()?,
+                        connected,
+                        connection_changed_at: changed
+                            .map(|t| time_from_micros("meters", t))
+                            .transpose()?,
+                    })
+                },
+            )
             .collect()
     }
 
@@ -643,10 +783,18 @@ struct ItemRow {
     sha: [u8; 32],
     /// For a command acknowledgement: the command and the refusal, if refused.
     ack: Option<(CommandId, Option<Refusal>)>,
+    /// The data key the sealed columns are sealed with.
+    key_id: u32,
+    /// The envelope, sealed.
+    envelope: Vec<u8>,
+    /// A reading's register, sealed as the message's value.
+    sealed_value: Option<Vec<u8>>,
+    /// A reading's register, sealed as the meter's last register.
+    sealed_last: Option<Vec<u8>>,
 }
 
 impl ItemRow {
-    fn new(index: usize, item: &Accepted) -> Result<Self, StoreError> {
+    fn new(index: usize, item: &Accepted, ring: &Keyring) -> Result<Self, StoreError> {
         let mut ack = None;
         let (kind, energy_kwh, event_kind) = match item.body {
             AcceptedBody::Reading { energy_kwh } => {
@@ -678,7 +826,24 @@ impl ItemRow {
                 (KIND_EVENT, None, Some(EVENT_KIND_ACK))
             }
         };
+        let meter = item.meter_id.as_str();
+        let seal = |field, counter, plain: &[u8]| keys::seal(ring, field, meter, counter, plain);
+        let (sealed_value, sealed_last) = match energy_kwh {
+            Some(v) => (
+                Some(seal(Field::ReadingValue, item.counter, &v.to_le_bytes())?),
+                Some(seal(Field::LastRegister, 0, &v.to_le_bytes())?),
+            ),
+            None => (None, None),
+        };
         Ok(Self {
+            key_id: ring
+                .active()
+                .ok_or(StoreError::Key(gridward_vault::VaultError::Crypto(
+                    "no active data key",
+                )))?,
+            envelope: seal(Field::Envelope, item.counter, &item.envelope)?,
+            sealed_value,
+            sealed_last,
             counter: counter_to_sql(item.counter),
             kind,
             energy_kwh,
@@ -701,8 +866,13 @@ struct MeterState {
 }
 
 /// Decides one item inside the batch's transaction and stores it if it is new.
-fn commit_one(tx: &Transaction<'_>, item: &Accepted, row: &ItemRow) -> Result<Outcome, StoreError> {
-    let meter = meter_state(tx, &item.meter_id)?;
+fn commit_one(
+    tx: &Transaction<'_>,
+    item: &Accepted,
+    row: &ItemRow,
+    ring: &Keyring,
+) -> Result<Outcome, StoreError> {
+    let meter = meter_state(tx, &item.meter_id, ring)?;
     if let Some(last) = meter.last_counter.map(counter_from_sql)
         && item.counter <= last
     {
@@ -721,34 +891,38 @@ fn commit_one(tx: &Transaction<'_>, item: &Accepted, row: &ItemRow) -> Result<Ou
     }
     tx.prepare_cached(
         "INSERT INTO messages (meter, counter, prev, kind, energy_kwh, event_kind, taken_at,
-                               received_at, content_type, source, envelope, envelope_sha256)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                               received_at, content_type, source, envelope, envelope_sha256,
+                               key_id, sealed_value)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )?
     .execute(params![
         meter.key,
         row.counter,
         meter.last_message,
         row.kind,
-        row.energy_kwh,
+        // The register itself is in sealed_value; the version 1 CHECK wants a number here.
+        row.energy_kwh.map(|_| 0.0),
         row.event_kind,
         row.taken_at,
         row.received_at,
         item.content_type.content_type(),
         item.source,
-        item.envelope,
+        row.envelope,
         row.sha,
+        row.key_id,
+        row.sealed_value,
     ])?;
     let id = tx.last_insert_rowid();
     tx.prepare_cached(
-        "UPDATE meters SET last_counter = ?2, last_message = ?3,
-                           last_kwh = coalesce(?4, last_kwh), last_seen = ?5
+        "UPDATE meters SET last_counter = ?2, last_message = ?3, last_kwh = NULL,
+                           last_kwh_sealed = coalesce(?4, last_kwh_sealed), last_seen = ?5
          WHERE id = ?1",
     )?
     .execute(params![
         meter.key,
         row.counter,
         id,
-        row.energy_kwh,
+        row.sealed_last,
         row.received_at
     ])?;
     if let Some((command, refused)) = row.ack
@@ -760,21 +934,32 @@ fn commit_one(tx: &Transaction<'_>, item: &Accepted, row: &ItemRow) -> Result<Ou
 }
 
 /// The meter's row, created if the meter is new.
-fn meter_state(tx: &Transaction<'_>, meter: &MeterId) -> Result<MeterState, StoreError> {
+fn meter_state(
+    tx: &Transaction<'_>,
+    meter: &MeterId,
+    ring: &Keyring,
+) -> Result<MeterState, StoreError> {
     let found = tx
         .prepare_cached(
-            "SELECT id, last_counter, last_message, last_kwh FROM meters WHERE meter_id = ?1",
+            "SELECT id, last_counter, last_message, last_kwh, last_kwh_sealed
+             FROM meters WHERE meter_id = ?1",
         )?
         .query_row([meter.as_str()], |r| {
-            Ok(MeterState {
-                key: r.get(0)?,
-                last_counter: r.get(1)?,
-                last_message: r.get(2)?,
-                last_kwh: r.get(3)?,
-            })
+            Ok((
+                MeterState {
+                    key: r.get(0)?,
+                    last_counter: r.get(1)?,
+                    last_message: r.get(2)?,
+                    last_kwh: r.get(3)?,
+                },
+                r.get::<_, Option<Vec<u8>>>(4)?,
+            ))
         })
         .optional()?;
-    if let Some(state) = found {
+    if let Some((mut state, sealed)) = found {
+        if let Some(sealed) = sealed {
+            state.last_kwh = last_register(ring, state.key, meter.as_str(), &sealed)?;
+        }
         return Ok(state);
     }
     tx.prepare_cached("INSERT INTO meters (meter_id) VALUES (?1)")?
@@ -816,6 +1001,21 @@ fn find_sha(
     Ok(None)
 }
 
+/// A meter's sealed last register; `None` if its data key was destroyed.
+fn last_register(
+    ring: &Keyring,
+    row: i64,
+    meter: &str,
+    sealed: &[u8],
+) -> Result<Option<f64>, StoreError> {
+    Ok(
+        match keys::open_f64(ring, "meters", row, Field::LastRegister, meter, 0, sealed)? {
+            keys::Opened::Value(v) => Some(v),
+            keys::Opened::Shredded => None,
+        },
+    )
+}
+
 /// One message of a meter's chain, as the readings query reads it.
 #[derive(Debug)]
 struct ChainRow {
@@ -828,6 +1028,8 @@ struct ChainRow {
     content_type: String,
     source: Option<String>,
     sha: Vec<u8>,
+    key_id: Option<i64>,
+    sealed_value: Option<Vec<u8>>,
 }
 
 /// The chain link after `id`; links must point strictly backwards (which also rules out loops).

@@ -2,9 +2,11 @@
 //!
 //! `outbox.state` is 0 for a pending row, 1 for a delivered one, 2 for a dead letter.
 
+use gridward_vault::{Field, Keyring};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 use time::OffsetDateTime;
 
+use super::keys;
 use super::{corrupt, counter_from_sql, meter_id, micros, sql_limit, time_from_micros};
 use crate::error::StoreError;
 use crate::outbox::{DeadLetter, OutboxItem, OutboxStats, Settlement, TargetId};
@@ -40,10 +42,11 @@ pub(super) fn pending(
     conn: &Connection,
     target: TargetId,
     limit: usize,
+    ring: &Keyring,
 ) -> Result<Vec<OutboxItem>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT o.id, o.message, o.attempts, mt.meter_id, m.counter, m.taken_at, m.energy_kwh,
-                m.received_at, m.envelope
+                m.received_at, m.envelope, m.key_id, m.sealed_value
          FROM outbox AS o INDEXED BY outbox_pending
               JOIN messages AS m ON m.id = o.message
               JOIN meters AS mt ON mt.id = m.meter
@@ -62,18 +65,63 @@ pub(super) fn pending(
                 r.get::<_, Option<f64>>(6)?,
                 r.get::<_, i64>(7)?,
                 r.get::<_, Vec<u8>>(8)?,
+                r.get::<_, Option<i64>>(9)?,
+                r.get::<_, Option<Vec<u8>>>(10)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
     raw.into_iter()
         .map(
-            |(id, message, attempts, meter, counter, taken_at, kwh, received_at, envelope)| {
+            |(
+                id,
+                message,
+                attempts,
+                meter,
+                counter,
+                taken_at,
+                kwh,
+                received_at,
+                envelope,
+                key,
+                sealed,
+            )| {
+                let counter = counter_from_sql(counter);
+                let (kwh, envelope) = match (key, sealed) {
+                    (None, _) => (kwh, envelope),
+                    (Some(_), Some(sealed)) => {
+                        let open = |field, bytes: &[u8]| match keys::open(
+                            ring, "messages", message, field, &meter, counter, bytes,
+                        )? {
+                            keys::Opened::Value(v) => Ok(v),
+                            keys::Opened::Shredded => Err(StoreError::KeyDestroyed {
+                                key_id: Keyring::key_id_of(bytes).unwrap_or(0),
+                            }),
+                        };
+                        let value = open(Field::ReadingValue, &sealed)?;
+                        let value = <[u8; 8]>::try_from(value.as_slice()).map_err(|_| {
+                            corrupt(
+                                "messages",
+                                format!("sealed value of {message} is not 8 bytes"),
+                            )
+                        })?;
+                        (
+                            Some(f64::from_le_bytes(value)),
+                            open(Field::Envelope, &envelope)?.to_vec(),
+                        )
+                    }
+                    (Some(_), None) => {
+                        return Err(corrupt(
+                            "messages",
+                            format!("sealed reading {message} has no value"),
+                        ));
+                    }
+                };
                 Ok(OutboxItem {
                     id,
                     target,
                     message_id: message,
                     meter_id: meter_id("meters", &meter)?,
-                    counter: counter_from_sql(counter),
+                    counter,
                     taken_at: time_from_micros("messages", taken_at)?,
                     energy_kwh: kwh.ok_or_else(|| {
                         corrupt(

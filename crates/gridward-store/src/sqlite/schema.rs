@@ -52,6 +52,22 @@
 //! - `concentrator_meters`: which meter is registered behind which concentrator, keyed by the
 //!   meter (a meter is behind at most one), with an index by concentrator.
 //!
+//! ## Version 5: encryption at rest
+//!
+//! - `vault`: one row: the fingerprint of the key-encryption key that wraps the data keys, how
+//!   that key is made (`key_file`, or `argon2id` with its salt and parameters), and a
+//!   `generation` bumped by every change to the keys, which tells a running head-end to reload
+//!   them.
+//! - `data_keys`: one row per data key (`id` is the key id in every sealed value's header), its
+//!   creation time and the key wrapped by the key-encryption key; a destroyed key keeps its row
+//!   with `wrapped` NULL and `destroyed_at` set (crypto-shredding).
+//! - `messages.key_id` and `messages.sealed_value` (added columns, no rebuild): a sealed row has
+//!   its data key's id; its envelope is stored sealed in `envelope` and a reading's register in
+//!   `sealed_value`, with `energy_kwh` 0 (the version 1 `CHECK` wants a number there).
+//!   `key_id` NULL marks a row written before version 5 (plaintext); the store seals such rows
+//!   when it opens the database with a key.
+//! - `meters.last_kwh_sealed`: the last register, sealed; `last_kwh` stays NULL.
+//!
 //! Times are integers, microseconds since 1970-01-01 UTC. Counters are `u64` stored bit for bit
 //! in SQLite's signed 64-bit integers (values above `i64::MAX` read negative in SQL); the store
 //! compares them in Rust, never in SQL.
@@ -65,7 +81,7 @@ pub const APPLICATION_ID: i32 = 0x4752_4457;
 
 /// The migration steps, oldest first. Step `i` takes the schema from version `i` to `i + 1`.
 /// Never edit a released step: append a new one.
-pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4];
+pub(crate) const MIGRATIONS: &[&str] = &[V1, V2, V3, V4, V5];
 
 /// The schema version this build creates and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -275,6 +291,33 @@ CREATE TABLE concentrator_meters (
 
 CREATE INDEX concentrator_meters_by_concentrator
     ON concentrator_meters (concentrator_id, meter_id);
+";
+
+const V5: &str = "
+CREATE TABLE vault (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    kek_fingerprint BLOB    NOT NULL CHECK (length(kek_fingerprint) = 16),
+    kdf             TEXT    NOT NULL CHECK (kdf IN ('key_file', 'argon2id')),
+    salt            BLOB    CHECK (salt IS NULL OR length(salt) = 16),
+    m_kib           INTEGER,
+    t               INTEGER,
+    p               INTEGER,
+    generation      INTEGER NOT NULL DEFAULT 0,
+    CHECK ((kdf = 'argon2id') = (salt IS NOT NULL AND m_kib IS NOT NULL AND t IS NOT NULL
+                                 AND p IS NOT NULL))
+) STRICT;
+
+CREATE TABLE data_keys (
+    id           INTEGER PRIMARY KEY CHECK (id BETWEEN 1 AND 4294967295),
+    created_at   INTEGER NOT NULL,
+    wrapped      BLOB,
+    destroyed_at INTEGER,
+    CHECK ((wrapped IS NULL) = (destroyed_at IS NOT NULL))
+) STRICT;
+
+ALTER TABLE messages ADD COLUMN key_id INTEGER;
+ALTER TABLE messages ADD COLUMN sealed_value BLOB;
+ALTER TABLE meters ADD COLUMN last_kwh_sealed BLOB;
 ";
 
 /// Checks that `conn` is a new or a Gridward database no newer than `steps` knows, then applies

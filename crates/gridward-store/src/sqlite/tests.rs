@@ -13,6 +13,11 @@ use crate::model::DEFAULT_QUERY_LIMIT;
 
 const T0: OffsetDateTime = datetime!(2024-02-06 12:00:00 UTC);
 
+/// The key file of a test database: beside it, created with it.
+pub(super) fn key_for(db: &std::path::Path) -> KeySource {
+    KeySource::file(db.with_extension("key"))
+}
+
 fn mid(s: &str) -> MeterId {
     MeterId::new(s).unwrap()
 }
@@ -76,7 +81,11 @@ fn sec_event(at: OffsetDateTime, reason: &str) -> SecurityEvent {
 /// Both kinds of store: in memory, and on a fresh file (kept alive by the returned directory).
 fn stores() -> Vec<(Box<dyn Store>, Option<tempfile::TempDir>)> {
     let dir = tempfile::tempdir().unwrap();
-    let file = SqliteStore::open(&dir.path().join("gridward.db")).unwrap();
+    let file = SqliteStore::open(
+        &dir.path().join("gridward.db"),
+        key_for(&dir.path().join("gridward.db")),
+    )
+    .unwrap();
     vec![
         (Box::new(SqliteStore::open_in_memory().unwrap()), None),
         (Box::new(file), Some(dir)),
@@ -360,7 +369,7 @@ fn file_database_keeps_everything_across_reopen() {
     let path = dir.path().join("gridward.db");
     let ids;
     {
-        let store = SqliteStore::open(&path).unwrap();
+        let store = SqliteStore::open(&path, key_for(&path)).unwrap();
         let out = store
             .commit(&[
                 reading("m-1", 1, 1.0),
@@ -374,7 +383,7 @@ fn file_database_keeps_everything_across_reopen() {
             .unwrap();
         store.set_connected(&mid("m-2"), true, T0).unwrap();
     }
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqliteStore::open(&path, key_for(&path)).unwrap();
     assert_eq!(
         store.last_counters().unwrap(),
         vec![(mid("m-1"), 1), (mid("m-2"), 42)]
@@ -403,14 +412,14 @@ fn file_database_keeps_everything_across_reopen() {
         vec![Outcome::RegisterWentBackwards { last_kwh: 7.25 }]
     );
     // A second store on the same file (e.g. the CLI while the service runs) sees it all.
-    let other = SqliteStore::open_existing(&path).unwrap();
+    let other = SqliteStore::open_existing(&path, key_for(&path)).unwrap();
     assert_eq!(other.counts().unwrap(), store.counts().unwrap());
 }
 
 #[test]
 fn committed_data_is_visible_to_the_reader_connection_at_once() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+    let store = SqliteStore::open(&dir.path().join("db"), key_for(&dir.path().join("db"))).unwrap();
     assert!(store.reader.is_some());
     for c in 1..=3 {
         store.commit(&[reading("m-1", c, c as f64)]).unwrap();
@@ -422,7 +431,7 @@ fn committed_data_is_visible_to_the_reader_connection_at_once() {
 fn open_existing_does_not_create_a_database() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("missing.db");
-    let err = SqliteStore::open_existing(&path).unwrap_err();
+    let err = SqliteStore::open_existing(&path, key_for(&path)).unwrap_err();
     assert!(
         matches!(&err, StoreError::Sqlite(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::CannotOpen)),
         "{err:?}"
@@ -434,7 +443,7 @@ fn open_existing_does_not_create_a_database() {
 fn a_new_database_file_is_private() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
-    let store = SqliteStore::open(&path).unwrap();
+    let store = SqliteStore::open(&path, key_for(&path)).unwrap();
     store.commit(&[reading("m-1", 1, 1.0)]).unwrap();
     #[cfg(unix)]
     for name in ["db", "db-wal", "db-shm"] {
@@ -451,7 +460,7 @@ fn a_new_database_file_is_private() {
 fn a_database_that_cannot_be_created_is_a_typed_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("no-such-dir").join("db");
-    let err = SqliteStore::open(&path).unwrap_err();
+    let err = SqliteStore::open(&path, key_for(&path)).unwrap_err();
     assert!(
         matches!(&err, StoreError::CreateFile { path: p, source }
             if *p == path && source.kind() == std::io::ErrorKind::NotFound),
@@ -462,7 +471,7 @@ fn a_database_that_cannot_be_created_is_a_typed_error() {
 #[test]
 fn the_database_is_in_wal_mode_with_full_sync() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("db")).unwrap();
+    let store = SqliteStore::open(&dir.path().join("db"), key_for(&dir.path().join("db"))).unwrap();
     let pragma = |name: &str| -> String {
         store
             .writer()
@@ -491,7 +500,7 @@ fn the_database_is_in_wal_mode_with_full_sync() {
 fn opening_a_database_from_a_newer_version_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
-    drop(SqliteStore::open(&path).unwrap());
+    drop(SqliteStore::open(&path, key_for(&path)).unwrap());
     {
         let conn = Connection::open(&path).unwrap();
         let v: i64 = conn
@@ -501,7 +510,7 @@ fn opening_a_database_from_a_newer_version_is_refused() {
         conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
     }
-    let err = SqliteStore::open(&path).unwrap_err();
+    let err = SqliteStore::open(&path, key_for(&path)).unwrap_err();
     assert!(
         matches!(err, StoreError::SchemaTooNew { found, supported }
             if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION),
@@ -518,7 +527,7 @@ fn a_foreign_database_is_refused_untouched() {
         let conn = Connection::open(&path).unwrap();
         conn.execute_batch("CREATE TABLE t (x INTEGER)").unwrap();
     }
-    let err = SqliteStore::open(&path).unwrap_err();
+    let err = SqliteStore::open(&path, key_for(&path)).unwrap_err();
     assert!(
         matches!(err, StoreError::ForeignDatabase { application_id: 0 }),
         "{err:?}"
@@ -529,7 +538,7 @@ fn a_foreign_database_is_refused_untouched() {
         let conn = Connection::open(&path).unwrap();
         conn.pragma_update(None, "application_id", 0x1234).unwrap();
     }
-    let err = SqliteStore::open(&path).unwrap_err();
+    let err = SqliteStore::open(&path, key_for(&path)).unwrap_err();
     assert!(
         matches!(
             err,
@@ -968,7 +977,9 @@ fn corrupt_rows_are_typed_errors() {
 #[test]
 fn concurrent_writers_and_readers() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("db")).unwrap());
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&dir.path().join("db"), key_for(&dir.path().join("db"))).unwrap(),
+    );
     let threads: Vec<_> = (0..4)
         .map(|t| {
             let store = Arc::clone(&store);
@@ -1010,7 +1021,11 @@ fn throughput_with_a_meter_counter_index() {
 fn throughput_of(name: &str, extra_sql: Option<&str>) {
     println!("--- {name}");
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("bench.db")).unwrap();
+    let store = SqliteStore::open(
+        &dir.path().join("bench.db"),
+        key_for(&dir.path().join("bench.db")),
+    )
+    .unwrap();
     if let Some(sql) = extra_sql {
         store.writer().execute_batch(sql).unwrap();
     }
@@ -1289,13 +1304,13 @@ mod outbox {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gridward.db");
         {
-            let store = SqliteStore::open(&path).unwrap();
+            let store = SqliteStore::open(&path, key_for(&path)).unwrap();
             let t = store.register_outbox_target("billing").unwrap();
             store
                 .commit_with_outbox(&[reading("m-1", 1, 1.0), reading("m-1", 2, 2.0)], &[t])
                 .unwrap();
         }
-        let store = SqliteStore::open(&path).unwrap();
+        let store = SqliteStore::open(&path, key_for(&path)).unwrap();
         let t = store.register_outbox_target("billing").unwrap();
         assert_eq!(
             pending_ids(&store, t),
@@ -1312,7 +1327,7 @@ mod outbox {
             conn.pragma_update(None, "journal_mode", "WAL").unwrap();
             schema::migrate(&mut conn, &schema::MIGRATIONS[..1]).unwrap();
         }
-        let store = SqliteStore::open(&path).unwrap();
+        let store = SqliteStore::open(&path, key_for(&path)).unwrap();
         let t = store.register_outbox_target("billing").unwrap();
         store
             .commit_with_outbox(&[reading("m-1", 1, 1.0)], &[t])

@@ -98,7 +98,11 @@ impl Setup {
 
     /// Creates the database as `gridward serve` does when it starts.
     fn create_db(&self) {
-        gridward_store::SqliteStore::open(&self.db).expect("create the database");
+        gridward_store::SqliteStore::open(
+            &self.db,
+            gridward_store::KeySource::file(self.db.with_extension("key")),
+        )
+        .expect("create the database");
     }
 
     fn c(&self) -> &str {

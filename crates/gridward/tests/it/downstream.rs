@@ -355,9 +355,12 @@ fn outbox(db: &Path, target: &str) -> OutboxRow {
 
 /// Readings the head-end has stored (it may be running).
 fn stored_count(db: &Path) -> u64 {
-    SqliteStore::open_existing(db)
-        .and_then(|st| st.counts())
-        .map_or(0, |c| c.readings)
+    SqliteStore::open_existing(
+        db,
+        gridward_store::KeySource::existing_file(db.with_extension("key")),
+    )
+    .and_then(|st| st.counts())
+    .map_or(0, |c| c.readings)
 }
 
 /// Every stored reading of meters `ids`, keyed by (meter, counter).
@@ -365,7 +368,11 @@ fn stored_readings(
     db: &Path,
     ids: &[String],
 ) -> BTreeMap<(String, u64), gridward_store::StoredReading> {
-    let store = SqliteStore::open_existing(db).expect("open the head-end's database");
+    let store = SqliteStore::open_existing(
+        db,
+        gridward_store::KeySource::existing_file(db.with_extension("key")),
+    )
+    .expect("open the head-end's database");
     let mut all = BTreeMap::new();
     for id in ids {
         let meter = MeterId::new(id).expect("a valid meter id");

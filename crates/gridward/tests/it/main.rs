@@ -4,6 +4,7 @@
 //! One test binary (`it`), one module per peer.
 
 mod alarms_cli;
+mod at_rest;
 mod bench;
 mod cli;
 mod command_cli;
