@@ -395,3 +395,57 @@ fn a_version_4_database_has_its_plaintext_sealed_when_opened() {
         assert!(!contains(&bytes, &v.to_be_bytes()), "{v}");
     }
 }
+
+/// What sealing costs at ingest: 200,000 readings of 10,000 meters committed in batches of
+/// 1,000 to a file database, and in the same run the sealing work alone for the same items
+/// (three seals per reading: register, last register, envelope; one open of the last
+/// register). Prints the share of the commit time spent sealing; run by hand in release:
+/// `cargo test --release -p gridward-store sealing_cost -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing; run by hand"]
+fn sealing_cost() {
+    const METERS: u64 = 10_000;
+    const BATCHES: u64 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("bench.db");
+    let store = SqliteStore::open(&db, key_for(&db)).unwrap();
+    let batch = |b: u64| -> Vec<Accepted> {
+        (0..1000)
+            .map(|i| {
+                let n = b * 1000 + i;
+                let mut r = reading(&format!("m{:05}", n % METERS), n / METERS + 1, n as f64);
+                // An envelope of a meter's size (about 330 bytes).
+                r.envelope.resize(330, b'x');
+                r
+            })
+            .collect()
+    };
+    let batches: Vec<Vec<Accepted>> = (0..BATCHES).map(batch).collect();
+    let started = std::time::Instant::now();
+    for b in &batches {
+        store.commit(b).unwrap();
+    }
+    let commit = started.elapsed();
+    let keys = store.vault.keys(&store.reader()).unwrap();
+    let started = std::time::Instant::now();
+    let mut bytes = 0usize;
+    for b in &batches {
+        for item in b {
+            let row = ItemRow::new(0, item, &keys.ring).unwrap();
+            let last = row.sealed_last.as_deref().unwrap();
+            let opened = last_register(&keys.ring, 0, item.meter_id.as_str(), last).unwrap();
+            bytes += row.envelope.len() + usize::from(opened.is_some());
+        }
+    }
+    let seal = started.elapsed();
+    let n = (BATCHES * 1000) as f64;
+    println!(
+        "commit with sealing: {:.0} readings/s; sealing alone: {:.0} readings/s ({:.2} µs each); \
+         sealing is {:.1} % of the commit time, so without it ingest would be at most {:.2}x ({bytes} bytes sealed)",
+        n / commit.as_secs_f64(),
+        n / seal.as_secs_f64(),
+        seal.as_secs_f64() * 1e6 / n,
+        100.0 * seal.as_secs_f64() / commit.as_secs_f64(),
+        commit.as_secs_f64() / (commit.as_secs_f64() - seal.as_secs_f64()),
+    );
+}
