@@ -68,6 +68,9 @@ pub enum OpenError {
     /// another database).
     #[error("sealed under data key {0}, which this keyring does not hold (destroyed?)")]
     UnknownKey(u32),
+    /// The value was sealed under a data key that was destroyed (crypto-shredding).
+    #[error("sealed under data key {0}, which was destroyed")]
+    Destroyed(u32),
     /// Authentication failed: the ciphertext, its header or its context (row, meter, counter,
     /// field) is not the one it was sealed with.
     #[error(

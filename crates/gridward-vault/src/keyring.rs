@@ -4,7 +4,7 @@
 //! associated data is the 5-byte header followed by the [`Context`]'s encoding, so neither the
 //! key id nor the row a value belongs to can be changed without the value failing to open.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
@@ -124,6 +124,8 @@ impl DataKey {
 pub struct Keyring {
     keys: BTreeMap<u32, DataKey>,
     active: Option<u32>,
+    /// Ids of destroyed keys: their values are gone on purpose, not unknown.
+    destroyed: BTreeSet<u32>,
 }
 
 impl Keyring {
@@ -147,6 +149,13 @@ impl Keyring {
         if self.active == Some(id) {
             self.active = self.keys.keys().next_back().copied();
         }
+    }
+
+    /// Records that key `id` was destroyed: its values open as [`OpenError::Destroyed`]
+    /// rather than [`OpenError::UnknownKey`] (a key id nobody made: an altered header).
+    pub fn mark_destroyed(&mut self, id: u32) {
+        self.remove(id);
+        self.destroyed.insert(id);
     }
 
     /// The active key's id.
@@ -223,7 +232,8 @@ impl Keyring {
     ///
     /// # Errors
     ///
-    /// [`OpenError::Malformed`], [`OpenError::UnknownKey`] (destroyed or foreign key),
+    /// [`OpenError::Malformed`], [`OpenError::Destroyed`], [`OpenError::UnknownKey`] (a key
+    /// this keyring never held: an altered header or another database's value),
     /// [`OpenError::Authentication`] (altered, or another row's value).
     pub fn open(
         &self,
@@ -231,7 +241,11 @@ impl Keyring {
         sealed: &[u8],
     ) -> Result<Zeroizing<Vec<u8>>, OpenError> {
         let id = Self::key_id_of(sealed)?;
-        let key = self.keys.get(&id).ok_or(OpenError::UnknownKey(id))?;
+        let key = self.keys.get(&id).ok_or(if self.destroyed.contains(&id) {
+            OpenError::Destroyed(id)
+        } else {
+            OpenError::UnknownKey(id)
+        })?;
         let mut header = [0; HEADER_LEN];
         header.copy_from_slice(&sealed[..HEADER_LEN]);
         let mut nonce = [0; NONCE_LEN];
@@ -317,8 +331,11 @@ mod tests {
         assert_eq!(Keyring::key_id_of(&c), Ok(2));
         assert_eq!(&*ring.open(&ctx, &a).unwrap(), b"x");
         // Destroying key 1 makes its values unreadable (crypto-shredding), not key 2's.
-        ring.remove(1);
-        assert_eq!(ring.open(&ctx, &a), Err(OpenError::UnknownKey(1)));
+        ring.mark_destroyed(1);
+        assert_eq!(ring.open(&ctx, &a), Err(OpenError::Destroyed(1)));
+        let mut foreign = a.clone();
+        foreign[1..5].copy_from_slice(&7u32.to_be_bytes());
+        assert_eq!(ring.open(&ctx, &foreign), Err(OpenError::UnknownKey(7)));
         assert_eq!(&*ring.open(&ctx, &c).unwrap(), b"y");
         ring.remove(2);
         assert_eq!(

@@ -173,6 +173,30 @@ fn a_tampered_or_moved_ciphertext_is_reported_and_never_served() {
         Err(StoreError::Tampered { row, .. }) if row == ids[1]
     ));
     assert!(store.envelope(ids[2]).unwrap().is_some());
+    // A header naming a data key nobody made is tampering, not shredding: not skipped.
+    let mut renamed: Vec<u8> = store
+        .writer()
+        .query_row(
+            "SELECT envelope FROM messages WHERE id = ?1",
+            [ids[2]],
+            |r| r.get(0),
+        )
+        .unwrap();
+    renamed[1..5].copy_from_slice(&99u32.to_be_bytes());
+    store
+        .writer()
+        .execute(
+            "UPDATE messages SET envelope = ?2 WHERE id = ?1",
+            rusqlite::params![ids[2], renamed],
+        )
+        .unwrap();
+    assert!(matches!(
+        store.envelope(ids[2]),
+        Err(StoreError::Tampered {
+            reason: OpenError::UnknownKey(99),
+            ..
+        })
+    ));
     // An altered last register refuses the meter's next batch rather than trusting it.
     store
         .writer()

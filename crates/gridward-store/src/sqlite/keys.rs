@@ -74,6 +74,11 @@ fn read_row(conn: &Connection) -> Result<Option<VaultRow>, StoreError> {
         .optional()?)
 }
 
+/// The `vault` row of a database whose keys are loaded already.
+fn existing_row(conn: &Connection) -> Result<VaultRow, StoreError> {
+    read_row(conn)?.ok_or_else(|| super::corrupt("vault", "the vault row is gone".into()))
+}
+
 /// The key-encryption key `source` names, given the database's `vault` row (if any).
 fn resolve(source: &KeySource, row: Option<&VaultRow>) -> Result<Arc<Kek>, StoreError> {
     match source {
@@ -185,17 +190,16 @@ fn new_data_key(conn: &Connection, kek: &Kek, now: i64) -> Result<u32, StoreErro
     Ok(id)
 }
 
-/// Loads and unwraps every live data key.
+/// Loads and unwraps every live data key, and notes the destroyed ones.
 fn load_keys(conn: &Connection, kek: Arc<Kek>, generation: i64) -> Result<Keys, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, created_at, wrapped FROM data_keys WHERE wrapped IS NOT NULL ORDER BY id",
-    )?;
+    let mut stmt =
+        conn.prepare_cached("SELECT id, created_at, wrapped FROM data_keys ORDER BY id")?;
     let rows = stmt
         .query_map([], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, i64>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, Option<Vec<u8>>>(2)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -204,8 +208,13 @@ fn load_keys(conn: &Connection, kek: Arc<Kek>, generation: i64) -> Result<Keys, 
     for (id, created, wrapped) in rows {
         let id =
             u32::try_from(id).map_err(|_| super::corrupt("data_keys", format!("key id {id}")))?;
-        ring.insert(kek.unwrap_key(id, &wrapped)?);
-        active_created = created;
+        match wrapped {
+            Some(wrapped) => {
+                ring.insert(kek.unwrap_key(id, &wrapped)?);
+                active_created = created;
+            }
+            None => ring.mark_destroyed(id),
+        }
     }
     Ok(Keys {
         kek,
@@ -281,8 +290,7 @@ impl Vault {
     }
 
     fn reload(&self, conn: &Connection) -> Result<(), StoreError> {
-        let row = read_row(conn)?
-            .ok_or_else(|| super::corrupt("vault", "the vault row is gone".into()))?;
+        let row = existing_row(conn)?;
         let current = Arc::clone(&self.read().kek);
         // Re-wrapped by another process: the key file may hold the new key by now.
         let kek = if check_fingerprint(&row, &current).is_ok() {
@@ -331,8 +339,7 @@ impl Vault {
         let kek = {
             let keys = self.keys(&tx)?;
             if keys.kek_stale {
-                let row = read_row(&tx)?
-                    .ok_or_else(|| super::corrupt("vault", "the vault row is gone".into()))?;
+                let row = existing_row(&tx)?;
                 check_fingerprint(&row, &keys.kek)?;
             }
             Arc::clone(&keys.kek)
@@ -353,8 +360,7 @@ impl Vault {
         conn.pragma_update(None, "synchronous", "FULL")?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let old = self.keys(&tx)?;
-        let row = read_row(&tx)?
-            .ok_or_else(|| super::corrupt("vault", "the vault row is gone".into()))?;
+        let row = existing_row(&tx)?;
         let kek = resolve(new, None)?;
         if kek.fingerprint() == old.kek.fingerprint() {
             return Err(StoreError::InvalidRequest(
@@ -445,8 +451,7 @@ impl Vault {
     /// The keys, for `gridward keys list`.
     pub(super) fn status(&self, conn: &Connection) -> Result<KeyStatus, StoreError> {
         let keys = self.keys(conn)?;
-        let row = read_row(conn)?
-            .ok_or_else(|| super::corrupt("vault", "the vault row is gone".into()))?;
+        let row = existing_row(conn)?;
         let mut counts = std::collections::HashMap::new();
         let mut plaintext = 0u64;
         {
@@ -654,7 +659,7 @@ pub(super) fn open(
 ) -> Result<Opened<zeroize::Zeroizing<Vec<u8>>>, StoreError> {
     match ring.open(&Context::message(field, meter, counter), sealed) {
         Ok(v) => Ok(Opened::Value(v)),
-        Err(OpenError::UnknownKey(id)) if !ring.holds(id) => Ok(Opened::Shredded),
+        Err(OpenError::Destroyed(_)) => Ok(Opened::Shredded),
         Err(reason) => Err(StoreError::Tampered { table, row, reason }),
     }
 }
