@@ -24,6 +24,7 @@
 //! | `AcknowledgeAlarms` | 401  | 403             | ✔        | 403     | 403   |
 //! | `ReadTopology`      | 401  | 403             | ✔        | ✔       | 403   |
 //! | `ManageTopology`    | 401  | 403             | ✔        | 403     | 403   |
+//! | `ExportOwnReadings` | 401  | ✔ (own only)    | 403      | 403     | 403   |
 //!
 //! Operators are always TOTP-verified: [`Role::requires_totp`] holds for every role but consumer,
 //! so an operator session exists only after a second factor; an operator certificate is the other
@@ -32,6 +33,10 @@
 //! Alarms and the concentrator topology follow the same split: auditors read, operators act.
 //! Consumers get 403 on both (their own meter's events are `ReadMeterEvents`), administrators
 //! too (they manage people, not the grid).
+//!
+//! `ExportOwnReadings` is a consumer taking out their own data (all the meters bound to them,
+//! not pseudonymised): the other roles have no own meters, and an operator's exports for third
+//! parties go through `gridward export`, pseudonymised.
 //!
 //! A consumer asking for a meter that is not theirs gets `404`, as if it did not exist
 //! ([`Decision::is_probe`]: the caller records a security event).
@@ -91,6 +96,8 @@ pub enum Action {
     /// Attach meters to a concentrator or detach them (a concentrator relays only for the
     /// meters registered behind it).
     ManageTopology,
+    /// Export one's own readings (a consumer's bound meters, not pseudonymised).
+    ExportOwnReadings,
 }
 
 /// Why a request is refused.
@@ -153,7 +160,7 @@ pub fn authorize(principal: Option<&Principal>, action: Action) -> Decision {
     match (p.role, action) {
         (_, A::Health | A::ReadSelf | A::Logout) => Decision::Allow,
 
-        (Role::Consumer, A::ListMeters) => Decision::Allow,
+        (Role::Consumer, A::ListMeters | A::ExportOwnReadings) => Decision::Allow,
         (Role::Consumer, A::ReadMeter(m) | A::ReadReadings(m) | A::ReadMeterEvents(m)) => {
             if p.meters.contains(&m) {
                 Decision::Allow
@@ -256,6 +263,7 @@ mod tests {
             (Action::AcknowledgeAlarms,               ['U', 'F', 'Y', 'F', 'F']),
             (Action::ReadTopology,                    ['U', 'F', 'Y', 'Y', 'F']),
             (Action::ManageTopology,                  ['U', 'F', 'Y', 'F', 'F']),
+            (Action::ExportOwnReadings,               ['U', 'Y', 'F', 'F', 'F']),
         ];
         let principals: Vec<Option<Principal>> = std::iter::once(None)
             .chain(Role::ALL.into_iter().map(|r| Some(principal(r))))
@@ -302,6 +310,7 @@ mod tests {
             Action::AcknowledgeAlarms,
             Action::ReadTopology,
             Action::ManageTopology,
+            Action::ExportOwnReadings,
         ] {
             // Exhaustive match: adding a variant without adding it here fails to compile.
             match a {
@@ -326,7 +335,8 @@ mod tests {
                 | Action::ReadAlarms
                 | Action::AcknowledgeAlarms
                 | Action::ReadTopology
-                | Action::ManageTopology => assert!(covered(&a), "{a:?}"),
+                | Action::ManageTopology
+                | Action::ExportOwnReadings => assert!(covered(&a), "{a:?}"),
             }
         }
     }

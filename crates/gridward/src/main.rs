@@ -7,6 +7,7 @@
 //! - [`command_cmd`]: `gridward command ...`, signed commands to meters: send, list, show, proposals.
 //! - [`concentrator_cmd`]: `gridward concentrator ...`, meters behind data concentrators.
 //! - [`demo_cmd`]: `gridward demo`, the whole ingest path on one machine.
+//! - [`export_cmd`]: `gridward export`, pseudonymised and aggregated exports for third parties.
 //! - [`firmware_cmd`]: `gridward firmware ...`, manufacturer keys and signed firmware manifests.
 //! - [`pki_cmd`]: `gridward pki ...`, the certificate authority.
 //! - [`meter_cmd`]: `gridward meter sign` and `gridward meter run`, simulated meters.
@@ -34,6 +35,7 @@ mod demo_api;
 mod demo_cmd;
 mod demo_commands;
 mod demo_detection;
+mod export_cmd;
 mod firmware_cmd;
 mod firmware_ops;
 mod keys_cmd;
@@ -157,6 +159,9 @@ enum Command {
     /// Encryption at rest of the store: list the data keys, rotate, re-wrap under a new
     /// key-encryption key, destroy one (crypto-shredding); audited, as cli:$USER.
     Keys(keys_cmd::KeysArgs),
+    /// Readings for a third party: meter ids as keyed pseudonyms, times in 15m/1h/1d buckets,
+    /// sums per group with small groups suppressed; CSV, JSON or Parquet (and `keygen`).
+    Export(export_cmd::ExportArgs),
     /// Show and retry downstream deliveries: pending, delivered, dead letters, lag per target.
     Outbox(outbox_cmd::OutboxArgs),
     /// Receive forwarded readings like a billing service: HTTPS with mutual TLS, signatures
@@ -189,6 +194,7 @@ fn main() -> ExitCode {
         Command::Events(args) => serve_cmd::events(args),
         Command::Meters(args) => serve_cmd::meters(args),
         Command::Outbox(args) => outbox_cmd::run(args),
+        Command::Export(args) => export_cmd::run(args),
         Command::Keys(args) => keys_cmd::run(args),
         Command::Sink(args) => sink_cmd::run(args),
         Command::Attack(args) => attack_cmd::run(args),

@@ -5,6 +5,7 @@
 pub mod alarms;
 pub mod audit;
 pub mod commands;
+pub mod export;
 pub mod firmware;
 pub mod meters;
 pub mod ops;
@@ -103,6 +104,7 @@ fn api_router() -> OpenApiRouter<Ctx> {
         .routes(routes!(meters::get_meter))
         .routes(routes!(meters::readings))
         .routes(routes!(meters::meter_events))
+        .routes(routes!(export::my_export))
         .routes(routes!(commands::send_to_meter))
         .routes(
             routes!(commands::list_commands, commands::send_bulk)

@@ -11,6 +11,7 @@ mod command_cli;
 mod command_signer_cli;
 mod crash;
 mod downstream;
+mod export_cli;
 mod firmware_cli;
 mod firmware_ops_cli;
 mod headend;
